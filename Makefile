@@ -1,0 +1,55 @@
+# owproxy: `make run` serves a demo action on :8080, `make test` runs the suite.
+
+PYTHON ?= python3
+PORT   ?= 8080
+VENV   := .venv
+VPY    := $(VENV)/bin/python
+DEMO   := demo-action
+# Interpreters the suite also runs the proxy under: the oldest supported and
+# the newest this machine has (each skipped, with a note, when absent).
+OLDEST := 3.8
+NEWEST := 3.20 3.19 3.18 3.17 3.16 3.15 3.14 3.13 3.12 3.11 3.10 3.9
+
+# The first working `pythonX.Y` among its arguments, from pyenv or the PATH.
+find_python = for v in $(1); do \
+	  for p in "$$(pyenv prefix $$v 2>/dev/null | head -n1)/bin/python$$v" "$$(command -v python$$v)"; do \
+	    if [ -x "$$p" ] && "$$p" -c pass 2>/dev/null; then echo "$$p"; exit 0; fi; \
+	  done; \
+	done
+
+.PHONY: run test bench clean
+
+run: $(DEMO)/exec
+	PROXY_ALLOW_REINIT=1 $(PYTHON) owproxy.py --port $(PORT) --action-dir $(DEMO) --verbose
+
+$(DEMO)/exec:
+	mkdir -p $(DEMO)
+	printf '%s\n' '#!/bin/sh' \
+	  'echo "demo action: got $$1"' \
+	  'name=$$(echo "$$1" | sed -n "s/.*\"name\" *: *\"\\([^\"]*\\)\".*/\\1/p")' \
+	  'echo "{\"greeting\": \"Hello, $${name:-stranger}!\"}"' > $@
+	chmod 755 $@
+
+$(VENV)/.ready:
+	$(PYTHON) -m venv $(VENV)
+	$(VPY) -m pip install --quiet --disable-pip-version-check "pytest>=7,<9" "coverage>=7,<8"
+	touch $@
+
+test: $(VENV)/.ready
+	rm -f .coverage .coverage.*
+	OWPROXY_COVERAGE=1 $(VPY) -m coverage run --parallel-mode --include='*owproxy.py' \
+	  -m pytest -q -p no:cacheprovider test_owproxy.py
+	$(VPY) -m coverage combine -q
+	$(VPY) -m coverage report -m --include='*owproxy.py'
+	@set -e; for want in "$(OLDEST)" "$(NEWEST)"; do \
+	  py=$$($(call find_python,$$want)); \
+	  if [ -z "$$py" ]; then echo "note: no Python $$want on this machine; skipping it"; continue; fi; \
+	  echo "== the proxy under $$py ($$($$py -V 2>&1))"; \
+	  OWPROXY_PYTHON=$$py $(VPY) -m pytest -q -p no:cacheprovider test_owproxy.py; \
+	done
+
+bench:
+	$(PYTHON) bench/bench.py
+
+clean:
+	rm -rf $(VENV) $(DEMO) .coverage .coverage.* __pycache__ .pytest_cache
