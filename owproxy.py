@@ -1100,6 +1100,10 @@ class DummyLock:
 _runner = None
 
 
+class Shutdown(Exception):
+    """Raised by the SIGTERM and SIGINT handlers to leave the serving loop at once."""
+
+
 def setRunner(runner):
     """Serve with ``runner`` (an ActionRunner) instead of the default one."""
     global _runner
@@ -1119,14 +1123,17 @@ def serve(settings, runner):
 
     def stop(signum, frame):
         server.stopping = True
-        threading.Thread(target=server.shutdown, daemon=True).start()
+        raise Shutdown()
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
     if settings.verbose or sys.stdout.isatty():
         sys.stderr.write("owproxy %s: serving %s on http://%s:%d\n" % (
             __version__, settings.action_dir, settings.host, server.server_address[1]))
-    server.serve_forever()
+    try:
+        server.serve_forever()
+    except Shutdown:
+        pass
     server.server_close()
     if not server.wait_idle(settings.grace):
         processes.kill_all()

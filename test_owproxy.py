@@ -418,3 +418,298 @@ def test_a_compiled_c_action_without_trailing_newline(proxy, tmp_path):
 
 def zip_bytes(files):
     return base64.b64decode(make_zip(files))
+
+
+# ---------------------------------------------------------------------------
+# /init: code, archives, environment, atomic installation
+# ---------------------------------------------------------------------------
+
+INIT_FAILED = {"error": "The action failed to generate or locate a binary. See logs for details."}
+ENV_PARTITION = python_script("""
+import json, os
+print(json.dumps({k: os.environ.get(k) for k in ("ARRAY", "OBJECT", "STRING", "NUMBER", "BOOL", "NULL")}))
+""")
+
+
+def test_init_env_is_exported_to_every_run_as_strings(proxy):
+    env = {"ARRAY": ["a", "b"], "OBJECT": {"a": "A"}, "STRING": "xyz", "NUMBER": 3,
+           "BOOL": True, "NULL": None}
+    assert proxy.init(ENV_PARTITION, env=env).status == 200
+    for _ in range(2):
+        result = proxy.run().json
+        assert json.loads(result["ARRAY"]) == ["a", "b"]
+        assert json.loads(result["OBJECT"]) == {"a": "A"}
+        assert (result["STRING"], result["NUMBER"], result["BOOL"], result["NULL"]) == (
+            "xyz", "3", "true", "")
+    assert check_streams(proxy, sentinels=2) == ("", "")
+
+
+def test_reinit_is_allowed_with_proxy_allow_reinit(proxies):
+    proxy = proxies(env={"PROXY_ALLOW_REINIT": "1"})
+    assert proxy.init(bash("echo '{\"v\": 1}'")).status == 200
+    assert proxy.init_zip({"exec": bash("echo '{\"v\": 2}'")}).status == 200
+    assert proxy.run().json == {"v": 2}
+    assert proxy.init(bash("echo '{\"v\": 3}'")).status == 200
+    assert proxy.run().json == {"v": 3}
+
+
+def outside_link_zip(target):
+    return make_zip({"exec": bash("echo '{}'"), "link": ("->", str(target)),
+                     "link/evil": "written through the link"})
+
+
+BAD_INITS = {
+    "zip without exec": (lambda out: {"code": make_zip({"main.sh": "x"}), "binary": True},
+                         "the archive has no exec file at its top level"),
+    "invalid base64": (lambda out: {"code": "not base64 at all!", "binary": True},
+                       "the code is not valid base64"),
+    "not a zip": (lambda out: {"code": base64.b64encode(b"hello, not a zip").decode(),
+                               "binary": True}, "the code is not a zip archive"),
+    "code not a string": (lambda out: {"code": 42}, "code must be a string, not a number"),
+    "binary not a boolean": (lambda out: {"code": "x", "binary": "yes"},
+                             "binary must be true or false, not a string"),
+    "env not an object": (lambda out: {"code": "x", "env": ["A"]},
+                          "env must be a JSON object, not an array"),
+    "env value with NUL": (lambda out: {"code": "x", "env": {"A": "a\u0000b"}},
+                           "cannot be exported as an environment variable"),
+    "archive too big": (lambda out: {"code": make_zip({"exec": "#" * 5000}), "binary": True},
+                        "the archive expands to 5000 bytes, more than the limit of 4096"),
+    "dot-dot entry": (lambda out: {"code": make_zip({"exec": "x", "../evil": "x"}),
+                                   "binary": True}, "points outside the action directory"),
+    "absolute entry": (lambda out: {"code": make_zip({"exec": "x", str(out / "evil"): "x"}),
+                                    "binary": True}, "has an absolute path"),
+    "entry below a link": (lambda out: {"code": outside_link_zip(out), "binary": True},
+                           "lies below the symbolic link 'link'"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_INITS))
+def test_a_failed_init_is_the_exact_502_with_its_cause_and_changes_nothing(proxies, tmp_path,
+                                                                           case):
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    make_value, cause = BAD_INITS[case]
+    proxy = proxies("--max-archive", "4K", env={"PROXY_ALLOW_REINIT": "1"})
+    assert proxy.init(bash("echo '{\"version\": \"old\"}'"), env={"OLD": "1"}).status == 200
+    before = sorted(os.listdir(proxy.action_dir))
+    response = proxy.post("/init", {"value": make_value(outside)})
+    assert (response.status, response.json) == (502, INIT_FAILED)
+    _, err = check_streams(proxy)
+    assert cause in err
+    assert sorted(os.listdir(proxy.action_dir)) == before
+    assert os.listdir(outside) == []
+    assert not (tmp_path / "evil").exists()
+    assert proxy.run().json == {"version": "old"}
+
+
+def test_a_corrupt_archive_fails_init_and_leaves_no_staging_behind(proxy):
+    raw = bytearray(zip_bytes({"exec": bash("echo '{}'") + "#" * 2000}))
+    start = raw.index(b"PK\x03\x04") + 30 + len("exec")
+    raw[start + 10:start + 20] = b"\xff" * 10  # damage the deflated data
+    response = proxy.init(base64.b64encode(bytes(raw)).decode(), binary=True)
+    assert (response.status, response.json) == (502, INIT_FAILED)
+    assert "cannot extract 'exec' from the archive" in check_streams(proxy)[1]
+    assert os.listdir(proxy.action_dir) == []
+
+
+def test_the_zip_exec_runs_whatever_its_mode_bits(proxy):
+    response = proxy.init_zip({"exec": (bash("echo '{\"mode\": \"fixed\"}'"), 0o644)})
+    assert response.status == 200
+    assert proxy.run().json == {"mode": "fixed"}
+
+
+def test_a_zip_keeps_folders_modes_and_links_inside_the_action(proxy):
+    files = {
+        "exec": bash('echo "{\\"helper\\": $(./bin/helper), \\"linked\\": $(cat data-link)}"'),
+        "bin/helper": (bash("echo 1"), 0o755),
+        "data.txt": "true",
+        "data-link": ("->", "data.txt"),
+    }
+    assert proxy.init_zip(files).status == 200
+    assert proxy.run().json == {"helper": 1, "linked": True}
+    assert os.readlink(proxy.action_dir / "data-link") == "data.txt"
+
+
+def test_base64_with_line_breaks_is_accepted(proxy):
+    code = make_zip({"exec": bash("echo '{\"wrapped\": true}'")})
+    wrapped = "\n".join(code[i:i + 76] for i in range(0, len(code), 76))
+    assert proxy.init(wrapped, binary=True).status == 200
+    assert proxy.run().json == {"wrapped": True}
+
+
+def test_init_without_an_executable_fails_and_can_be_retried(proxy):
+    response = proxy.post("/init", {})
+    assert (response.status, response.json) == (502, INIT_FAILED)
+    assert "is not an executable file" in check_streams(proxy)[1]
+    assert proxy.init(bash("echo '{\"retried\": true}'")).status == 200
+    assert proxy.run().json == {"retried": True}
+
+
+@pytest.mark.parametrize("body", [b"[1, 2]", b'{"value": "code"}', b"{nope"])
+def test_init_bodies_of_the_wrong_shape_are_400(proxy, body):
+    response = proxy.post("/init", body)
+    assert response.status == 400
+    assert "error" in response.json
+    assert proxy.init(bash("echo '{}'")).status == 200
+
+
+# ---------------------------------------------------------------------------
+# /run: arguments, environment, logs, results
+# ---------------------------------------------------------------------------
+
+ARGS_BASH = bash('echo "{\\"argc\\": $#, \\"argv_len\\": ${#1}, \\"stdin_len\\": $(wc -c)}"')
+
+
+@pytest.mark.parametrize("length, argc", [(131071, 1), (131072, 0)])
+def test_the_argument_is_on_argv_up_to_max_arg_strlen_and_always_on_stdin(proxy, length, argc):
+    assert proxy.init(ARGS_BASH).status == 200
+    value = {"a": "x" * (length - 9)}
+    assert len(json.dumps(value)) == length
+    result = proxy.run(value).json
+    assert result == {"argc": argc, "argv_len": length if argc else 0, "stdin_len": length}
+
+
+def test_an_action_that_ignores_a_large_stdin_still_answers(proxy):
+    assert proxy.init(bash("echo '{\"ignored\": true}'")).status == 200
+    assert proxy.run({"big": "y" * 3000000}).json == {"ignored": True}
+
+
+def test_activation_fields_of_any_type_are_exported_for_that_run_only(proxy):
+    code = python_script("""
+import json, os
+print(json.dumps({k: v for k, v in os.environ.items() if k.startswith("__OW_")}))
+""")
+    assert proxy.init(code).status == 200
+    deadline = int(time.time() * 1000) + 60000
+    first = proxy.run({}, api_key="secret", deadline=deadline, extra={"a": 1}, flag=True)
+    assert first.status == 200
+    assert first.json == {"__OW_API_KEY": "secret", "__OW_DEADLINE": str(deadline),
+                          "__OW_EXTRA": '{"a": 1}', "__OW_FLAG": "true"}
+    second = proxy.run({}, activation_id="two")
+    assert second.json == {"__OW_ACTIVATION_ID": "two"}
+
+
+def test_an_activation_field_that_cannot_be_exported_is_400(proxy):
+    assert proxy.init(bash("echo '{}'")).status == 200
+    response = proxy.run({}, **{"a=b": "x"})
+    assert response.status == 400
+    assert "cannot be exported" in response.json["error"]
+    check_streams(proxy)
+
+
+def test_invalid_utf8_in_logs_is_replaced_and_never_fatal(proxy):
+    code = bash(r"""
+printf 'bad \xff\xfe out\n'
+printf 'bad \xc3 err' >&2
+echo '{"fine": true}'
+""")
+    assert proxy.init(code).status == 200
+    assert proxy.run().json == {"fine": True}
+    out, err = check_streams(proxy)
+    assert out == "bad \ufffd\ufffd out"
+    assert err == "bad \ufffd err"
+
+
+def test_the_result_is_the_last_non_empty_line(proxy):
+    assert proxy.init(bash("echo 'log one'\necho '{\"last\": 1}'\necho\necho '   '")).status == 200
+    assert proxy.run().json == {"last": 1}
+    assert check_streams(proxy)[0] == "log one"
+
+
+@pytest.mark.parametrize("line", ["NaN", '{"a": NaN}', "42", '"text"', "null", "[1, 2"])
+def test_results_that_are_not_json_objects_or_arrays_are_502(proxy, line):
+    assert proxy.init(bash("echo '%s'" % line)).status == 200
+    response = proxy.run()
+    assert (response.status, response.json) == (502, {
+        "error": "The action did not return a dictionary or array."})
+    assert check_streams(proxy)[0] == line
+
+
+def test_a_nonzero_exit_is_reported_on_stderr(proxy):
+    assert proxy.init(bash("echo '{\"a\": 1}'\nexit 3")).status == 200
+    assert proxy.run().json == {"a": 1}
+    assert check_streams(proxy)[1] == "owproxy: the action exited with status 3"
+
+
+def test_death_by_signal_is_reported_on_stderr(proxy):
+    assert proxy.init(bash("echo partial\nkill -9 $$")).status == 200
+    response = proxy.run()
+    assert response.status == 502
+    out, err = check_streams(proxy)
+    assert out == "partial"
+    assert err == "owproxy: the action was killed by signal 9 (SIGKILL)"
+
+
+def test_logs_are_streamed_while_the_action_runs(proxy):
+    # the latest stdout line is held back: it may be the result
+    code = bash("echo early\necho held\necho early-err >&2\nsleep 2\necho '{}'")
+    assert proxy.init(code).status == 200
+    done = threading.Event()
+    seen = []
+
+    def watch():
+        while not done.is_set():
+            out, err = proxy.logs()
+            if "early" in out and "early-err" in err and "held" not in out:
+                seen.append(True)
+                return
+            time.sleep(0.02)
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    assert proxy.run().status == 200
+    done.set()
+    watcher.join()
+    assert seen == [True]
+
+
+@pytest.mark.parametrize("mode", [None, 0o644])
+def test_run_without_a_runnable_exec_is_the_exact_502(proxy, mode):
+    if mode:
+        (proxy.action_dir / "exec").write_text(bash("echo '{}'"))
+        (proxy.action_dir / "exec").chmod(mode)
+    response = proxy.run()
+    assert (response.status, response.json) == (502, {
+        "error": "The action failed to locate a binary. See logs for details."})
+    check_streams(proxy)
+
+
+def test_an_exec_that_cannot_start_is_502_with_the_cause_in_stdout(proxy):
+    assert proxy.init("no shebang, not a binary\n").status == 200
+    response = proxy.run()
+    assert response.status == 502
+    assert "error: cannot start the action" in check_streams(proxy)[0]
+
+
+# ---------------------------------------------------------------------------
+# Inner functions
+# ---------------------------------------------------------------------------
+
+def test_parse_size_and_flag():
+    assert owproxy.parse_size("64M") == 64 * 1024 * 1024
+    assert owproxy.parse_size("1GiB") == 1024 ** 3
+    assert owproxy.parse_size("512") == 512
+    for bad in ("0", "-1K", "lots"):
+        with pytest.raises(ValueError):
+            owproxy.parse_size(bad)
+    assert [owproxy.parse_flag(v) for v in ("1", "TRUE", "on", "0", "", "no")] == [
+        True, True, True, False, False, False]
+    with pytest.raises(ValueError):
+        owproxy.parse_flag("maybe")
+
+
+def test_result_forwarder_holds_back_only_the_last_non_empty_line():
+    written = []
+    forwarder = owproxy.ResultForwarder(written.append)
+    for chunk in (b"a\n{\"x\"", b": 1}\n\n", b"  \n"):
+        forwarder.feed(chunk)
+    forwarder.close()
+    assert forwarder.result() == b'{"x": 1}'
+    assert b"".join(written) == b"a\n\n  \n"
+
+
+def test_the_entry_count_limit(tmp_path, monkeypatch):
+    monkeypatch.setattr(owproxy, "MAX_ARCHIVE_ENTRIES", 3)
+    data = zip_bytes({"exec": "x", "a": "a", "b": "b", "c": "c"})
+    with pytest.raises(owproxy.InitError, match="the archive has 4 entries, more than the limit of 3"):
+        owproxy.extract_zip(data, str(tmp_path), 1024)
