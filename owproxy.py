@@ -26,6 +26,7 @@ The file reads top to bottom:
 """
 
 import argparse
+import functools
 import json
 import os
 import selectors
@@ -37,6 +38,7 @@ import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 __version__ = "1.0.0"
+OWPROXY_FILE = os.path.abspath(__file__)
 
 
 # ============================================================================
@@ -58,6 +60,8 @@ RUN_NO_BINARY = "The action failed to locate a binary. See logs for details."
 RUN_BAD_ARGUMENT = "The action did not receive a dictionary or array as an argument."
 RUN_BAD_RESULT = "The action did not return a dictionary or array."
 RUN_TIMED_OUT = "The action exceeded its time limit and was stopped at its deadline."
+RUN_EXITED = "The action exited before it returned a result. See logs for details."
+RUN_UNENCODABLE = "The action returned a {} that JSON cannot encode: {}"
 INTERNAL_ERROR = "Internal error. {}"
 
 MIB = 1024 * 1024
@@ -117,6 +121,8 @@ SETTINGS = (
             "directory that holds the action; its 'exec' is what runs"),
     Setting("allow_reinit", "--allow-reinit", "PROXY_ALLOW_REINIT", False, parse_flag,
             "accept /init more than once (local development)"),
+    Setting("loop", "--loop", "OWPROXY_LOOP", False, parse_flag,
+            "keep the executable running between activations (ActionLoop protocol)"),
     Setting("concurrent", "--concurrent", "__OW_ALLOW_CONCURRENT", False, parse_flag,
             "run activations in parallel instead of one at a time"),
     Setting("max_body", "--max-body", "OWPROXY_MAX_BODY", 80 * MIB, parse_size,
@@ -709,105 +715,95 @@ def deadline_of(env):
     return time.monotonic() + remaining if remaining > 0 else None
 
 
-class Outcome:
-    """What an action process did: its exit status, result line, and whether it ran out of time."""
+def exit_note(returncode):
+    """Why an action process ended, when that was not a plain exit 0."""
+    if not returncode:
+        return None
+    if returncode < 0:
+        try:
+            name = signal.Signals(-returncode).name
+        except ValueError:
+            name = "unknown signal"
+        return "the action was killed by signal %d (%s)" % (-returncode, name)
+    return "the action exited with status %d" % returncode
 
-    def __init__(self, returncode, result, timed_out):
-        self.returncode, self.result, self.timed_out = returncode, result, timed_out
 
-    def exit_note(self):
-        """Why the action ended, when that was not a plain exit 0."""
-        code = self.returncode
-        if code is None or code == 0:
-            return None
-        if code < 0:
-            try:
-                name = signal.Signals(-code).name
-            except ValueError:
-                name = "unknown signal"
-            return "the action was killed by signal %d (%s)" % (-code, name)
-        return "the action exited with status %d" % code
+class LineReader:
+    """Collects the lines a warm action writes on its result descriptor (fd 3)."""
+
+    def __init__(self):
+        self.partial = b""
+        self.lines = []
+
+    def feed(self, chunk):
+        *complete, self.partial = (self.partial + chunk).split(b"\n")
+        self.lines.extend(complete)
+
+    def close(self):
+        self.partial = b""
 
 
 class Pump:
-    """Runs one action process to its end: feeds its stdin, streams its stdout and
-    stderr to the logs, and stops its process group when the main process exits
-    or the deadline passes.  Everything happens in one selector loop on the
-    calling thread.
+    """Moves bytes between the proxy and one action process, on the calling thread:
+    writes its stdin without ever blocking, forwards its stdout and stderr to the
+    logs line by line, collects its result lines, and notices when it exits or
+    the deadline passes.  A warm process keeps its pump from one activation to
+    the next.
     """
 
     poll_interval = 0.05  # how often to look for the exit where pidfds are missing
 
-    def __init__(self, process, data, logs, deadline):
-        self.process, self.deadline = process, deadline
-        self.stdout = ResultForwarder(logs.out)
-        self.stderr = LineForwarder(logs.err)
+    def __init__(self, process, stdout, stderr, results=None, result_pipe=None):
+        self.process = process
+        self.stdout, self.stderr, self.results = stdout, stderr, results
         self.selector = selectors.DefaultSelector()
-        self.pending = memoryview(data)
+        self.pending = b""
         self.exit_fd = pidfd_for(process.pid)
-
-    def run(self):
-        try:
-            self.watch()
-            timed_out = self.loop()
-            kill_group(self.process)
-            self.drain()
-            returncode = self.process.wait()
-        finally:
-            self.close()
-        return Outcome(returncode, self.stdout.result(), timed_out)
-
-    def watch(self):
-        os.set_blocking(self.process.stdin.fileno(), False)
-        if self.write_stdin():
-            self.process.stdin.close()
-        else:
-            self.selector.register(self.process.stdin, selectors.EVENT_WRITE, "stdin")
-        self.selector.register(self.process.stdout, selectors.EVENT_READ, self.stdout)
-        self.selector.register(self.process.stderr, selectors.EVENT_READ, self.stderr)
+        self.selector.register(process.stdout, selectors.EVENT_READ, stdout)
+        self.selector.register(process.stderr, selectors.EVENT_READ, stderr)
+        if result_pipe is not None:
+            self.selector.register(result_pipe, selectors.EVENT_READ, results)
         if self.exit_fd is not None:
             self.selector.register(self.exit_fd, selectors.EVENT_READ, "exit")
+        os.set_blocking(process.stdin.fileno(), False)
 
-    def loop(self):
-        """Serves the pipes until the main process exits; True if the deadline came first."""
-        while True:
-            timeout = self.timeout()
-            if timeout is not None and timeout <= 0:
-                return True
+    def send(self, data, close=False):
+        """Queues ``data`` for the process's stdin, to be closed after it if ``close``."""
+        self.pending, self.close_stdin = memoryview(data), close
+        if self.write_stdin():
+            self.stdin_written()
+        else:
+            self.selector.register(self.process.stdin, selectors.EVENT_WRITE, "stdin")
+
+    def stdin_written(self):
+        if self.close_stdin:
+            self.process.stdin.close()
+
+    def serve(self, deadline, finished=lambda: False):
+        """Serves the pipes until ``finished()``; returns "finished", "exited" or "deadline"."""
+        while not finished():
+            remaining = None if deadline is None else deadline - time.monotonic()
+            if remaining is not None and remaining <= 0:
+                return "deadline"
+            timeout = remaining
+            if self.exit_fd is None:
+                timeout = self.poll_interval if remaining is None else min(remaining,
+                                                                           self.poll_interval)
             for key, _ in self.selector.select(timeout):
                 if key.data == "exit":
-                    return False
+                    return "exited"
                 if key.data == "stdin":
                     if self.write_stdin():
                         self.selector.unregister(self.process.stdin)
-                        self.process.stdin.close()
+                        self.stdin_written()
                 else:
                     self.read(key)
             if self.exit_fd is None and self.process.poll() is not None:
-                return False
-            if self.exit_fd is None and not self.readers():
-                return self.wait_for_exit()
-
-    def timeout(self):
-        remaining = None if self.deadline is None else self.deadline - time.monotonic()
-        if self.exit_fd is None and self.readers():
-            return self.poll_interval if remaining is None else min(remaining, self.poll_interval)
-        return remaining
-
-    def wait_for_exit(self):
-        try:
-            self.process.wait(None if self.deadline is None
-                              else max(0, self.deadline - time.monotonic()))
-            return False
-        except subprocess.TimeoutExpired:
-            return True
-
-    def readers(self):
-        return [key for key in self.selector.get_map().values()
-                if isinstance(key.data, LineForwarder)]
+                return "exited"
+        return "finished"
 
     def read(self, key):
-        """Forwards one chunk of a pipe; False once there is nothing more to read now."""
+        """Takes one chunk from a pipe; False once there is nothing more to read now."""
         try:
             chunk = os.read(key.fd, 65536)
         except BlockingIOError:
@@ -820,7 +816,7 @@ class Pump:
         return False
 
     def write_stdin(self):
-        """Writes what the pipe takes of the argument; True once all is written."""
+        """Writes what the pipe takes; True once everything queued is written."""
         try:
             while self.pending:
                 self.pending = self.pending[os.write(self.process.stdin.fileno(),
@@ -832,11 +828,14 @@ class Pump:
         return True
 
     def drain(self):
-        """Reads what the pipes already hold, without waiting for writers that are gone."""
-        for key in self.readers():
-            os.set_blocking(key.fd, False)
-            while self.read(key):
-                pass
+        """Forwards what the pipes already hold, without waiting for more, and
+        ends the logs' last lines, so the sentinels that follow stand alone."""
+        for key in list(self.selector.get_map().values()):
+            if isinstance(key.data, LineForwarder):
+                os.set_blocking(key.fd, False)
+                while self.read(key):
+                    pass
+                os.set_blocking(key.fd, True)
         self.stdout.close()
         self.stderr.close()
 
@@ -856,8 +855,17 @@ def pidfd_for(pid):
         return None
 
 
+def spawn(argv, env, cwd, processes, **options):
+    """Starts an action process in a process group of its own, its pipes to the proxy."""
+    process = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, cwd=cwd, env=env,
+                               start_new_session=True, **options)
+    processes.add(process)
+    return process
+
+
 def parse_result(line):
-    """The action's result from its last line: a JSON object or array, else None."""
+    """The action's result from its result line: a JSON object or array, else None."""
     if line is None:
         return None
     try:
@@ -871,6 +879,260 @@ def reject_constant(name):
     raise ValueError("%s is not JSON" % name)
 
 
+def result_answer(line, logs):
+    """200 with the result, or the exact 502 with the offending line in the logs."""
+    result = parse_result(line)
+    if result is None:
+        if line is not None:
+            logs.out(clean_utf8(line) + b"\n")
+        return 502, {"error": RUN_BAD_RESULT}
+    return 200, result
+
+
+def run_once(argv, data, env, cwd, logs, processes):
+    """Runs an executable for one activation: ``data`` on stdin, the result its last line."""
+    try:
+        process = spawn(argv, env, cwd, processes)
+    except OSError as error:
+        logs.out(("error: cannot start the action: %s\n" % error).encode())
+        return 502, {"error": RUN_BAD_RESULT}
+    stdout = ResultForwarder(logs.out)
+    pump = Pump(process, stdout, LineForwarder(logs.err))
+    try:
+        pump.send(data, close=True)
+        ending = pump.serve(deadline_of(env))
+        kill_group(process)
+        pump.drain()
+        returncode = process.wait()
+    finally:
+        pump.close()
+        processes.discard(process)
+    if ending == "deadline":
+        logs.note("the action was stopped at its deadline")
+        return 502, {"error": RUN_TIMED_OUT}
+    note = exit_note(returncode)
+    if note:
+        logs.note(note)
+    return result_answer(stdout.result(), logs)
+
+
+class WarmProcess:
+    """One long-lived action process that serves activations one at a time over
+    the ActionLoop protocol: a JSON line in on stdin, a result line out on fd 3.
+    """
+
+    def __init__(self, argv, env, cwd, logs, processes):
+        self.logs, self.processes = logs, processes
+        read_end, write_end = os.pipe()
+        if write_end == 3:  # dup2(3, 3) would leave it close-on-exec
+            write_end, old = os.dup(write_end), write_end
+            os.close(old)
+        try:
+            self.process = spawn(argv, env, cwd, processes, close_fds=False,
+                                 preexec_fn=functools.partial(os.dup2, write_end, 3))
+        finally:
+            os.close(write_end)
+        self.result_pipe = os.fdopen(read_end, "rb", buffering=0)
+        self.results = LineReader()
+        self.pump = Pump(self.process, LineForwarder(logs.out), LineForwarder(logs.err),
+                         self.results, self.result_pipe)
+
+    def start(self, wait_for_ack):
+        """Waits for the ack line, or a moment to see that the process stays up."""
+        if wait_for_ack:
+            ending = self.pump.serve(None, lambda: self.results.lines)
+            ready = ending == "finished" and self.results.lines.pop(0) is not None
+        else:
+            ready = self.pump.serve(time.monotonic() + 0.05) == "deadline"
+        self.pump.drain()
+        if not ready:
+            raise InitError("the action did not start: %s" % self.stop())
+        return self
+
+    def alive(self):
+        return self.process.poll() is None
+
+    def request(self, message, deadline):
+        """Serves one activation; returns ``(status, payload)``."""
+        self.pump.send(json.dumps(message).encode() + b"\n")
+        ending = self.pump.serve(deadline, lambda: self.results.lines)
+        self.pump.drain()
+        if ending == "finished":
+            return self.answer(self.results.lines.pop(0))
+        if ending == "deadline":
+            self.stop()
+            self.logs.note("the action was stopped at its deadline")
+            return 502, {"error": RUN_TIMED_OUT}
+        self.logs.note(self.stop())
+        return 502, {"error": RUN_EXITED}
+
+    def answer(self, line):
+        return result_answer(line, self.logs)
+
+    def stop(self):
+        """Kills the process group; says how the process ended."""
+        kill_group(self.process)
+        returncode = self.process.wait()
+        self.pump.drain()
+        self.pump.close()
+        self.result_pipe.close()
+        self.processes.discard(self.process)
+        return exit_note(returncode) or "the action exited"
+
+
+class FunctionProcess(WarmProcess):
+    """A warm interpreter serving a Python ``main(args)``; its result lines are
+    ``[status, payload]`` pairs (see ``function_worker``)."""
+
+    def answer(self, line):
+        try:
+            status, payload = json.loads(line)
+        except ValueError:
+            return result_answer(line, self.logs)
+        return status, payload
+
+
+class WarmPool:
+    """The warm processes of an action: one per activation in flight, reused."""
+
+    def __init__(self, start):
+        self.start = start
+        self.lock = threading.Lock()
+        self.idle = []
+        self.all = []
+
+    def acquire(self, logs):
+        """An idle live process, else a new one (InitError if it will not start)."""
+        with self.lock:
+            while self.idle:
+                process = self.idle.pop()
+                if process.alive():
+                    return process
+                logs.note("a fresh process replaces one that ended between activations (%s)"
+                          % process.stop())
+        process = self.start()
+        with self.lock:
+            self.all.append(process)
+        return process
+
+    def release(self, process):
+        with self.lock:
+            if process.alive():
+                self.idle.append(process)
+            else:
+                self.all.remove(process)
+
+    def close(self):
+        with self.lock:
+            for process in self.all:
+                if process.alive():
+                    process.stop()
+            self.idle, self.all = [], []
+
+
+# -- Python functions ----------------------------------------------------------
+
+def looks_like_python(code):
+    """Source that is not an executable (no ``#!``, not ELF) and is Python: it
+    parses, or it defines a function (so a syntax error is reported as one)."""
+    import ast
+    import re
+    if not code.strip() or code.startswith(("#!", "\x7fELF")):
+        return False
+    try:
+        ast.parse(code)
+        return True
+    except (SyntaxError, ValueError):
+        return re.search(r"^(async\s+)?def\s", code, re.MULTILINE) is not None
+
+
+def function_worker(path, name):
+    """The warm interpreter of a Python action: imports ``path`` once, acks on fd 3,
+    then for each JSON line on stdin calls ``name(value)`` with that activation's
+    ``__OW_*`` variables and writes ``[status, payload]`` on fd 3."""
+    results = os.fdopen(3, "w", encoding="utf-8")
+    requests = os.fdopen(os.dup(0), "rb")
+    os.dup2(os.open(os.devnull, os.O_RDONLY), 0)  # the action's stdin is not the protocol's
+    sys.stdin = open(os.devnull)
+    main = load_function(path, name)
+    reply(results, [200, {"ok": True}])
+    for line in requests:
+        reply(results, call_function(main, json.loads(line)))
+
+
+def reply(results, answer):
+    """Writes an answer after the logs that came before it."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    results.write(json.dumps(answer, ensure_ascii=False) + "\n")
+    results.flush()
+
+
+def load_function(path, name):
+    """The function ``name`` of the Python file ``path``, its folder and its
+    ``virtualenv/`` on the import path.  Exits with the traceback when it cannot."""
+    import glob
+    import importlib.util
+    import site
+    folder = os.path.dirname(path)
+    sys.path.insert(0, folder)
+    for packages in glob.glob(os.path.join(folder, "virtualenv", "lib", "python3*",
+                                           "site-packages")):
+        site.addsitedir(packages)
+    try:
+        spec = importlib.util.spec_from_file_location("main__", path)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules["main__"] = module
+        spec.loader.exec_module(module)
+    except BaseException as error:
+        print_user_traceback(error)
+        sys.exit(1)
+    function = getattr(module, name, None)
+    if not callable(function):
+        sys.stderr.write("%s defines no function %r\n" % (path, name))
+        sys.exit(1)
+    return function
+
+
+def print_user_traceback(error):
+    """The traceback from the action's own code on: the proxy's frames are noise there."""
+    import traceback
+    frames = error.__traceback__
+    while frames and (frames.tb_frame.f_code.co_filename == OWPROXY_FILE
+                      or frames.tb_frame.f_code.co_filename.startswith("<frozen")):
+        frames = frames.tb_next
+    traceback.print_exception(type(error), error, frames)
+
+
+def call_function(main, message):
+    """Calls ``main`` for one activation; returns ``[status, payload]``."""
+    fields = exported(((key.upper(), value) for key, value in message.items()
+                       if key != "value"), prefix="__OW_")
+    saved = {key: os.environ.get(key) for key in fields}
+    os.environ.update(fields)
+    try:
+        result = main(message.get("value", {}))
+    except Exception as error:
+        print_user_traceback(error)
+        return [200, {"error": str(error)}]
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                del os.environ[key]
+            else:
+                os.environ[key] = value
+    try:
+        text = json.dumps(result, ensure_ascii=False, allow_nan=False)
+    except (TypeError, ValueError) as error:
+        return [502, {"error": RUN_UNENCODABLE.format(type(result).__name__, error)}]
+    if not isinstance(result, (dict, list)):
+        print(text)
+        return [502, {"error": RUN_BAD_RESULT}]
+    return [200, result]
+
+
+# -- the runner ------------------------------------------------------------------
+
 class ActionRunner:
     """Prepares and runs the action.  Subclass it to change one step, keeping the
     upstream dockerskeleton hook names:
@@ -878,13 +1140,17 @@ class ActionRunner:
     - ``init(message)``      installs ``message['code']``, then calls the three below
     - ``epilogue(message)``  adds to the installed source (default: nothing)
     - ``build(message)``     turns the source into ``self.binary`` (default: nothing)
-    - ``verify()``           True when ``self.binary`` can run
+    - ``verify()``           True when the action can run
     - ``env(message)``       the environment of one activation
     - ``run(args, env)``     runs one activation, returns ``(status, result)``
 
     ``epilogue`` or ``build`` returning False, or raising, fails the init, and
     the action directory is put back as it was.  Start the proxy with a runner
     of your own with ``setRunner(MyRunner())`` then ``main()``.
+
+    An action is one of three kinds: "exec" (a process per activation), "loop"
+    (an ActionLoop executable kept warm, with ``--loop``) or "function" (a
+    Python ``main(args)`` in a warm interpreter).
     """
 
     LOG_SENTINEL = LOG_SENTINEL
@@ -895,6 +1161,10 @@ class ActionRunner:
         self.logs = Logs()
         self.processes = Processes()
         self.init_env = {}
+        self.kind = None  # decided by init, or from the action directory at the first run
+        self.function = None  # (file, function name) of a Python action
+        self.pool = None  # the warm processes of a "loop" or "function" action
+        self.lock = threading.Lock()
 
     def configure(self, settings, logs, processes):
         """Called once by the proxy before it serves; paths default into the action dir."""
@@ -907,6 +1177,7 @@ class ActionRunner:
 
     def init(self, message):
         """Installs the code of an /init ``value``; True if the action is ready to run."""
+        previous = self.kind, self.function, self.pool
         try:
             env = self.init_environment(message)
             with self.install(message):
@@ -914,12 +1185,14 @@ class ActionRunner:
                     raise InitError("the action could not be built")
                 if not self.verify():
                     raise InitError("%s is not an executable file" % self.binary)
-        except InitError as error:
-            self.logs.note(str(error))
-            return False
+                self.pool = self.warm_up(env)
         except Exception as error:
-            self.logs.note("the action could not be initialized: %s" % error)
+            self.logs.note(str(error) if isinstance(error, InitError)
+                           else "the action could not be initialized: %s" % error)
+            self.kind, self.function, self.pool = previous
             return False
+        if previous[2] is not None:
+            previous[2].close()
         self.init_env = env
         return True
 
@@ -935,12 +1208,17 @@ class ActionRunner:
             raise InitError("env: %s" % error)
 
     def install(self, message):
-        """The code of the message, staged and moved into place (a context manager)."""
+        """Stages the code of the message and returns the Installation that moves it
+        into place; decides the kind of action on the way."""
         code = message.get("code")
         binary = message.get("binary", False)
         if not isinstance(binary, bool) and binary is not None:
             raise InitError("binary must be true or false, not %s" % json_type(binary))
+        main = message.get("main") or "main"
+        if not isinstance(main, str):
+            raise InitError("main must be a string, not %s" % json_type(main))
         if code is None:
+            self.decide_kind(os.path.dirname(self.binary), main)
             return NoInstallation()
         if not isinstance(code, str):
             raise InitError("code must be a string, not %s" % json_type(code))
@@ -949,24 +1227,43 @@ class ActionRunner:
             stage = stage_dir(self.zipdest)
             try:
                 extract_zip(data, stage, self.settings.max_archive)
+                self.decide_kind(stage, main)
                 self.prepare_archive(stage)
             except BaseException:
                 remove_tree(stage)
                 raise
             return Installation(stage, self.zipdest)
-        stage = stage_dir(os.path.dirname(self.source))
-        path = os.path.join(stage, os.path.basename(self.source))
+        folder = os.path.dirname(self.source)
+        python = self.source == self.binary and looks_like_python(code)
+        stage = stage_dir(folder)
+        path = os.path.join(stage, "__main__.py" if python else os.path.basename(self.source))
         with open(path, "w", encoding="utf-8", errors="surrogateescape") as source:
             source.write(code)
-        os.chmod(path, 0o755)
-        return Installation(stage, os.path.dirname(self.source))
+        os.chmod(path, 0o644 if python else 0o755)
+        self.decide_kind(stage, main)
+        return Installation(stage, folder)
+
+    def decide_kind(self, folder, main="main"):
+        """An ``exec`` runs as a process ("exec", or "loop" with --loop); without
+        one, a ``__main__.py`` is a Python function."""
+        script = os.path.join(folder, "__main__.py")
+        binary = os.path.join(folder, os.path.basename(self.binary))
+        if not os.path.lexists(binary) and os.path.isfile(script):
+            self.kind = "function"
+            self.function = (os.path.join(os.path.dirname(self.binary), "__main__.py"), main)
+        else:
+            self.kind = "loop" if self.settings.loop else "exec"
+            self.function = None
 
     def prepare_archive(self, stage):
-        """The staged archive must hold the executable; it runs whatever its mode bits."""
-        staged = os.path.join(stage, os.path.relpath(self.binary, self.zipdest))
+        """The archive must hold the executable, which runs whatever its mode bits."""
+        if self.kind == "function":
+            return
+        name = os.path.relpath(self.binary, self.zipdest)
+        staged = os.path.join(stage, name)
         if not os.path.isfile(staged) or os.path.islink(staged):
-            raise InitError("the archive has no %s file at its top level"
-                            % os.path.relpath(self.binary, self.zipdest))
+            raise InitError("the archive has no %s file (or __main__.py) at its top level"
+                            % name)
         os.chmod(staged, 0o755)
 
     def epilogue(self, message):
@@ -976,7 +1273,38 @@ class ActionRunner:
         return None
 
     def verify(self):
+        if self.kind is None:
+            self.decide_kind(os.path.dirname(self.binary))
+        if self.kind == "function":
+            return os.path.isfile(self.function[0])
         return os.path.isfile(self.binary) and os.access(self.binary, os.X_OK)
+
+    def warm_up(self, init_env):
+        """The pool of a warm action, its first process started to prove it can."""
+        if self.kind == "exec":
+            return None
+        pool = self.warm_pool(init_env)
+        pool.release(pool.acquire(self.logs))
+        return pool
+
+    def warm_pool(self, init_env):
+        env = dict(os.environ)
+        env.update(init_env)
+        return WarmPool(lambda: self.start_warm(env))
+
+    def start_warm(self, env):
+        """A new warm process for this action (InitError when it does not come up)."""
+        cwd = os.path.dirname(self.binary)
+        try:
+            if self.kind == "function":
+                process = FunctionProcess(
+                    [sys.executable, OWPROXY_FILE, "function-worker"] + list(self.function),
+                    env, cwd, self.logs, self.processes)
+            else:
+                process = WarmProcess([self.binary], env, cwd, self.logs, self.processes)
+        except OSError as error:
+            raise InitError("cannot start the action: %s" % error)
+        return process.start(self.kind == "function" or "OW_WAIT_FOR_ACK" in env)
 
     # -- run -------------------------------------------------------------------
 
@@ -993,37 +1321,27 @@ class ActionRunner:
         return env
 
     def run(self, args, env):
-        """Runs the executable once with ``args``; returns ``(status, result)``."""
-        data = json.dumps(args)
-        argv = [self.binary] if len(data) > MAX_ARG_STRLEN else [self.binary, data]
+        """Runs one activation with ``args``; returns ``(status, result)``."""
+        if self.kind == "exec":
+            data = json.dumps(args)
+            argv = [self.binary] if len(data) > MAX_ARG_STRLEN else [self.binary, data]
+            return run_once(argv, data.encode(), env, os.path.dirname(self.binary),
+                            self.logs, self.processes)
+        with self.lock:
+            self.pool = self.pool or self.warm_pool(self.init_env)
+        pool = self.pool
         try:
-            process = subprocess.Popen(
-                argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                cwd=os.path.dirname(self.binary), env=env, start_new_session=True)
-        except OSError as error:
-            self.logs.out(("error: cannot start the action: %s\n" % error).encode())
-            return 502, {"error": RUN_BAD_RESULT}
-        self.processes.add(process)
+            process = pool.acquire(self.logs)
+        except InitError as error:
+            self.logs.note(str(error))
+            return 502, {"error": RUN_EXITED}
+        message = {key[len("__OW_"):].lower(): value for key, value in env.items()
+                   if key.startswith("__OW_")}
+        message["value"] = args
         try:
-            outcome = Pump(process, data.encode(), self.logs,
-                           deadline_of(env)).run()
+            return process.request(message, deadline_of(env))
         finally:
-            self.processes.discard(process)
-        return self.answer(outcome)
-
-    def answer(self, outcome):
-        if outcome.timed_out:
-            self.logs.note("the action was stopped at its deadline")
-            return 502, {"error": RUN_TIMED_OUT}
-        note = outcome.exit_note()
-        if note:
-            self.logs.note(note)
-        result = parse_result(outcome.result)
-        if result is None:
-            if outcome.result is not None:
-                self.logs.out(clean_utf8(outcome.result) + b"\n")
-            return 502, {"error": RUN_BAD_RESULT}
-        return 200, result
+            pool.release(process)
 
 
 class NoInstallation:
@@ -1135,13 +1453,16 @@ def serve(settings, runner):
     except Shutdown:
         pass
     server.server_close()
-    if not server.wait_idle(settings.grace):
-        processes.kill_all()
-        server.wait_idle(2.0)
+    server.wait_idle(settings.grace)
+    processes.kill_all()  # overdue activations, and the warm processes
+    server.wait_idle(2.0)
     return 0
 
 
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["function-worker"]:
+        return function_worker(*argv[1:])
     try:
         settings = resolve_settings(argv, os.environ)
         return serve(settings, _runner or ActionRunner())

@@ -460,7 +460,7 @@ def outside_link_zip(target):
 
 BAD_INITS = {
     "zip without exec": (lambda out: {"code": make_zip({"main.sh": "x"}), "binary": True},
-                         "the archive has no exec file at its top level"),
+                         "the archive has no exec file (or __main__.py) at its top level"),
     "invalid base64": (lambda out: {"code": "not base64 at all!", "binary": True},
                        "the code is not valid base64"),
     "not a zip": (lambda out: {"code": base64.b64encode(b"hello, not a zip").decode(),
