@@ -713,3 +713,293 @@ def test_the_entry_count_limit(tmp_path, monkeypatch):
     data = zip_bytes({"exec": "x", "a": "a", "b": "b", "c": "c"})
     with pytest.raises(owproxy.InitError, match="the archive has 4 entries, more than the limit of 3"):
         owproxy.extract_zip(data, str(tmp_path), 1024)
+
+
+# ---------------------------------------------------------------------------
+# Warm actions: ActionLoop executables (--loop)
+# ---------------------------------------------------------------------------
+
+RUN_EXITED = {"error": "The action exited before it returned a result. See logs for details."}
+TIMED_OUT = {"error": "The action exceeded its time limit and was stopped at its deadline."}
+BAD_RESULT = {"error": "The action did not return a dictionary or array."}
+
+LOOP_ACTION = python_script(r'''
+import json, os, sys, time
+results = os.fdopen(3, "w")
+if os.environ.get("OW_WAIT_FOR_ACK"):
+    results.write('{"ok": true}\n'); results.flush()
+count = 0
+for line in sys.stdin:
+    count += 1
+    request = json.loads(line)
+    value = request["value"]
+    print("log from", request.get("activation_id"), flush=True)
+    print("err from", request.get("activation_id"), file=sys.stderr, flush=True)
+    if value.get("die"):
+        sys.exit(7)
+    if value.get("sleep"):
+        time.sleep(value["sleep"])
+    if value.get("bad"):
+        results.write("not json\n"); results.flush()
+        continue
+    if value.get("rendezvous"):
+        folder = value["rendezvous"]
+        open(os.path.join(folder, str(os.getpid())), "w").close()
+        end = time.time() + 10
+        while len(os.listdir(folder)) < value["n"] and time.time() < end:
+            time.sleep(0.01)
+    results.write(json.dumps({"pid": os.getpid(), "count": count, "request": request,
+                              "greeting": os.environ.get("GREETING")}) + "\n")
+    results.flush()
+    if value.get("exit_after"):
+        sys.exit(0)
+''')
+
+
+@pytest.fixture
+def loop_proxy(proxies):
+    proxy = proxies("--loop")
+    assert proxy.init(LOOP_ACTION, env={"GREETING": "hi"}).status == 200
+    return proxy
+
+
+def test_a_loop_executable_serves_activations_from_one_warm_process(loop_proxy):
+    first = loop_proxy.run({"n": 1}, activation_id="a1", namespace="ns").json
+    second = loop_proxy.run({"n": 2}, activation_id="a2").json
+    assert first["pid"] == second["pid"]
+    assert (first["count"], second["count"]) == (1, 2)
+    assert first["greeting"] == "hi"
+    assert first["request"]["value"] == {"n": 1}
+    assert (first["request"]["activation_id"], first["request"]["namespace"]) == ("a1", "ns")
+    assert second["request"]["activation_id"] == "a2" and "namespace" not in second["request"]
+    out, err = check_streams(loop_proxy, sentinels=2)
+    assert out.split() == ["log", "from", "a1", "log", "from", "a2"]
+    assert err.split() == ["err", "from", "a1", "err", "from", "a2"]
+
+
+def test_a_loop_executable_acks_on_fd3_when_asked(proxies):
+    proxy = proxies("--loop", env={"OW_WAIT_FOR_ACK": "1"})
+    assert proxy.init(LOOP_ACTION).status == 200
+    assert proxy.run({}).json["count"] == 1
+
+
+@pytest.mark.parametrize("env", [{}, {"OW_WAIT_FOR_ACK": "1"}])
+def test_a_loop_executable_that_exits_at_once_fails_init(proxies, env):
+    proxy = proxies("--loop", env=env)
+    response = proxy.init(bash("echo 'starting'\nexit 4"))
+    assert (response.status, response.json) == (502, INIT_FAILED)
+    out, err = check_streams(proxy)
+    assert out == "starting"
+    assert "the action did not start: the action exited with status 4" in err
+
+
+def test_a_loop_process_that_dies_during_a_run_is_replaced(loop_proxy):
+    pid = loop_proxy.run({}).json["pid"]
+    response = loop_proxy.run({"die": True})
+    assert (response.status, response.json) == (502, RUN_EXITED)
+    after = loop_proxy.run({}).json
+    assert after["pid"] != pid and after["count"] == 1
+    _, err = check_streams(loop_proxy, sentinels=3)
+    assert "owproxy: the action exited with status 7" in err
+
+
+def test_a_loop_process_that_dies_between_runs_is_replaced(loop_proxy):
+    pid = loop_proxy.run({"exit_after": True}).json["pid"]
+    time.sleep(0.2)
+    after = loop_proxy.run({})
+    assert after.status == 200 and after.json["pid"] != pid
+    assert "a fresh process replaces one that ended between activations" in loop_proxy.logs()[1]
+
+
+def test_a_loop_result_that_is_not_json_is_the_exact_502_and_the_process_serves_on(loop_proxy):
+    pid = loop_proxy.run({}).json["pid"]
+    response = loop_proxy.run({"bad": True})
+    assert (response.status, response.json) == (502, BAD_RESULT)
+    after = loop_proxy.run({}).json
+    assert (after["pid"], after["count"]) == (pid, 3)
+    assert "not json" in check_streams(loop_proxy, sentinels=3)[0]
+
+
+def test_a_loop_process_past_its_deadline_is_killed_and_replaced(loop_proxy):
+    pid = loop_proxy.run({}).json["pid"]
+    deadline = str(int(time.time() * 1000) + 1000)
+    started = time.time()
+    response = loop_proxy.run({"sleep": 60}, deadline=deadline)
+    assert (response.status, response.json) == (502, TIMED_OUT)
+    assert time.time() - started < 20
+    assert not os.path.exists("/proc/%d" % pid) or " Z " in Path(
+        "/proc/%d/stat" % pid).read_text()
+    assert loop_proxy.run({}).json["pid"] != pid
+
+
+def rendezvous_runs(proxy, folder, n):
+    """n runs at once, each waiting for the others; the results in order."""
+    folder.mkdir()
+    results = [None] * n
+
+    def one(i):
+        results[i] = proxy.run({"rendezvous": str(folder), "n": n}, activation_id="act%d" % i)
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(n)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return results
+
+
+def test_concurrent_loop_runs_get_a_process_each(proxies, tmp_path):
+    proxy = proxies("--loop", env={"__OW_ALLOW_CONCURRENT": "true"})
+    assert proxy.init(LOOP_ACTION).status == 200
+    results = rendezvous_runs(proxy, tmp_path / "meet", 3)
+    assert [r.status for r in results] == [200, 200, 200]
+    assert len({r.json["pid"] for r in results}) == 3
+    assert [r.json["request"]["activation_id"] for r in results] == ["act0", "act1", "act2"]
+    assert check_streams(proxy, sentinels=3)
+
+
+# ---------------------------------------------------------------------------
+# Warm actions: Python functions
+# ---------------------------------------------------------------------------
+
+FUNCTION = '''
+import os, sys
+calls = []
+
+def main(args):
+    calls.append(1)
+    print("hello from main")
+    if args.get("fail"):
+        raise ValueError("boom: " + args["fail"])
+    if args.get("set"):
+        return {"a": {1, 2}}
+    if args.get("text"):
+        return "just text"
+    if args.get("exit"):
+        sys.exit(3)
+    if args.get("sleep"):
+        import time
+        time.sleep(args["sleep"])
+    return {"calls": len(calls), "pid": os.getpid(), "args": args, "stdin": sys.stdin.read(),
+            "id": os.environ.get("__OW_ACTIVATION_ID"), "env": os.environ.get("LEVEL")}
+'''
+
+
+@pytest.fixture
+def function_proxy(proxy):
+    assert proxy.init(FUNCTION, env={"LEVEL": "3"}).status == 200
+    return proxy
+
+
+def test_a_python_function_is_served_warm_with_its_own_activation_variables(function_proxy):
+    first = function_proxy.run({"x": 1}, activation_id="one").json
+    second = function_proxy.run({"x": 2}).json
+    assert (first["calls"], second["calls"]) == (1, 2)
+    assert first["pid"] == second["pid"]
+    assert (first["args"], first["id"], first["env"], first["stdin"]) == ({"x": 1}, "one", "3", "")
+    assert (second["id"], second["env"]) == (None, "3")
+    out, err = check_streams(function_proxy, sentinels=2)
+    assert out.split() == ["hello", "from", "main"] * 2 and err == ""
+    assert not (function_proxy.action_dir / "exec").exists()
+
+
+def test_a_python_function_with_another_entry_point(proxy):
+    assert proxy.init("def handler(args):\n    return {'handled': args}\n",
+                      main="handler").status == 200
+    assert proxy.run({"a": 1}).json == {"handled": {"a": 1}}
+
+
+def test_an_exception_is_an_application_error_with_the_traceback_on_stderr(function_proxy):
+    response = function_proxy.run({"fail": "bad input"})
+    assert (response.status, response.json) == (200, {"error": "boom: bad input"})
+    _, err = check_streams(function_proxy)
+    assert 'File "%s", line 9, in main' % (function_proxy.action_dir / "__main__.py") in err
+    assert "ValueError: boom: bad input" in err
+    assert "owproxy.py" not in err
+
+
+def test_a_result_json_cannot_encode_is_a_502_naming_its_type(function_proxy):
+    response = function_proxy.run({"set": True})
+    assert response.status == 502
+    assert response.json["error"].startswith("The action returned a dict that JSON cannot encode")
+    assert "set" in response.json["error"]
+    assert function_proxy.run({}).json["calls"] == 2  # the same interpreter serves on
+
+
+def test_a_result_that_is_not_an_object_is_the_exact_502(function_proxy):
+    response = function_proxy.run({"text": True})
+    assert (response.status, response.json) == (502, BAD_RESULT)
+    assert '"just text"' in check_streams(function_proxy)[0]
+
+
+def test_sys_exit_gives_an_error_and_a_fresh_interpreter(function_proxy):
+    pid = function_proxy.run({}).json["pid"]
+    response = function_proxy.run({"exit": True})
+    assert (response.status, response.json) == (502, RUN_EXITED)
+    after = function_proxy.run({}).json
+    assert (after["calls"], after["pid"] != pid) == (1, True)
+    assert "the action exited with status 3" in check_streams(function_proxy, sentinels=3)[1]
+
+
+def test_a_python_function_past_its_deadline_is_stopped(function_proxy):
+    deadline = int(time.time() * 1000) + 1000
+    response = function_proxy.run({"sleep": 60}, deadline=deadline)
+    assert (response.status, response.json) == (502, TIMED_OUT)
+    assert function_proxy.run({}).json["calls"] == 1
+
+
+@pytest.mark.parametrize("code, cause", [
+    ("import os\ndef main(args)\n    return {}\n", ["__main__.py\", line 2", "SyntaxError"]),
+    ("def handler(args):\n    return {}\n", ["__main__.py defines no function 'main'"]),
+    ("import no_such_module_here\ndef main(args):\n    return {}\n",
+     ["line 1", "ModuleNotFoundError"]),
+])
+def test_a_python_function_that_cannot_load_fails_init_with_file_and_line(proxies, code, cause):
+    proxy = proxies(env={"PROXY_ALLOW_REINIT": "1"})
+    assert proxy.init("def main(args):\n    return {'old': True}\n").status == 200
+    response = proxy.init(code)
+    assert (response.status, response.json) == (502, INIT_FAILED)
+    _, err = check_streams(proxy)
+    for text in cause:
+        assert text in err
+    assert proxy.run({}).json == {"old": True}
+
+
+def test_a_python_zip_imports_its_siblings_and_its_virtualenv(proxy):
+    version = subprocess.run([PYTHON, "-c", "import sys; print('python%d.%d' % sys.version_info[:2])"],
+                             capture_output=True, text=True, check=True).stdout.strip()
+    files = {
+        "__main__.py": "import helper, vendored\ndef main(args):\n"
+                       "    return {'helper': helper.twice(args['n']), 'vendored': vendored.NAME}\n",
+        "helper.py": "def twice(n):\n    return 2 * n\n",
+        "virtualenv/lib/%s/site-packages/vendored/__init__.py" % version: "NAME = 'from venv'\n",
+    }
+    assert proxy.init_zip(files).status == 200
+    assert proxy.run({"n": 21}).json == {"helper": 42, "vendored": "from venv"}
+
+
+def test_a_baked_python_function_runs_without_init(proxy):
+    (proxy.action_dir / "__main__.py").write_text("def main(args):\n    return {'baked': 1}\n")
+    assert proxy.run({}).json == {"baked": 1}
+
+
+def test_concurrent_python_functions_get_an_interpreter_each(proxies, tmp_path):
+    proxy = proxies(env={"__OW_ALLOW_CONCURRENT": "true"})
+    code = """
+import os, time
+def main(args):
+    open(os.path.join(args["rendezvous"], str(os.getpid())), "w").close()
+    end = time.time() + 10
+    while len(os.listdir(args["rendezvous"])) < args["n"] and time.time() < end:
+        time.sleep(0.01)
+    return {"pid": os.getpid(), "id": os.environ["__OW_ACTIVATION_ID"]}
+"""
+    assert proxy.init(code).status == 200
+    results = rendezvous_runs(proxy, tmp_path / "meet", 3)
+    assert len({r.json["pid"] for r in results}) == 3
+    assert [r.json["id"] for r in results] == ["act0", "act1", "act2"]
+
+
+def test_source_that_is_not_python_stays_an_executable(proxy):
+    assert proxy.init("echo not python\n").status == 200
+    assert (proxy.action_dir / "exec").exists()
