@@ -62,9 +62,16 @@ RUN_BAD_RESULT = "The action did not return a dictionary or array."
 RUN_TIMED_OUT = "The action exceeded its time limit and was stopped at its deadline."
 RUN_EXITED = "The action exited before it returned a result. See logs for details."
 RUN_UNENCODABLE = "The action returned a {} that JSON cannot encode: {}"
+DEDICATED = "Cannot initialize a runtime with a dedicated function."
+WEB_BAD_RESULT = ("The action returned a web response with an invalid statusCode, headers "
+                  "or image body.")
+
+LIVENESS_PATH = "/healthz"
+READINESS_PATH = "/readyz"
 INTERNAL_ERROR = "Internal error. {}"
 
 MIB = 1024 * 1024
+HTTP_METHODS = ("GET", "POST", "PUT", "DELETE", "PATCH", "HEAD", "OPTIONS")
 
 
 class ConfigError(Exception):
@@ -97,6 +104,24 @@ def parse_size(text):
     return size
 
 
+def parse_platform(text):
+    platform = text.strip().lower() or "openwhisk"
+    if platform not in ("openwhisk", "knative"):
+        raise ValueError("not a platform (use openwhisk or knative)")
+    return platform
+
+
+def parse_methods(text):
+    """``[GET, POST]`` or ``GET,POST``: the methods the Knative route accepts."""
+    methods = tuple(dict.fromkeys(method.strip().upper()
+                                  for method in text.strip().strip("[]").split(",")))
+    invalid = [method for method in methods if method not in HTTP_METHODS]
+    if invalid or not methods:
+        raise ValueError("%s is not an HTTP method (use %s)"
+                         % (", ".join(invalid) or "nothing", ", ".join(HTTP_METHODS)))
+    return methods
+
+
 def parse_seconds(text):
     seconds = float(text)
     if not seconds >= 0:
@@ -110,6 +135,14 @@ class Setting:
     def __init__(self, name, flag, env, default, parse, help):
         self.name, self.flag, self.env = name, flag, env
         self.default, self.parse, self.help = default, parse, help
+
+    def shown(self):
+        """The default as a user would write it."""
+        if self.parse is parse_size:
+            return "%dM" % (self.default // MIB)
+        if isinstance(self.default, tuple):
+            return ",".join(self.default)
+        return str(self.default).lower() if isinstance(self.default, bool) else str(self.default)
 
 
 SETTINGS = (
@@ -125,6 +158,10 @@ SETTINGS = (
             "keep the executable running between activations (ActionLoop protocol)"),
     Setting("concurrent", "--concurrent", "__OW_ALLOW_CONCURRENT", False, parse_flag,
             "run activations in parallel instead of one at a time"),
+    Setting("platform", "--platform", "__OW_RUNTIME_PLATFORM", "openwhisk", parse_platform,
+            "openwhisk (/init and /run) or knative (one route, /)"),
+    Setting("http_methods", "--http-methods", "__OW_HTTP_METHODS", ("POST",), parse_methods,
+            "methods the knative route accepts, e.g. [GET,POST]"),
     Setting("max_body", "--max-body", "OWPROXY_MAX_BODY", 80 * MIB, parse_size,
             "largest request body accepted (K, M, G suffixes)"),
     Setting("max_archive", "--max-archive", "OWPROXY_MAX_ARCHIVE", 1024 * MIB, parse_size,
@@ -150,7 +187,7 @@ def settings_parser():
         description="Serve an OpenWhisk action (the /init and /run protocol) over HTTP.",
         epilog="Each flag falls back to its environment variable, then to its default.")
     for setting in SETTINGS:
-        text = "%s [env %s, default %s]" % (setting.help, setting.env, setting.default)
+        text = "%s [env %s, default %s]" % (setting.help, setting.env, setting.shown())
         if setting.parse is parse_flag:
             parser.add_argument(setting.flag, dest=setting.name, action="store_const",
                                 const=True, default=None, help=text)
@@ -332,12 +369,39 @@ class HTTPError(Exception):
 
 
 class Route:
-    """What a path accepts: its methods, its handler, and when it closes an activation."""
+    """What a path accepts: its methods, its handler (a Request in, ``(status,
+    payload)`` out), the lock it runs under, and after which answers the log
+    sentinels close an activation.  A quiet route stays out of the access log."""
 
-    def __init__(self, handle, methods=("POST",), lock=None, sentinels=None):
+    def __init__(self, handle, methods=("POST",), lock=None, sentinels=None, quiet=False):
         self.handle, self.methods = handle, methods
         self.lock = lock or threading.Lock()
         self.sentinels = sentinels or (lambda status: False)
+        self.quiet = quiet
+
+
+class Request:
+    """What a handler sees of a request."""
+
+    def __init__(self, method, query, headers, body):
+        self.method, self.query, self.headers, self.body = method, query, headers, body
+
+    def json(self):
+        """The body as JSON; an empty body or ``null`` is an empty object."""
+        if not self.body.strip():
+            return {}
+        try:
+            message = json.loads(self.body)
+        except (ValueError, RecursionError) as error:
+            raise HTTPError(400, "The request body is not valid JSON: %s" % error)
+        return {} if message is None else message
+
+
+class WebResponse:
+    """A payload sent as it is, with its own headers, instead of as JSON."""
+
+    def __init__(self, body, headers):
+        self.body, self.headers = body, headers
 
 
 class ProxyServer(ThreadingHTTPServer):
@@ -380,9 +444,9 @@ class ProxyHandler(BaseHTTPRequestHandler):
 
     protocol_version = "HTTP/1.1"
     server_version = "owproxy/" + __version__
-    sys_version = ""
     disable_nagle_algorithm = True
     timeout = 120  # seconds a client may stall while sending
+    route = None
 
     def __getattr__(self, name):
         if name.startswith("do_"):
@@ -390,8 +454,8 @@ class ProxyHandler(BaseHTTPRequestHandler):
         raise AttributeError(name)
 
     def dispatch(self):
-        path = self.path.split("?", 1)[0]
-        route = self.server.routes.get(path)
+        path, _, query = self.path.partition("?")
+        route = self.route = self.server.routes.get(path)
         if route is None:
             self.refuse(404, "There is no %s here." % path)
         elif self.command not in route.methods:
@@ -401,28 +465,30 @@ class ProxyHandler(BaseHTTPRequestHandler):
         else:
             self.server.working(+1)
             try:
-                self.serve(route)
+                self.serve(route, query)
             finally:
                 self.server.working(-1)
 
-    def serve(self, route):
+    def serve(self, route, query):
+        """Reads the body, then runs the handler under the route's lock: a slow
+        upload holds up nobody."""
         try:
-            message = self.read_json()
+            request = Request(self.command, query, self.headers, self.read_body())
         except HTTPError as error:
-            message = error
+            request = error
         with route.lock:
-            status, payload = self.outcome(route, message)
+            status, payload = self.outcome(route, request)
             if route.sentinels(status):
                 self.server.logs.sentinels()
         self.answer(status, payload)
 
-    def outcome(self, route, message):
+    def outcome(self, route, request):
         try:
-            if isinstance(message, HTTPError):
-                raise message
-            if self.server.stopping:
+            if isinstance(request, HTTPError):
+                raise request
+            if self.server.stopping and not route.quiet:
                 raise HTTPError(503, "The proxy is shutting down.", close=True)
-            return route.handle(message)
+            return route.handle(request)
         except HTTPError as error:
             self.close_connection = self.close_connection or error.close
             return error.status, {"error": error.message}
@@ -483,25 +549,17 @@ class ProxyHandler(BaseHTTPRequestHandler):
             pass  # trailer fields carry nothing the proxy uses
         return b"".join(chunks)
 
-    def read_json(self):
-        """The body as a JSON object; an empty body or ``null`` is an empty object."""
-        body = self.read_body()
-        if not body.strip():
-            return {}
-        try:
-            message = json.loads(body)
-        except (ValueError, RecursionError) as error:
-            raise HTTPError(400, "The request body is not valid JSON: %s" % error)
-        return {} if message is None else message
-
     # -- answers ---------------------------------------------------------------
 
     def answer(self, status, payload, headers=None):
-        body = json_bytes(payload)
+        if isinstance(payload, WebResponse):
+            body, headers = payload.body, payload.headers
+        else:
+            body, headers = json_bytes(payload), dict(headers or {})
+            headers["Content-Type"] = "application/json"
         self.send_response(status)
-        self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(body)))
-        for name, value in (headers or {}).items():
+        for name, value in headers.items():
             self.send_header(name, value)
         if self.close_connection:
             self.send_header("Connection", "close")
@@ -518,6 +576,13 @@ class ProxyHandler(BaseHTTPRequestHandler):
         """The server's own errors (a garbage request line, ...) as JSON too."""
         self.close_connection = True
         self.answer(code, {"error": message or self.responses.get(code, ("Error",))[0]})
+
+    def version_string(self):
+        return self.server_version
+
+    def log_request(self, code="-", size="-"):
+        if self.server.settings.verbose and not getattr(self.route, "quiet", False):
+            BaseHTTPRequestHandler.log_request(self, code, size)
 
     def log_message(self, format, *args):
         if self.server.settings.verbose:
@@ -752,6 +817,7 @@ class Pump:
     """
 
     poll_interval = 0.05  # how often to look for the exit where pidfds are missing
+    longest_wait = 3600.0  # selectors overflow on far-future deadlines
 
     def __init__(self, process, stdout, stderr, results=None, result_pipe=None):
         self.process = process
@@ -785,10 +851,8 @@ class Pump:
             remaining = None if deadline is None else deadline - time.monotonic()
             if remaining is not None and remaining <= 0:
                 return "deadline"
-            timeout = remaining
-            if self.exit_fd is None:
-                timeout = self.poll_interval if remaining is None else min(remaining,
-                                                                           self.poll_interval)
+            longest = self.poll_interval if self.exit_fd is None else self.longest_wait
+            timeout = longest if remaining is None else min(remaining, longest)
             for key, _ in self.selector.select(timeout):
                 if key.data == "exit":
                     return "exited"
@@ -1369,29 +1433,38 @@ class OpenWhisk:
     def __init__(self, settings, runner, logs):
         self.settings, self.runner, self.logs = settings, runner, logs
         self.initialized = False
+        self.serial = DummyLock() if settings.concurrent else threading.Lock()
 
     def routes(self):
-        serial = DummyLock() if self.settings.concurrent else threading.Lock()
         return {
             "/init": Route(self.init, sentinels=lambda status: status not in (200, 403)),
-            "/run": Route(self.run, lock=serial, sentinels=lambda status: True),
+            "/run": Route(self.run, lock=self.serial, sentinels=lambda status: True),
         }
 
-    def init(self, message):
-        if self.initialized and not self.settings.allow_reinit:
-            self.logs.err((INIT_TWICE + "\n").encode())
-            return 403, {"error": INIT_TWICE}
+    def init(self, request):
+        message = request.json()
         value = message.get("value", {}) if isinstance(message, dict) else None
         if not isinstance(value, dict):
             raise HTTPError(400, "The init body must be a JSON object whose value is an object.")
+        return self.initialize(value)
+
+    def initialize(self, value):
+        if self.initialized and not self.settings.allow_reinit:
+            self.logs.err((INIT_TWICE + "\n").encode())
+            return 403, {"error": INIT_TWICE}
         if not self.runner.init(value):
             return 502, {"error": INIT_FAILED}
         self.initialized = True
         return 200, {"ok": True}
 
-    def run(self, message):
+    def run(self, request):
+        message = request.json()
         if not isinstance(message, dict):
             return 404, {"error": RUN_BAD_ARGUMENT}
+        return self.activate(message)
+
+    def activate(self, message):
+        """Runs the action for a /run body: ``value`` and the activation fields."""
         value = message.get("value", {})
         if not isinstance(value, (dict, list)):
             return 404, {"error": RUN_BAD_ARGUMENT}
@@ -1401,8 +1474,189 @@ class OpenWhisk:
         return self.runner.run(value, self.runner.env(message))
 
 
+class Knative(OpenWhisk):
+    """The Knative routes: one path, ``/``, that initialises, runs, or both.
+
+    A request body may carry ``init`` (an /init value, plus ``raw`` and
+    ``name``), ``activation`` (the activation fields) and ``value`` (the
+    parameters); any other body is a plain web request whose JSON object (or,
+    in raw mode, whose text) is the parameters.  With ``__OW_ACTION_CODE`` set
+    the container is dedicated to that action and initialises itself.  A
+    result with ``statusCode``, ``headers`` or ``body`` becomes that response.
+    """
+
+    ENVELOPE = ("init", "activation", "value")
+
+    def __init__(self, settings, runner, logs, environ):
+        OpenWhisk.__init__(self, settings, runner, logs)
+        self.dedicated = dedicated_init(environ)
+        self.namespace = environ.get("__OW_NAMESPACE", "")
+        self.accepted = None  # the init this container took, to recognise a repeat of it
+        self.raw = False
+        self.name = ""
+
+    def routes(self):
+        return {"/": Route(self.handle, methods=self.settings.http_methods, lock=self.serial,
+                           sentinels=lambda status: status != 403)}
+
+    def handle(self, request):
+        envelope = self.envelope(request)
+        init = envelope.get("init")
+        if init is not None and self.dedicated is not None:
+            raise HTTPError(403, DEDICATED)
+        if self.dedicated is not None and not self.initialized:
+            init = self.dedicated
+        if init is not None:
+            status, payload = self.knative_init(init)
+            if status != 200 or not set(envelope) & {"activation", "value"}:
+                return status, payload
+        return self.web_activate(request, envelope)
+
+    def envelope(self, request):
+        """The body as ``{init, activation, value}``."""
+        try:
+            body = request.json()
+        except HTTPError:
+            if not self.raw:
+                raise
+            body = None
+        if isinstance(body, dict) and set(body) & set(self.ENVELOPE):
+            return body
+        return {"value": body if isinstance(body, dict) else {}, "body": request.body}
+
+    def knative_init(self, init):
+        if not isinstance(init, dict):
+            raise HTTPError(400, "init must be a JSON object.")
+        raw, name = init.get("raw", False), init.get("name", "")
+        if not isinstance(raw, bool) or not isinstance(name, str):
+            raise HTTPError(400, "init.raw must be true or false and init.name a string.")
+        key = json.dumps(init, sort_keys=True)
+        if self.initialized and key == self.accepted:
+            return 200, {"ok": True}  # the same init again: clients may send it every time
+        status, payload = self.initialize(init)
+        if status == 200:
+            self.accepted, self.raw, self.name = key, raw, name
+        return status, payload
+
+    def web_activate(self, request, envelope):
+        activation = envelope.get("activation") or {}
+        if not isinstance(activation, dict):
+            raise HTTPError(400, "activation must be a JSON object.")
+        value = envelope.get("value", {})
+        message = dict(activation, value=self.parameters(request, value, envelope))
+        if not message.get("action_name") and self.name:
+            message["action_name"] = self.name
+        status, result = self.activate(message)
+        if status == 200 and isinstance(result, dict) and set(result) & {
+                "statusCode", "headers", "body"}:
+            return web_response(result)
+        return status, result
+
+    def parameters(self, request, value, envelope):
+        """The action's parameters: the value, and the HTTP context of the request."""
+        if self.raw:
+            body = envelope.get("body")
+            if body is None:
+                body = value if isinstance(value, str) else json.dumps(value)
+            params = {"__ow_body": body_text(body), "__ow_query": request.query}
+        elif isinstance(value, dict):
+            params = dict(parse_query(request.query), **value)
+        else:
+            return value
+        activation = envelope.get("activation") or {}
+        params.update(__ow_method=request.method.lower(), __ow_path="",
+                      __ow_headers={k.lower(): v for k, v in request.headers.items()},
+                      __ow_user=activation.get("namespace") or self.namespace)
+        return params
+
+
+def dedicated_init(environ):
+    """The init of a container dedicated to one action by its environment, or None."""
+    if not environ.get("__OW_ACTION_CODE"):
+        return None
+    return {"code": environ["__OW_ACTION_CODE"],
+            "main": environ.get("__OW_ACTION_MAIN") or "main",
+            "binary": environ.get("__OW_ACTION_BINARY", "").lower() == "true",
+            "raw": environ.get("__OW_ACTION_RAW", "").lower() == "true",
+            "name": environ.get("__OW_ACTION_NAME", "")}
+
+
+def parse_query(query):
+    from urllib.parse import parse_qsl
+    return dict(parse_qsl(query))
+
+
+def body_text(body):
+    """A raw body as text: as it is when it is UTF-8, else base64 (OpenWhisk's rule)."""
+    if isinstance(body, str):
+        return body
+    try:
+        return body.decode("utf-8")
+    except UnicodeDecodeError:
+        import base64
+        return base64.b64encode(body).decode("ascii")
+
+
+CORS = {
+    "Access-Control-Allow-Origin": "*",
+    "Access-Control-Allow-Methods": "OPTIONS, GET, DELETE, POST, PUT, HEAD, PATCH",
+    "Access-Control-Allow-Headers": "Authorization, Origin, X-Requested-With, Content-Type, "
+                                    "Accept, User-Agent",
+}
+
+
+def web_response(result):
+    """The HTTP response a web action's ``{statusCode, headers, body}`` describes."""
+    status = result.get("statusCode", 200)
+    headers = result.get("headers") or {}
+    if not isinstance(status, int) or isinstance(status, bool) or not 100 <= status <= 599 \
+            or not isinstance(headers, dict):
+        return 502, {"error": WEB_BAD_RESULT}
+    headers = {str(name): env_string(value) for name, value in headers.items()}
+    content_type = next((value for name, value in headers.items()
+                         if name.lower() == "content-type"), None)
+    body = result.get("body")
+    if body is None or body == "":
+        data = b""
+        status = 204 if status == 200 else status
+    elif isinstance(body, str) and (content_type or "").lower().startswith("image/"):
+        try:
+            data = decode_base64(body)
+        except InitError:
+            return 502, {"error": WEB_BAD_RESULT}
+    elif isinstance(body, str):
+        data = body.encode("utf-8", "surrogateescape")
+        content_type = content_type or "text/html; charset=utf-8"
+    else:
+        data = json_bytes(body)
+        content_type = content_type or "application/json"
+    if content_type:
+        headers = {name: value for name, value in headers.items()
+                   if name.lower() != "content-type"}
+        headers["Content-Type"] = content_type
+    for name, value in CORS.items():
+        if name.lower() not in (key.lower() for key in headers):
+            headers[name] = value
+    return status, WebResponse(data, headers)
+
+
+def health_routes(server):
+    """Liveness and readiness for Kubernetes, Knative and Docker: never locked,
+    never in the logs; readiness fails once shutdown has begun."""
+    def live(request):
+        return 200, {"status": "ok"}
+
+    def ready(request):
+        if server.stopping:
+            return 503, {"ready": False, "reason": "shutting down"}
+        return 200, {"ready": True}
+
+    return {path: Route(handle, methods=("GET", "HEAD"), lock=DummyLock(), quiet=True)
+            for path, handle in ((LIVENESS_PATH, live), (READINESS_PATH, ready))}
+
+
 class DummyLock:
-    """Stands in for a lock where activations may run side by side."""
+    """Stands in for a lock where requests may run side by side."""
 
     def __enter__(self):
         return self
@@ -1432,12 +1686,16 @@ def serve(settings, runner):
     """Serves until SIGTERM or SIGINT, then lets activations finish; returns the exit status."""
     logs, processes = Logs(), Processes()
     runner.configure(settings, logs, processes)
-    platform = OpenWhisk(settings, runner, logs)
+    if settings.platform == "knative":
+        platform = Knative(settings, runner, logs, os.environ)
+    else:
+        platform = OpenWhisk(settings, runner, logs)
     try:
         server = ProxyServer(settings, platform.routes(), logs)
     except OSError as error:
         raise ConfigError("cannot listen on %s:%s: %s" % (settings.host, settings.port,
                                                           error.strerror or error))
+    server.routes.update(health_routes(server))
 
     def stop(signum, frame):
         server.stopping = True

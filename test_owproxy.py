@@ -1003,3 +1003,223 @@ def main(args):
 def test_source_that_is_not_python_stays_an_executable(proxy):
     assert proxy.init("echo not python\n").status == 200
     assert (proxy.action_dir / "exec").exists()
+
+
+# ---------------------------------------------------------------------------
+# The Knative platform
+# ---------------------------------------------------------------------------
+
+KNATIVE_ACTION = '''
+import os
+def main(args):
+    if "web" in args:
+        return args["web"]
+    return {"args": args, "id": os.environ.get("__OW_ACTIVATION_ID"),
+            "name": os.environ.get("__OW_ACTION_NAME"), "deadline": os.environ.get("__OW_DEADLINE")}
+'''
+DEDICATED = {"error": "Cannot initialize a runtime with a dedicated function."}
+
+
+def knative(proxies, methods=None, **env):
+    env["__OW_RUNTIME_PLATFORM"] = "knative"
+    if methods:
+        env["__OW_HTTP_METHODS"] = methods
+    return proxies(env=env)
+
+
+def test_knative_inits_and_runs_in_one_request_with_the_http_context(proxies):
+    proxy = knative(proxies)
+    deadline = int(time.time() * 1000) + 60000
+    response = proxy.post("/?q=1", {"init": {"code": KNATIVE_ACTION, "name": "greeter"},
+                                    "activation": {"activation_id": "k1", "namespace": "ns",
+                                                   "deadline": deadline},
+                                    "value": {"name": "x"}},
+                          headers={"X-Trace": "t1"})
+    assert response.status == 200
+    result = response.json
+    args = result.pop("args")
+    assert result == {"id": "k1", "name": "greeter", "deadline": str(deadline)}
+    headers = args.pop("__ow_headers")
+    assert headers["x-trace"] == "t1" and "host" in headers
+    assert args == {"name": "x", "q": "1", "__ow_method": "post", "__ow_path": "",
+                    "__ow_user": "ns"}
+    assert check_streams(proxy)
+
+
+def test_knative_runs_on_a_warm_container_with_per_activation_fields(proxies):
+    proxy = knative(proxies)
+    assert proxy.post("/", {"init": {"code": KNATIVE_ACTION}}).status == 200
+    first = proxy.post("/", {"activation": {"activation_id": "a1"}, "value": {"n": 1}})
+    second = proxy.post("/", {"value": {"n": 2}})
+    plain = proxy.post("/", {"n": 3})
+    assert (first.json["id"], first.json["args"]["n"]) == ("a1", 1)
+    assert (second.json["id"], second.json["args"]["n"]) == (None, 2)
+    assert plain.json["args"]["n"] == 3
+
+
+def test_knative_refuses_new_code_but_accepts_the_same_init_again(proxies):
+    proxy = knative(proxies)
+    init = {"code": KNATIVE_ACTION}
+    assert proxy.post("/", {"init": init, "value": {"n": 1}}).json["args"]["n"] == 1
+    again = proxy.post("/", {"init": init, "value": {"n": 2}})
+    assert (again.status, again.json["args"]["n"]) == (200, 2)
+    other = proxy.post("/", {"init": {"code": "def main(a):\n    return {}\n"}, "value": {}})
+    assert (other.status, other.json) == (403, {"error": "Cannot initialize the action more than once."})
+    assert proxy.post("/", {"value": {"n": 3}}).json["args"]["n"] == 3
+
+
+def test_a_dedicated_knative_container_initialises_itself_and_refuses_init(proxies):
+    proxy = knative(proxies, __OW_ACTION_CODE=make_zip({"__main__.py": KNATIVE_ACTION}),
+                    __OW_ACTION_BINARY="true", __OW_ACTION_NAME="/ns/dedicated")
+    response = proxy.post("/", {"n": 1})
+    assert (response.status, response.json["name"], response.json["args"]["n"]) == (
+        200, "/ns/dedicated", 1)
+    refused = proxy.post("/", {"init": {"code": KNATIVE_ACTION}, "value": {}})
+    assert (refused.status, refused.json) == (403, DEDICATED)
+
+
+def test_a_dedicated_knative_container_whose_code_fails_answers_502(proxies):
+    proxy = knative(proxies, __OW_ACTION_CODE="def main(args)\n")
+    response = proxy.post("/", {})
+    assert (response.status, response.json) == (502, INIT_FAILED)
+    assert "SyntaxError" in check_streams(proxy)[1]
+
+
+WEB_CASES = [
+    ({"body": "<b>hi</b>"}, 200, "text/html; charset=utf-8", b"<b>hi</b>"),
+    ({"headers": {"content-type": "text/plain"}, "body": "plain"}, 200, "text/plain", b"plain"),
+    ({"headers": {"Content-Type": "image/png"}, "body": base64.b64encode(b"\x89PNG").decode()},
+     200, "image/png", b"\x89PNG"),
+    ({"body": {"json": True}}, 200, "application/json", b'{"json": true}'),
+    ({"statusCode": 201, "headers": {"Location": "/x"}, "body": "made"}, 201,
+     "text/html; charset=utf-8", b"made"),
+    ({"statusCode": 200}, 204, None, b""),
+    ({"statusCode": 404, "body": ""}, 404, None, b""),
+]
+
+
+@pytest.mark.parametrize("web, status, content_type, body", WEB_CASES)
+def test_knative_web_results_become_http_responses(proxies, web, status, content_type, body):
+    proxy = knative(proxies)
+    response = proxy.post("/", {"init": {"code": KNATIVE_ACTION}, "value": {"web": web}})
+    assert (response.status, response.body) == (status, body)
+    assert response.headers.get("Content-Type") == content_type
+    assert response.headers["Access-Control-Allow-Origin"] == "*"
+    assert response.headers["Content-Length"] == str(len(body))
+    sent = {name.lower(): value for name, value in response.headers.items()}
+    for name, value in web.get("headers", {}).items():
+        assert sent[name.lower()] == value
+
+
+def test_knative_keeps_cors_headers_the_action_sets(proxies):
+    proxy = knative(proxies)
+    web = {"headers": {"Access-Control-Allow-Origin": "https://example.org"}, "body": "x"}
+    response = proxy.post("/", {"init": {"code": KNATIVE_ACTION}, "value": {"web": web}})
+    assert response.headers["Access-Control-Allow-Origin"] == "https://example.org"
+
+
+@pytest.mark.parametrize("web", [{"statusCode": "teapot"}, {"statusCode": 200, "headers": []},
+                                 {"headers": {"content-type": "image/png"}, "body": "%%%"}])
+def test_invalid_web_results_are_502(proxies, web):
+    proxy = knative(proxies)
+    response = proxy.post("/", {"init": {"code": KNATIVE_ACTION}, "value": {"web": web}})
+    assert response.status == 502 and "web response" in response.json["error"]
+
+
+def test_knative_raw_mode_passes_the_body_and_query_as_they_are(proxies):
+    proxy = knative(proxies)
+    assert proxy.post("/", {"init": {"code": KNATIVE_ACTION, "raw": True}}).status == 200
+    response = proxy.post("/?a=1&b=2", b"hello raw, not JSON",
+                          headers={"Content-Type": "text/plain"})
+    args = response.json["args"]
+    assert (args["__ow_body"], args["__ow_query"], args["__ow_method"]) == (
+        "hello raw, not JSON", "a=1&b=2", "post")
+    envelope = proxy.post("/", {"activation": {}, "value": "text in the envelope"})
+    assert envelope.json["args"]["__ow_body"] == "text in the envelope"
+
+
+def test_knative_methods_come_from_ow_http_methods(proxies):
+    proxy = knative(proxies, methods=" [ get , POST ] ")
+    assert proxy.post("/", {"init": {"code": KNATIVE_ACTION}}).status == 200
+    response = proxy.request("GET", "/?name=q")
+    assert response.status == 200 and response.json["args"]["__ow_method"] == "get"
+    assert response.json["args"]["name"] == "q"
+    refused = proxy.request("PUT", "/", b"{}")
+    assert refused.status == 405 and refused.headers["Allow"] == "GET, POST"
+    assert proxy.post("/run", {}).status == 404
+
+
+def test_knative_errors_carry_accurate_statuses(proxies):
+    proxy = knative(proxies)
+    assert proxy.post("/", b"{not json").status == 400
+    assert proxy.post("/", {"init": "code", "value": {}}).status == 400
+    assert proxy.post("/", {"init": {"code": "def main(args)\n"}}).status == 502
+    assert proxy.post("/", {"init": {"code": bash("exit 1")}}).status == 200
+    failed = proxy.post("/", {"value": {}})
+    assert (failed.status, failed.json) == (502, BAD_RESULT)
+
+
+@pytest.mark.parametrize("env, message", [
+    ({"__OW_RUNTIME_PLATFORM": "lambda"}, "__OW_RUNTIME_PLATFORM='lambda': not a platform"),
+    ({"__OW_RUNTIME_PLATFORM": "knative", "__OW_HTTP_METHODS": "[GET, FETCH]"},
+     "__OW_HTTP_METHODS='[GET, FETCH]': FETCH is not an HTTP method"),
+])
+def test_invalid_platform_settings_are_a_one_line_start_up_error(tmp_path, env, message):
+    result = subprocess.run(proxy_command("--action-dir", str(tmp_path)), env=proxy_env(env),
+                            capture_output=True, text=True, timeout=30)
+    assert result.returncode == 2
+    assert result.stderr.startswith("owproxy: " + message)
+    assert len(result.stderr.splitlines()) == 1
+
+
+# ---------------------------------------------------------------------------
+# Health endpoints
+# ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("platform", ["openwhisk", "knative"])
+def test_health_endpoints_answer_while_an_action_runs_and_stay_out_of_the_logs(proxies,
+                                                                            platform):
+    proxy = proxies("--verbose", env={"__OW_RUNTIME_PLATFORM": platform})
+    code = bash("sleep 2\necho '{}'")
+    if platform == "knative":
+        assert proxy.post("/", {"init": {"code": code}}).status == 200
+        running = threading.Thread(target=proxy.post, args=("/", {"value": {}}))
+    else:
+        assert proxy.init(code).status == 200
+        running = threading.Thread(target=proxy.run)
+    running.start()
+    time.sleep(0.3)
+    before = proxy.logs()
+    started = time.time()
+    live = proxy.request("GET", "/healthz")
+    ready = proxy.request("GET", "/readyz")
+    head = proxy.request("HEAD", "/readyz")
+    assert time.time() - started < 1.5  # answered while the action still sleeps
+    assert (live.status, live.json) == (200, {"status": "ok"})
+    assert (ready.status, ready.json) == (200, {"ready": True})
+    assert (head.status, head.body) == (200, b"")
+    assert proxy.logs() == before
+    running.join()
+
+
+def test_readiness_fails_once_shutdown_has_begun(proxies):
+    proxy = proxies()
+    assert proxy.init(bash("sleep 2\necho '{\"done\": true}'")).status == 200
+    kept = http.client.HTTPConnection("127.0.0.1", proxy.port, timeout=30)
+    assert proxy.request("GET", "/readyz", connection=kept).status == 200
+    results = []
+    running = threading.Thread(target=lambda: results.append(proxy.run()))
+    running.start()
+    time.sleep(0.3)
+    proxy.process.send_signal(signal.SIGTERM)
+    time.sleep(0.3)
+    ready = proxy.request("GET", "/readyz", connection=kept)
+    assert (ready.status, ready.json) == (503, {"ready": False, "reason": "shutting down"})
+    running.join()
+    assert results[0].json == {"done": True}
+    assert proxy.process.wait(30) == 0
+
+
+def test_the_dockerfile_healthcheck_uses_the_liveness_endpoint():
+    dockerfile = (HERE / "Dockerfile").read_text()
+    assert "HEALTHCHECK" in dockerfile and "/healthz" in dockerfile

@@ -1,0 +1,795 @@
+#!/usr/bin/env python3
+"""Benchmarks of owproxy.py against the floors it cannot beat.
+
+Run ``python3 bench/bench.py`` from anywhere (``--quick`` for a ~30 s smoke
+run).  It starts real proxy processes (``owproxy.py`` next to this directory)
+on free ports of 127.0.0.1, with their stdout and stderr thrown away, and
+prints a table and then one JSON line with every figure.
+
+Each figure is a median over repeated runs and comes with a floor measured in
+the same bench run, as a difference or a ratio, next to its target:
+
+cold start      spawn of ``python3 owproxy.py`` until the first /run is
+                answered (a baked-in action, ``/init {}`` first).  Floors: spawn
+                to exit of ``python3 -c pass`` and of ``python3 -c "import
+                <modules>"``, where <modules> is every module that importing
+                owproxy adds to ``sys.modules`` (measured in a subprocess that
+                diffs ``sys.modules`` around ``import owproxy``).  Also shown:
+                the same start from a cached .pyc (``import owproxy;
+                owproxy.main()``) and the time ``compile()`` takes on the file,
+                since a ``__main__`` script is compiled on every start.
+warm /run       one new connection per call, as the invoker does, interleaved
+                with the floor: ``subprocess.run`` of the same action with the
+                same argv and stdin, output captured.  Exec mode, loop mode
+                (``--loop``, an ActionLoop executable) and Python-function mode
+                (``def main(args)`` source); a mode whose /init or first /run
+                fails is reported as n/a.  A bare stdlib ThreadingHTTPServer
+                round trip is shown as the HTTP floor.
+throughput      8 clients on a 50 ms action, ``__OW_ALLOW_CONCURRENT=true``;
+                floor 8 / 0.05 s = 160 req/s.
+memory          VmRSS of the proxy idle after /init (floor: VmRSS of an
+                interpreter that imported the same modules), and its VmHWM
+                after an action wrote 300 MB of 100-byte log lines (floor: the
+                idle RSS).  Each repeat is a fresh proxy, so VmHWM is that
+                proxy's own peak.
+soak            20,000 runs of a tiny action from 8 clients: failures, RSS
+                growth from after a 500-run warm-up to the end, processes left
+                (parent or process group is the proxy) and descriptors left.
+payload         a 1 MiB argument echoed back through stdin, per /run, against
+                ``subprocess.run`` of the same.
+
+Actions are small C programs compiled with ``cc`` into a temporary directory,
+or /bin/sh scripts where there is no ``cc`` (the report says which).  Every
+process runs under this interpreter, ``sys.executable``.
+"""
+
+import argparse
+import itertools
+import json
+import os
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+OWPROXY = os.path.join(os.path.dirname(HERE), "owproxy.py")
+PYTHON = sys.executable
+MIB = 1024 * 1024
+
+# How many times each measurement repeats: a full run fits in ~4 minutes on
+# two cores, a quick one in ~30 s.
+COUNTS = {
+    "full": dict(cold=15, warm_rounds=5, warm_calls=100, throughput_rounds=3,
+                 throughput_calls=240, flood_rounds=3, soak_warmup=500, soak_calls=20000,
+                 payload_rounds=3, payload_calls=8),
+    "quick": dict(cold=5, warm_rounds=2, warm_calls=40, throughput_rounds=1,
+                  throughput_calls=160, flood_rounds=1, soak_warmup=200, soak_calls=1000,
+                  payload_rounds=1, payload_calls=4),
+}
+
+CLIENTS = 8
+SLEEP_SECONDS = 0.05
+FLOOD_BYTES = 300 * 1000 * 1000
+PAYLOAD_BYTES = MIB
+MAX_ARG_STRLEN = 131071  # owproxy passes the argument in argv only up to this size
+READY_POLL = 0.0002  # seconds between connection attempts while a proxy starts
+PARAMS = {"name": "bench"}
+OK = {"ok": True}
+
+# Each action in C and in sh.  Every one prints {"ok": true} as its last line,
+# except "echo", whose result is its input, and "loop", which answers on fd 3.
+ACTIONS = {
+    "tiny": (r'''
+#include <stdio.h>
+int main(void) { puts("{\"ok\": true}"); return 0; }
+''', '''echo '{"ok": true}'
+'''),
+    "sleep": (r'''
+#include <stdio.h>
+#include <time.h>
+int main(void) {
+    struct timespec pause = {0, 50 * 1000 * 1000};
+    nanosleep(&pause, NULL);
+    puts("{\"ok\": true}");
+    return 0;
+}
+''', '''sleep 0.05
+echo '{"ok": true}'
+'''),
+    "echo": (r'''
+#include <unistd.h>
+int main(void) {
+    static char buffer[1 << 16];
+    ssize_t size;
+    while ((size = read(0, buffer, sizeof buffer)) > 0)
+        if (write(1, buffer, size) != size) return 1;
+    return write(1, "\n", 1) != 1;
+}
+''', '''cat
+echo
+'''),
+    "flood": (r'''
+#include <stdio.h>
+#include <string.h>
+int main(void) {
+    static char buffer[1 << 16];
+    char line[101];
+    memset(line, 'x', 99);
+    line[99] = '\n';
+    line[100] = 0;
+    setvbuf(stdout, buffer, _IOFBF, sizeof buffer);
+    for (long i = 0; i < %d / 100; i++) fputs(line, stdout);
+    puts("{\"ok\": true}");
+    return 0;
+}
+''' % FLOOD_BYTES, '''head -c %d /dev/zero | tr '\\0' x | fold -w 99
+echo '{"ok": true}'
+''' % FLOOD_BYTES),
+    "loop": (r'''
+#include <stdio.h>
+#include <stdlib.h>
+int main(void) {
+    FILE *results = fdopen(3, "w");
+    char *line = NULL;
+    size_t size = 0;
+    if (!results) return 1;
+    while (getline(&line, &size, stdin) > 0) {
+        fputs("{\"ok\": true}\n", results);
+        fflush(results);
+    }
+    return 0;
+}
+''', '''while IFS= read -r line; do echo '{"ok": true}' >&3; done
+'''),
+}
+
+PYTHON_FUNCTION = 'def main(args):\n    return {"ok": True}\n'
+
+# The HTTP floor: the stdlib server owproxy is built on, answering at once.
+BARE_SERVER = r'''
+import sys
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+class Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    disable_nagle_algorithm = True
+    def do_POST(self):
+        self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        body = b'{"ok": true}'
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+    def log_message(self, *args):
+        pass
+
+port = int(sys.argv[sys.argv.index("--port") + 1])
+ThreadingHTTPServer(("127.0.0.1", port), Handler).serve_forever()
+'''
+
+
+# ============================================================================
+# Processes and HTTP
+# ============================================================================
+
+class ProxyError(Exception):
+    """A proxy would not start, or did not answer as it should."""
+
+
+def free_port():
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def clean_env(extra=None):
+    """This environment without the settings that would change how a proxy runs."""
+    env = {name: value for name, value in os.environ.items()
+           if not name.startswith(("__OW_", "OWPROXY_"))
+           and name not in ("PROXY_ALLOW_REINIT", "FLASK_PROXY_PORT")}
+    env.update(extra or {})
+    return env
+
+
+def open_connection(port, timeout):
+    sock = socket.create_connection(("127.0.0.1", port), timeout)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    return sock
+
+
+def exchange(sock, port, path, body):
+    """One POST on ``sock``; returns (status, body).
+
+    A minimal HTTP client rather than http.client, whose own parsing would cost
+    a good part of the half millisecond the warm targets are about.
+    """
+    sock.sendall(b"POST %s HTTP/1.1\r\nHost: 127.0.0.1:%d\r\nContent-Type: application/json"
+                 b"\r\nContent-Length: %d\r\n\r\n%s" % (path.encode(), port, len(body), body))
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = sock.recv(65536)
+        if not chunk:
+            raise ProxyError("the connection closed before an answer")
+        data += chunk
+    head, _, rest = data.partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    length = 0
+    for line in lines[1:]:
+        name, _, value = line.partition(":")
+        if name.strip().lower() == "content-length":
+            length = int(value)
+    chunks, size = [rest], len(rest)
+    while size < length:
+        chunk = sock.recv(max(65536, length - size))
+        if not chunk:
+            raise ProxyError("the connection closed in the middle of an answer")
+        chunks.append(chunk)
+        size += len(chunk)
+    return int(lines[0].split()[1]), b"".join(chunks)
+
+
+class Proxy:
+    """A server process on a free port of 127.0.0.1: owproxy unless ``command`` says
+    otherwise.  Its stdout and stderr go to /dev/null: the bench must never leave
+    a pipe undrained, and the logs are not what it measures.
+    """
+
+    def __init__(self, action_dir, args=(), env=None, command=None):
+        self.port = free_port()
+        argv = (command or [PYTHON, OWPROXY]) + [
+            "--host", "127.0.0.1", "--port", str(self.port), "--action-dir", action_dir]
+        # Its own process group, so that "left in the proxy's group" means something.
+        self.process = subprocess.Popen(
+            argv + list(args), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL, env=clean_env(env), start_new_session=True)
+        self.pid = self.process.pid
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+
+    def connect(self, patience, timeout):
+        """A new connection, retried every READY_POLL while the proxy is starting."""
+        give_up = time.monotonic() + patience
+        while True:
+            try:
+                return open_connection(self.port, timeout)
+            except ConnectionRefusedError:
+                if self.process.poll() is not None:
+                    raise ProxyError("the proxy exited with status %d" % self.process.returncode)
+                if time.monotonic() > give_up:
+                    raise
+                time.sleep(READY_POLL)
+
+    def post(self, path, payload, patience=0.0, timeout=60.0):
+        body = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
+        with self.connect(patience, timeout) as sock:
+            return exchange(sock, self.port, path, body)
+
+    def init(self, value, patience=10.0):
+        """/init, waiting for the proxy to listen; the answer's (status, body)."""
+        return self.post("/init", {"value": value}, patience=patience)
+
+    def run(self, params=PARAMS, timeout=60.0):
+        return self.post("/run", {"value": params, "activation_id": "bench",
+                                  "deadline": str(int((time.time() + 600) * 1000))},
+                         timeout=timeout)
+
+    def run_ok(self, expected=OK):
+        status, body = self.run()
+        return status == 200 and json.loads(body) == expected
+
+    def stop(self):
+        """SIGTERM, then its exit status."""
+        self.process.send_signal(signal.SIGTERM)
+        return self.process.wait(30)
+
+    # -- what the kernel says about it --------------------------------------------
+
+    def status_kib(self, field):
+        return proc_status_kib(self.pid, field)
+
+    def fd_count(self):
+        return len(os.listdir("/proc/%d/fd" % self.pid))
+
+    def leftovers(self):
+        """Processes whose parent is the proxy or that are in its process group."""
+        found = []
+        for entry in os.listdir("/proc"):
+            if not entry.isdigit() or int(entry) == self.pid:
+                continue
+            try:
+                with open("/proc/%s/stat" % entry) as stat:
+                    text = stat.read()
+            except OSError:
+                continue  # gone meanwhile
+            state, ppid, pgrp = text[text.rindex(")") + 2:].split()[:3]
+            if self.pid in (int(ppid), int(pgrp)):
+                found.append(int(entry))
+        return found
+
+
+def proc_status_kib(pid, field):
+    with open("/proc/%d/status" % pid) as status:
+        for line in status:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise ProxyError("no %s in /proc/%d/status" % (field, pid))
+
+
+def started_proxy(action_dir, init_value=None, args=(), env=None, command=None, expected=OK):
+    """A proxy that answered /init and a first /run as it should, or ProxyError saying why."""
+    proxy = Proxy(action_dir, args, env, command)
+    try:
+        status, body = proxy.init({} if init_value is None else init_value)
+        if status != 200:
+            raise ProxyError("/init answered %d %s" % (status, body.decode()[:200]))
+        status, body = proxy.run()
+        if status != 200 or json.loads(body) != expected:
+            raise ProxyError("/run answered %d %s" % (status, body.decode()[:200]))
+    except BaseException:
+        proxy.__exit__()
+        raise
+    return proxy
+
+
+# ============================================================================
+# Timing
+# ============================================================================
+
+def elapsed(call):
+    start = time.perf_counter()
+    call()
+    return time.perf_counter() - start
+
+
+def median_ms(call, count):
+    return 1000 * statistics.median(elapsed(call) for _ in range(count))
+
+
+def interleaved_ms(calls, rounds, count):
+    """The median ms of each call, timed in alternating blocks so that drift in the
+    machine's speed (other load, frequency scaling) touches them all alike."""
+    samples = [[] for _ in calls]
+    for _ in range(rounds):
+        for call, times in zip(calls, samples):
+            times.extend(elapsed(call) for _ in range(count))
+    return [1000 * statistics.median(times) for times in samples]
+
+
+def hammer(call, total, clients=CLIENTS):
+    """``call()`` ``total`` times from ``clients`` threads: (seconds, failures)."""
+    tickets = itertools.count()
+    failures = []
+
+    def client():
+        while next(tickets) < total:
+            try:
+                if not call():
+                    failures.append("wrong answer")
+            except Exception as error:
+                failures.append(repr(error))
+
+    threads = [threading.Thread(target=client) for _ in range(clients)]
+    start = time.perf_counter()
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return time.perf_counter() - start, failures
+
+
+def settle(check, seconds=3.0):
+    """Waits until ``check()`` is true (server threads close their sockets a little
+    after the client has its answer); its last value."""
+    give_up = time.monotonic() + seconds
+    while not check() and time.monotonic() < give_up:
+        time.sleep(0.01)
+    return check()
+
+
+# ============================================================================
+# The report
+# ============================================================================
+
+class Figure:
+    """One line of the report: a value, the floor it is compared with, its target."""
+
+    def __init__(self, key, label, value, unit, floor=None, floor_label="", compare="diff",
+                 target=None, target_label="", note=""):
+        self.key, self.label, self.value, self.unit = key, label, value, unit
+        self.floor, self.floor_label, self.compare = floor, floor_label, compare
+        self.target, self.target_label, self.note = target, target_label, note
+
+    def vs_floor(self):
+        if self.value is None or self.floor is None:
+            return None
+        if self.compare == "ratio":
+            return self.value / self.floor if self.floor else None
+        return self.value - self.floor
+
+    def verdict(self):
+        if self.value is None:
+            return "n/a"
+        if self.target is None:
+            return "info"
+        return "met" if self.target(self.value, self.vs_floor()) else "MISSED"
+
+    def as_json(self):
+        vs = self.vs_floor()
+        return {"label": self.label, "value": rounded(self.value), "unit": self.unit,
+                "floor": rounded(self.floor), "floor_label": self.floor_label or None,
+                "vs_floor": rounded(vs), "vs_floor_kind": self.compare if vs is not None else None,
+                "target": self.target_label or None, "verdict": self.verdict(),
+                "note": self.note or None}
+
+    def cells(self):
+        vs = self.vs_floor()
+        if vs is None:
+            vs_text = ""
+        elif self.compare == "ratio":
+            vs_text = "x%.2f" % vs
+        else:
+            vs_text = "%+.*f %s" % (decimals(self.unit), vs, self.unit)
+        floor_text = "" if self.floor is None else "%s (%s)" % (
+            number(self.floor, self.unit), self.floor_label)
+        value = number(self.value, self.unit) if self.value is not None else "n/a"
+        return [self.label, value, floor_text, vs_text, self.target_label, self.verdict()]
+
+
+def rounded(value):
+    return round(value, 4) if isinstance(value, float) else value
+
+
+def decimals(unit):
+    return {"ms": 3, "MiB": 2, "req/s": 1}.get(unit, 0)
+
+
+def number(value, unit):
+    return "%.*f %s" % (decimals(unit), value, unit)
+
+
+def error_figure(key, label, error):
+    return Figure(key, label, None, "", note="n/a: %s" % error)
+
+
+def print_table(figures):
+    header = ["figure", "value", "floor", "vs floor", "target", "verdict"]
+    rows = [header] + [figure.cells() for figure in figures]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+    for index, row in enumerate(rows):
+        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
+        if index == 0:
+            print("  ".join("-" * width for width in widths))
+    for figure in figures:
+        if figure.note:
+            print("note: %s: %s" % (figure.label, figure.note))
+
+
+# ============================================================================
+# Set-up: actions, action directories, the modules owproxy imports
+# ============================================================================
+
+class Bench:
+    """What every measurement needs: the counts, the compiled actions, a scratch dir."""
+
+    def __init__(self, counts, scratch):
+        self.counts, self.scratch = counts, scratch
+        self.dirs = itertools.count()
+        self.compiler = shutil.which("cc")
+        self.actions = {name: self.build_action(name, c, sh) for name, (c, sh) in ACTIONS.items()}
+        self.action_kind = "C, compiled with %s" % self.compiler if self.compiler else "/bin/sh"
+        self.modules = owproxy_modules(self.copy_owproxy())
+        self._http_floor = None
+
+    def build_action(self, name, c_source, sh_source):
+        """The action as a C program if cc works here, else as a sh script."""
+        path = os.path.join(self.scratch, name)
+        if self.compiler:
+            with open(path + ".c", "w") as source:
+                source.write(c_source)
+            built = subprocess.run([self.compiler, "-O2", "-o", path, path + ".c"],
+                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            if built.returncode == 0:
+                return path
+            self.compiler = None  # all actions in one language, so figures compare
+            return self.build_action(name, c_source, sh_source)
+        with open(path, "w") as script:
+            script.write("#!/bin/sh\n" + sh_source)
+        os.chmod(path, 0o755)
+        return path
+
+    def action_dir(self, action=None):
+        """A fresh action directory, with ``action`` baked in as its exec."""
+        path = os.path.join(self.scratch, "action-%d" % next(self.dirs))
+        os.mkdir(path)
+        if action:
+            shutil.copy2(self.actions[action], os.path.join(path, "exec"))
+        return path
+
+    def copy_owproxy(self):
+        """owproxy.py copied and byte-compiled in the scratch dir: a cached-.pyc start
+        and the module list must not write a __pycache__ into the repository."""
+        directory = os.path.join(self.scratch, "module")
+        os.mkdir(directory)
+        shutil.copy2(OWPROXY, directory)
+        subprocess.run([PYTHON, "-m", "py_compile", os.path.join(directory, "owproxy.py")],
+                       check=True)
+        self.module_dir = directory
+        return directory
+
+    def http_floor(self):
+        """ms per new-connection POST to a bare ThreadingHTTPServer (measured once)."""
+        if self._http_floor is None:
+            with started_proxy(self.action_dir(), command=[PYTHON, "-c", BARE_SERVER]) as bare:
+                self._http_floor = median_ms(bare.run, self.counts["warm_rounds"]
+                                             * self.counts["warm_calls"])
+        return self._http_floor
+
+
+def owproxy_modules(directory):
+    """Every module ``import owproxy`` adds to a bare interpreter's sys.modules."""
+    probe = ("import sys; sys.path.insert(0, %r); before = set(sys.modules); import owproxy; "
+             "print(' '.join(sorted(set(sys.modules) - before - {'owproxy'})))" % directory)
+    output = subprocess.run([PYTHON, "-c", probe], check=True, stdout=subprocess.PIPE,
+                            universal_newlines=True).stdout
+    return output.split()
+
+
+def action_argv(executable, data):
+    """The argv owproxy gives an action: the argument too, while execve can carry it."""
+    return [executable] if len(data) > MAX_ARG_STRLEN else [executable, data]
+
+
+def subprocess_floor(executable, params=PARAMS):
+    """The floor of an exec-mode /run: the same process, argv and stdin, run directly."""
+    data = json.dumps(params)
+    argv = action_argv(executable, data)
+    return lambda: subprocess.run(argv, input=data.encode(), stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE)
+
+
+# ============================================================================
+# Measurements: each returns a list of Figures
+# ============================================================================
+
+def measure_cold_start(bench):
+    count = bench.counts["cold"]
+    imports = "import " + ", ".join(bench.modules)
+    pass_floor = median_ms(lambda: subprocess.run([PYTHON, "-c", "pass"], check=True), count)
+    import_floor = median_ms(lambda: subprocess.run([PYTHON, "-c", imports], check=True), count)
+    cached_command = [PYTHON, "-c", "import sys; sys.path.insert(0, %r); import owproxy; "
+                      "sys.exit(owproxy.main())" % bench.module_dir]
+
+    def cold_start(command=None):
+        proxy = Proxy(bench.action_dir("tiny"), command=command)
+        with proxy:
+            if proxy.init({})[0] != 200 or not proxy.run_ok():
+                raise ProxyError("the first /init or /run failed")
+
+    script = median_ms(cold_start, count)
+    cached = median_ms(lambda: cold_start(cached_command), count)
+    with open(OWPROXY) as source:
+        text = source.read()
+    compiling = median_ms(lambda: compile(text, OWPROXY, "exec"), count)
+    modules = "python3 -c 'import <%d modules>'" % len(bench.modules)
+    return [
+        Figure("cold_floor_pass", "floor: python3 -c pass", pass_floor, "ms"),
+        Figure("cold_floor_imports", "floor: %s" % modules, import_floor, "ms",
+               pass_floor, "-c pass"),
+        Figure("cold_start", "cold start: python3 owproxy.py -> 1st /run", script, "ms",
+               import_floor, "imports"),
+        Figure("cold_start_vs_pass", "cold start vs bare interpreter", script, "ms",
+               pass_floor, "-c pass", compare="ratio"),
+        Figure("cold_start_cached_pyc", "cold start: import owproxy (cached .pyc)", cached,
+               "ms", import_floor, "imports"),
+        Figure("compile_owproxy", "compile() of owproxy.py (paid by the script)", compiling,
+               "ms", note="the script start minus the cached start is %.1f ms" % (script - cached)),
+    ]
+
+
+def measure_warm_runs(bench):
+    """Exec, loop and Python-function modes, each interleaved with the exec floor."""
+    floor_call = subprocess_floor(bench.actions["tiny"])
+    modes = [
+        ("exec", "tiny", {}, ()),
+        ("loop", "loop", {}, ("--loop",)),
+        ("function", None, {"code": PYTHON_FUNCTION}, ()),
+    ]
+    figures = []
+    exec_floor = None
+    for mode, action, init_value, args in modes:
+        label = "warm /run, %s mode" % mode
+        try:
+            with started_proxy(bench.action_dir(action), init_value, args) as proxy:
+                value, floor = interleaved_ms([proxy.run, floor_call],
+                                              bench.counts["warm_rounds"],
+                                              bench.counts["warm_calls"])
+        except (ProxyError, OSError, ValueError) as error:
+            figures.append(error_figure("warm_" + mode, label, error))
+            continue
+        if mode == "exec":
+            exec_floor = floor
+            figures.append(Figure("warm_exec", label, value, "ms", floor, "subprocess.run",
+                                  target=lambda value, vs: vs <= 0.5,
+                                  target_label="<= floor + 0.5 ms"))
+        else:
+            figures.append(Figure("warm_" + mode, label, value, "ms", floor, "exec floor",
+                                  compare="ratio", target=lambda value, vs: value < 0.6,
+                                  target_label="< 0.6 ms"))
+    figures.insert(0, Figure("warm_floor_http", "floor: bare ThreadingHTTPServer POST",
+                             bench.http_floor(), "ms"))
+    if exec_floor is not None:
+        figures.insert(1, Figure("warm_floor_exec", "floor: subprocess.run of the action",
+                                 exec_floor, "ms", bench.http_floor(), "http", compare="ratio"))
+    return figures
+
+
+def measure_throughput(bench):
+    floor = CLIENTS / SLEEP_SECONDS
+    calls = bench.counts["throughput_calls"]
+    rates = []
+    with started_proxy(bench.action_dir("sleep"),
+                       env={"__OW_ALLOW_CONCURRENT": "true"}) as proxy:
+        for _ in range(bench.counts["throughput_rounds"]):
+            seconds, failures = hammer(proxy.run_ok, calls)
+            if failures:
+                raise ProxyError("%d failed runs, e.g. %s" % (len(failures), failures[0]))
+            rates.append(calls / seconds)
+    return [Figure("throughput", "throughput, %d clients, 50 ms action" % CLIENTS,
+                   statistics.median(rates), "req/s", floor, "8 / 0.05 s", compare="ratio",
+                   target=lambda value, vs: vs >= 0.8, target_label=">= 80% of floor")]
+
+
+def measure_memory(bench):
+    """A fresh proxy per repeat, so that VmHWM is the peak of that one flood; no /run
+    before the flood, so that the idle figure is the state right after /init."""
+    idle, peak, seconds = [], [], []
+    for _ in range(bench.counts["flood_rounds"]):
+        with Proxy(bench.action_dir("flood")) as proxy:
+            status, body = proxy.init({})
+            if status != 200:
+                raise ProxyError("/init answered %d" % status)
+            idle.append(proxy.status_kib("VmRSS") / 1024)
+            start = time.perf_counter()
+            status, body = proxy.run(timeout=600)
+            seconds.append(time.perf_counter() - start)
+            if status != 200:
+                raise ProxyError("the flood /run answered %d %s" % (status, body[:200]))
+            peak.append(proxy.status_kib("VmHWM") / 1024)
+    interpreter = interpreter_rss_mib(bench.modules)
+    idle_mib = statistics.median(idle)
+    flood_seconds = statistics.median(seconds)
+    return [
+        Figure("rss_floor", "floor: interpreter + the same imports, RSS", interpreter, "MiB"),
+        Figure("rss_idle", "proxy RSS idle after /init", idle_mib, "MiB", interpreter,
+               "interpreter", target=lambda value, vs: value < 20, target_label="< 20 MiB"),
+        Figure("rss_flood_peak", "proxy peak (VmHWM), 300 MB of logs", statistics.median(peak),
+               "MiB", idle_mib, "idle", target=lambda value, vs: value < 40,
+               target_label="< 40 MiB"),
+        Figure("flood_rate", "log forwarding rate during the flood",
+               FLOOD_BYTES / MIB / flood_seconds, "MiB/s",
+               note="%.2f s for the 300 MB run" % flood_seconds),
+    ]
+
+
+def interpreter_rss_mib(modules):
+    """VmRSS of an interpreter that has imported ``modules`` and waits."""
+    code = "import sys, %s; print('ready', flush=True); sys.stdin.read()" % ", ".join(modules)
+    process = subprocess.Popen([PYTHON, "-c", code], stdin=subprocess.PIPE,
+                               stdout=subprocess.PIPE)
+    try:
+        process.stdout.readline()
+        return proc_status_kib(process.pid, "VmRSS") / 1024
+    finally:
+        process.stdin.close()
+        process.stdout.close()
+        process.wait()
+
+
+def measure_soak(bench):
+    warmup, total = bench.counts["soak_warmup"], bench.counts["soak_calls"]
+    with started_proxy(bench.action_dir("tiny"),
+                       env={"__OW_ALLOW_CONCURRENT": "true"}) as proxy:
+        _, failures = hammer(proxy.run_ok, warmup)
+        settle(lambda: not proxy.leftovers())
+        rss_before, fds_before = proxy.status_kib("VmRSS"), proxy.fd_count()
+        seconds, more = hammer(proxy.run_ok, total - warmup)
+        failures += more
+        settle(lambda: proxy.fd_count() <= fds_before and not proxy.leftovers())
+        rss_after, fds_after = proxy.status_kib("VmRSS"), proxy.fd_count()
+        leftovers = proxy.leftovers()
+        exit_status = proxy.stop()
+    note = "%d runs in %.1f s (%.0f req/s)" % (total - warmup, seconds, (total - warmup) / seconds)
+    if failures:
+        note += "; first failure: %s" % failures[0]
+    return [
+        Figure("soak_failures", "soak: failed runs of %d" % total, len(failures), "runs", 0,
+               "none", target=lambda value, vs: value == 0, target_label="0", note=note),
+        Figure("soak_rss_growth", "soak: RSS growth after the warm-up",
+               (rss_after - rss_before) / 1024, "MiB", 0.0, "none",
+               target=lambda value, vs: value < 2, target_label="< 2 MiB",
+               note="RSS %.2f -> %.2f MiB" % (rss_before / 1024, rss_after / 1024)),
+        Figure("soak_leftover_processes", "soak: processes left", len(leftovers), "procs", 0,
+               "none", target=lambda value, vs: value == 0, target_label="0"),
+        Figure("soak_leftover_fds", "soak: descriptors open at the end", fds_after, "fds",
+               fds_before, "after warm-up", target=lambda value, vs: vs <= 0,
+               target_label="<= after warm-up"),
+        Figure("sigterm_exit_status", "exit status on SIGTERM", exit_status, "", 0, "",
+               target=lambda value, vs: value == 0, target_label="0"),
+    ]
+
+
+def measure_payload(bench):
+    params = {"data": "x" * PAYLOAD_BYTES}
+    with started_proxy(bench.action_dir("echo"), expected=PARAMS) as proxy:
+        def echo():
+            status, body = proxy.run(params)
+            if status != 200 or len(body) < PAYLOAD_BYTES:
+                raise ProxyError("the echo /run answered %d with %d bytes" % (status, len(body)))
+
+        value, floor = interleaved_ms([echo, subprocess_floor(bench.actions["echo"], params)],
+                                      bench.counts["payload_rounds"],
+                                      bench.counts["payload_calls"])
+    return [Figure("payload_1mib", "1 MiB argument echoed via stdin, per /run", value, "ms",
+                   floor, "subprocess.run", compare="ratio")]
+
+
+MEASUREMENTS = [
+    ("cold", measure_cold_start),
+    ("warm", measure_warm_runs),
+    ("throughput", measure_throughput),
+    ("memory", measure_memory),
+    ("soak", measure_soak),
+    ("payload", measure_payload),
+]
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="a ~30 s smoke run")
+    parser.add_argument("--only", default="", metavar="NAMES",
+                        help="comma-separated subset of: " + ", ".join(
+                            name for name, _ in MEASUREMENTS))
+    options = parser.parse_args()
+    wanted = set(filter(None, options.only.split(","))) or {name for name, _ in MEASUREMENTS}
+    counts = COUNTS["quick" if options.quick else "full"]
+    started = time.perf_counter()
+    figures = []
+    with tempfile.TemporaryDirectory(prefix="owproxy-bench-") as scratch:
+        bench = Bench(counts, scratch)
+        print("owproxy bench: %s (Python %s), actions in %s, %s run"
+              % (OWPROXY, sys.version.split()[0], bench.action_kind,
+                 "quick" if options.quick else "full"), flush=True)
+        for name, measure in MEASUREMENTS:
+            if name not in wanted:
+                continue
+            try:
+                figures.extend(measure(bench))
+            except Exception as error:  # one broken measurement must not hide the others
+                figures.append(error_figure(name, name, "%s: %s" % (type(error).__name__, error)))
+    print()
+    print_table(figures)
+    summary = {
+        "python": PYTHON, "python_version": sys.version.split()[0], "owproxy": OWPROXY,
+        "actions": bench.action_kind, "quick": options.quick,
+        "seconds": round(time.perf_counter() - started, 1),
+        "figures": {figure.key: figure.as_json() for figure in figures},
+    }
+    print(json.dumps(summary, sort_keys=True))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
