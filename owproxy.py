@@ -1608,7 +1608,8 @@ CORS = {
 def web_response(result):
     """The HTTP response a web action's ``{statusCode, headers, body}`` describes."""
     status = result.get("statusCode", 200)
-    headers = result.get("headers") or {}
+    headers = result.get("headers")
+    headers = {} if headers is None else headers
     if not isinstance(status, int) or isinstance(status, bool) or not 100 <= status <= 599 \
             or not isinstance(headers, dict):
         return 502, {"error": WEB_BAD_RESULT}
@@ -1672,8 +1673,9 @@ class DummyLock:
 _runner = None
 
 
-class Shutdown(Exception):
-    """Raised by the SIGTERM and SIGINT handlers to leave the serving loop at once."""
+class Shutdown(BaseException):
+    """Raised by the SIGTERM and SIGINT handlers to leave the serving loop at once
+    (a BaseException, so that socketserver's ``except Exception`` lets it through)."""
 
 
 def setRunner(runner):
