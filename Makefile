@@ -19,16 +19,10 @@ find_python = for v in $(1); do \
 
 .PHONY: run test bench clean
 
-run: $(DEMO)/exec
-	PROXY_ALLOW_REINIT=1 $(PYTHON) owproxy.py --port $(PORT) --action-dir $(DEMO) --verbose
-
-$(DEMO)/exec:
-	mkdir -p $(DEMO)
-	printf '%s\n' '#!/bin/sh' \
-	  'echo "demo action: got $$1"' \
-	  'name=$$(echo "$$1" | sed -n "s/.*\"name\" *: *\"\\([^\"]*\\)\".*/\\1/p")' \
-	  'echo "{\"greeting\": \"Hello, $${name:-stranger}!\"}"' > $@
-	chmod 755 $@
+# Serves examples/hello.sh (re-init allowed, so the README's curl lines can replace it).
+run:
+	mkdir -p $(DEMO) && cp examples/hello.sh $(DEMO)/exec
+	PROXY_ALLOW_REINIT=1 exec $(PYTHON) owproxy.py --port $(PORT) --action-dir $(DEMO) --verbose
 
 $(VENV)/.ready:
 	$(PYTHON) -m venv $(VENV)

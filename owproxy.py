@@ -21,8 +21,9 @@ The file reads top to bottom:
 3. HTTP layer      the server, a thin request handler, JSON bodies and errors
 4. Init            installing code: source, zip archives, atomic replacement
 5. Execution       ActionRunner (the subclassable runner) and the process pump
-6. Platforms       the OpenWhisk routes
-7. CLI             ``main()``
+6. Platforms       the OpenWhisk and Knative routes, health endpoints
+7. Client          ``invoke`` an action locally; ``init`` and ``run`` a container
+8. CLI             ``main()``
 """
 
 import argparse
@@ -210,6 +211,7 @@ def resolve_settings(argv, environ):
             except ValueError as error:
                 raise ConfigError("%s=%r: %s" % (setting.env, environ[setting.env], error))
     settings = Settings(**values)
+    settings.action_dir = os.path.abspath(settings.action_dir)  # the action's cwd is there
     check_action_dir(settings.action_dir)
     return settings
 
@@ -1667,7 +1669,252 @@ class DummyLock:
 
 
 # ============================================================================
-# 7. CLI
+# 7. Client: trying an action locally, and talking to a running container
+# ============================================================================
+
+class ClientError(Exception):
+    """A client command cannot go on; reported in one line, exit status 2."""
+
+
+def action_init(path, main):
+    """The /init value for an action on disk: an executable, a source file, a zip,
+    or a directory (zipped here, with its ``exec`` or ``__main__.py``)."""
+    import base64
+    import zipfile
+    if os.path.isdir(path):
+        return {"code": base64.b64encode(zip_directory(path)).decode(), "binary": True,
+                "main": main}
+    try:
+        with open(path, "rb") as file:
+            data = file.read()
+    except OSError as error:
+        raise ClientError("cannot read the action %s: %s" % (path, error.strerror))
+    if zipfile.is_zipfile(path):
+        return {"code": base64.b64encode(data).decode(), "binary": True, "main": main}
+    try:
+        return {"code": data.decode("utf-8"), "binary": False, "main": main}
+    except UnicodeDecodeError:
+        return {"code": base64.b64encode(zip_files({"exec": data})).decode(), "binary": True,
+                "main": main}
+
+
+def zip_directory(folder):
+    files = {}
+    for root, _, names in os.walk(folder):
+        for name in names:
+            path = os.path.join(root, name)
+            with open(path, "rb") as file:
+                files[os.path.relpath(path, folder)] = file.read()
+    return zip_files(files, folder)
+
+
+def zip_files(files, folder=None):
+    """A zip of ``{name: bytes}``, each with the mode it has in ``folder`` (exec: 0755)."""
+    import io
+    import zipfile
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as archive:
+        for name, data in sorted(files.items()):
+            info = zipfile.ZipInfo(name)
+            mode = os.stat(os.path.join(folder, name)).st_mode if folder else 0o100755
+            info.external_attr = (mode & 0xFFFF) << 16
+            info.compress_type = zipfile.ZIP_DEFLATED
+            archive.writestr(info, data)
+    return buffer.getvalue()
+
+
+def parameters(params, pairs):
+    """The action's parameters: a JSON object or array, then ``-p KEY VALUE`` pairs
+    (a VALUE that is JSON is taken as JSON, else as a string)."""
+    try:
+        value = json.loads(params) if params else {}
+    except ValueError as error:
+        raise ClientError("the parameters are not JSON: %s" % error)
+    if not isinstance(value, (dict, list)):
+        raise ClientError("the parameters must be a JSON object or array")
+    for key, text in pairs or ():
+        if not isinstance(value, dict):
+            raise ClientError("-p needs the parameters to be an object, not an array")
+        try:
+            value[key] = json.loads(text)
+        except ValueError:
+            value[key] = text
+    return value
+
+
+def activation(name, timeout):
+    """The activation fields the invoker would send for one run."""
+    import uuid
+    return {"namespace": "guest", "action_name": "/guest/" + name, "action_version": "0.0.1",
+            "activation_id": uuid.uuid4().hex, "transaction_id": uuid.uuid4().hex,
+            "deadline": str(int((time.time() + timeout) * 1000))}
+
+
+def post(url, path, payload, timeout):
+    """POSTs JSON to a proxy; returns ``(status, decoded JSON or text)``."""
+    import http.client
+    from urllib.parse import urlsplit
+    parts = urlsplit(url if "//" in url else "http://" + url)
+    connection = http.client.HTTPConnection(parts.hostname or "127.0.0.1",
+                                            parts.port or 80, timeout=timeout)
+    try:
+        connection.request("POST", parts.path.rstrip("/") + path, json.dumps(payload),
+                           {"Content-Type": "application/json"})
+        reply = connection.getresponse()
+        body = reply.read().decode("utf-8", "replace")
+    except OSError as error:
+        raise ClientError("cannot reach %s: %s" % (url, error))
+    finally:
+        connection.close()
+    try:
+        return reply.status, json.loads(body)
+    except ValueError:
+        return reply.status, body
+
+
+def report(what, status, payload, out):
+    """Prints an answer; the exit status: 0 success, 1 application error, 2 developer error."""
+    if status != 200:
+        error = payload.get("error", payload) if isinstance(payload, dict) else payload
+        sys.stderr.write("owproxy: %s answered %d: %s\n" % (what, status, error))
+        return 2
+    if out:
+        sys.stdout.write(json.dumps(payload, indent=2, ensure_ascii=False) + "\n")
+    return 1 if isinstance(payload, dict) and "error" in payload else 0
+
+
+class LocalProxy:
+    """A proxy on a free loopback port, its logs in files, for ``invoke``."""
+
+    def __init__(self, loop):
+        import tempfile
+        self.folder = tempfile.mkdtemp(prefix="owproxy-invoke-")
+        os.mkdir(os.path.join(self.folder, "action"))
+        self.logs = [open(os.path.join(self.folder, name), "w+b") for name in ("out", "err")]
+        self.port = free_port()
+        self.url = "http://127.0.0.1:%d" % self.port
+        args = [sys.executable, OWPROXY_FILE, "--host", "127.0.0.1", "--port", str(self.port),
+                "--action-dir", os.path.join(self.folder, "action")] + (["--loop"] if loop else [])
+        env = {key: value for key, value in os.environ.items() if key != "FLASK_PROXY_PORT"}
+        self.process = subprocess.Popen(args, stdout=self.logs[0], stderr=self.logs[1], env=env)
+        self.wait_ready()
+
+    def wait_ready(self):
+        import socket
+        end = time.monotonic() + 30
+        while self.process.poll() is None and time.monotonic() < end:
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
+                return
+            except OSError:
+                time.sleep(0.01)
+        self.close()
+        raise ClientError("the local proxy did not start")
+
+    def show_logs(self):
+        """Copies the action's logs so far to stderr, without the sentinels."""
+        for log in self.logs:
+            log.seek(0)
+            text = log.read().decode("utf-8", "replace")
+            log.seek(0)
+            log.truncate()
+            lines = [line for line in text.splitlines() if line != LOG_SENTINEL]
+            if lines:
+                sys.stderr.write("\n".join(lines) + "\n")
+        sys.stderr.flush()
+
+    def close(self):
+        self.process.terminate()
+        self.process.wait()
+        for log in self.logs:
+            log.close()
+        remove_tree(self.folder)
+
+
+def free_port():
+    import socket
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def invoke(args):
+    """Runs an action the way the invoker would, on a proxy of its own."""
+    init = action_init(args.action, args.main)
+    value = parameters(args.params, args.param)
+    name = os.path.splitext(os.path.basename(os.path.normpath(args.action)))[0]
+    proxy = LocalProxy(args.loop)
+    try:
+        status, payload = post(proxy.url, "/init", {"value": init}, args.timeout)
+        proxy.show_logs()
+        if status != 200:
+            return report("/init", status, payload, False)
+        for number in range(1, args.repeat + 1):
+            started = time.monotonic()
+            status, payload = post(proxy.url, "/run",
+                                   dict(activation(name, args.timeout), value=value),
+                                   args.timeout + 5)
+            elapsed = time.monotonic() - started
+            proxy.show_logs()
+            if args.repeat > 1:
+                sys.stderr.write("owproxy: run %d took %.1f ms\n" % (number, elapsed * 1000))
+            code = report("/run", status, payload, number == args.repeat)
+            if code == 2:
+                return code
+        return code
+    finally:
+        proxy.close()
+
+
+def client_init(args):
+    status, payload = post(args.url, "/init", {"value": action_init(args.action, args.main)},
+                           args.timeout)
+    return report("/init", status, payload, True)
+
+
+def client_run(args):
+    message = dict(activation(args.name, args.timeout),
+                   value=parameters(args.params, args.param))
+    status, payload = post(args.url, "/run", message, args.timeout + 5)
+    return report("/run", status, payload, True)
+
+
+def client_parser():
+    parser = argparse.ArgumentParser(prog="owproxy.py", description=(
+        "Try an action locally (invoke), or talk to a running action container (init, run). "
+        "Exit status: 0 success, 1 application error, 2 developer error."))
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    invoke_command = commands.add_parser(
+        "invoke", help="run an action on a proxy of its own, as the invoker would")
+    invoke_command.add_argument("action", help="an executable, a source file, a zip, or a "
+                                               "directory (with exec or __main__.py)")
+    init_command = commands.add_parser("init", help="POST /init to a running container")
+    init_command.add_argument("action", help="as for invoke")
+    run_command = commands.add_parser("run", help="POST /run to a running container")
+    run_command.add_argument("--name", default="action", help="the action name to send")
+    for command in (invoke_command, init_command, run_command):
+        command.add_argument("--timeout", type=float, default=60.0,
+                             help="seconds the action may run (its deadline)")
+    for command in (invoke_command, init_command):
+        command.add_argument("--main", default="main", help="the entry point")
+    for command in (init_command, run_command):
+        command.add_argument("--url", required=True, help="the container, e.g. localhost:8080")
+    for command in (invoke_command, run_command):
+        command.add_argument("params", nargs="?", help="the parameters, a JSON object")
+        command.add_argument("-p", "--param", nargs=2, action="append",
+                             metavar=("KEY", "VALUE"), help="one parameter (VALUE: JSON or text)")
+    invoke_command.add_argument("--loop", action="store_true",
+                                help="keep the executable warm (ActionLoop protocol)")
+    invoke_command.add_argument("--repeat", type=int, default=1, metavar="N",
+                                help="run it N times, warm, timing each run")
+    return parser
+
+
+CLIENT_COMMANDS = {"invoke": invoke, "init": client_init, "run": client_run}
+
+
+# ============================================================================
+# 8. CLI
 # ============================================================================
 
 _runner = None
@@ -1723,6 +1970,13 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["function-worker"]:
         return function_worker(*argv[1:])
+    if argv[:1] and argv[0] in CLIENT_COMMANDS:
+        args = client_parser().parse_args(argv)
+        try:
+            return CLIENT_COMMANDS[args.command](args)
+        except (ClientError, InitError) as error:
+            sys.stderr.write("owproxy: %s\n" % error)
+            return 2
     try:
         settings = resolve_settings(argv, os.environ)
         return serve(settings, _runner or ActionRunner())

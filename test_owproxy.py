@@ -1223,3 +1223,136 @@ def test_readiness_fails_once_shutdown_has_begun(proxies):
 def test_the_dockerfile_healthcheck_uses_the_liveness_endpoint():
     dockerfile = (HERE / "Dockerfile").read_text()
     assert "HEALTHCHECK" in dockerfile and "/healthz" in dockerfile
+
+
+# ---------------------------------------------------------------------------
+# The local workflow: invoke, the init and run client commands, the examples
+# ---------------------------------------------------------------------------
+
+EXAMPLES = HERE / "examples"
+
+
+def owproxy_cli(*args, timeout=60):
+    return subprocess.run([PYTHON, OWPROXY] + [str(arg) for arg in args], capture_output=True,
+                          text=True, timeout=timeout, env=proxy_env())
+
+
+def assert_invoked(result, expected, logs=()):
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout) == expected
+    assert SENTINEL not in result.stderr
+    for line in logs:
+        assert line in result.stderr
+
+
+def test_invoke_the_bash_example():
+    result = owproxy_cli("invoke", EXAMPLES / "hello.sh", "-p", "name", "Ada")
+    assert_invoked(result, {"greeting": "Hello, Ada!"},
+                   ["greeting Ada for activation ", "this line goes to stderr"])
+
+
+@pytest.mark.skipif(not shutil.which("cc"), reason="no C compiler on this machine")
+def test_invoke_the_compiled_c_example(tmp_path):
+    binary = tmp_path / "action"
+    subprocess.run(["cc", "-O2", "-o", str(binary), str(EXAMPLES / "c" / "action.c")],
+                   check=True)
+    result = owproxy_cli("invoke", binary, '{"a": 1}', "-p", "b", "[2]")
+    assert_invoked(result, {"language": "C", "params": {"a": 1, "b": [2]}},
+                   ["a log line from C"])
+    dockerfile = (EXAMPLES / "c" / "Dockerfile").read_text()
+    assert "COPY examples/c/action.c" in dockerfile and "/action/exec" in dockerfile
+
+
+def test_invoke_the_python_function_example_warm():
+    result = owproxy_cli("invoke", EXAMPLES / "hello.py", "--repeat", "3", "-p", "name", "Bo")
+    assert_invoked(result, {"greeting": "Hello, Bo!", "greeted_so_far": 3},
+                   ["greeting Bo in activation", "owproxy: run 3 took"])
+    assert result.stderr.count("greeting Bo") == 3
+
+
+def test_invoke_the_python_zip_example_as_a_directory():
+    result = owproxy_cli("invoke", EXAMPLES / "python-zip", '{"text": "the quick brown fox"}')
+    assert_invoked(result, {"words": 4, "longest": "quick"})
+
+
+def test_invoke_the_actionloop_example_with_loop():
+    result = owproxy_cli("invoke", "--loop", "--repeat", "2", EXAMPLES / "loop.py")
+    assert_invoked(result, {"greeting": "Hello, stranger!", "served": 2})
+    pids = {line.split()[-1] for line in result.stderr.splitlines() if "served by pid" in line}
+    assert len(pids) == 1
+
+
+def test_invoke_a_zip_file(tmp_path):
+    archive = tmp_path / "action.zip"
+    archive.write_bytes(zip_bytes({"exec": bash("echo '{\"zipped\": true}'")}))
+    assert_invoked(owproxy_cli("invoke", archive), {"zipped": True})
+
+
+def test_invoke_exits_1_on_an_application_error(tmp_path):
+    action = tmp_path / "fails.py"
+    action.write_text("def main(args):\n    raise RuntimeError('no such user')\n")
+    result = owproxy_cli("invoke", action)
+    assert result.returncode == 1
+    assert json.loads(result.stdout) == {"error": "no such user"}
+    assert "RuntimeError: no such user" in result.stderr
+
+
+@pytest.mark.parametrize("code, args, message", [
+    (NOT_JSON, [], "owproxy: /run answered 502: The action did not return a dictionary or array."),
+    (bash("sleep 30"), ["--timeout", "1"], "owproxy: /run answered 502: The action exceeded its time limit"),
+    ("def main(args)\n", [], "owproxy: /init answered 502: The action failed to generate"),
+])
+def test_invoke_exits_2_on_a_developer_error(tmp_path, code, args, message):
+    action = tmp_path / "action"
+    action.write_text(code)
+    result = owproxy_cli("invoke", action, *args)
+    assert result.returncode == 2
+    assert result.stdout == ""
+    assert message in result.stderr
+
+
+@pytest.mark.parametrize("args, message", [
+    (["invoke", "/no/such/action"], "owproxy: cannot read the action /no/such/action"),
+    (["invoke", str(EXAMPLES / "hello.sh"), "{not json"], "owproxy: the parameters are not JSON"),
+    (["run", "--url", "127.0.0.1:1"], "owproxy: cannot reach 127.0.0.1:1"),
+])
+def test_client_errors_are_one_line_and_exit_2(args, message):
+    result = owproxy_cli(*args)
+    assert (result.returncode, result.stdout) == (2, "")
+    assert result.stderr.startswith(message) and len(result.stderr.splitlines()) == 1
+
+
+def test_init_and_run_a_running_container(proxy):
+    url = "http://127.0.0.1:%d" % proxy.port
+    init = owproxy_cli("init", "--url", url, EXAMPLES / "hello.py")
+    assert (init.returncode, json.loads(init.stdout)) == (0, {"ok": True})
+    run = owproxy_cli("run", "--url", url, "-p", "name", "Cy")
+    assert run.returncode == 0
+    assert json.loads(run.stdout) == {"greeting": "Hello, Cy!", "greeted_so_far": 1}
+    again = owproxy_cli("init", "--url", url, EXAMPLES / "hello.py")
+    assert again.returncode == 2 and "answered 403" in again.stderr
+
+
+def test_the_compose_file_builds_the_project_image_with_its_health_check():
+    compose = (EXAMPLES / "docker-compose.yml").read_text()
+    assert "context: .." in compose and "dockerfile: Dockerfile" in compose
+    assert '"8080:8080"' in compose and "/healthz" in compose
+
+
+def test_make_run_serves_the_demo_action(tmp_path):
+    port = free_port()
+    shutil.copytree(HERE, tmp_path / "repo", ignore=shutil.ignore_patterns(
+        ".venv", ".git", "__pycache__", ".coverage*"))
+    server = subprocess.Popen(["make", "-s", "run", "PORT=%d" % port, "PYTHON=%s" % PYTHON],
+                              cwd=tmp_path / "repo", stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL, start_new_session=True,
+                              env=proxy_env())
+    try:
+        proxy = Proxy.__new__(Proxy)
+        proxy.port, proxy.process = port, server
+        assert proxy.wait_ready()
+        response = proxy.run({"name": "Dee"})
+        assert (response.status, response.json) == (200, {"greeting": "Hello, Dee!"})
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(30)

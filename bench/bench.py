@@ -68,9 +68,9 @@ COUNTS = {
     "full": dict(cold=15, warm_rounds=5, warm_calls=100, throughput_rounds=3,
                  throughput_calls=240, flood_rounds=3, soak_warmup=500, soak_calls=20000,
                  payload_rounds=3, payload_calls=8),
-    "quick": dict(cold=5, warm_rounds=2, warm_calls=40, throughput_rounds=1,
+    "quick": dict(cold=5, warm_rounds=3, warm_calls=50, throughput_rounds=1,
                   throughput_calls=160, flood_rounds=1, soak_warmup=200, soak_calls=1000,
-                  payload_rounds=1, payload_calls=4),
+                  payload_rounds=2, payload_calls=4),
 }
 
 CLIENTS = 8
@@ -491,7 +491,6 @@ class Bench:
         self.actions = {name: self.build_action(name, c, sh) for name, (c, sh) in ACTIONS.items()}
         self.action_kind = "C, compiled with %s" % self.compiler if self.compiler else "/bin/sh"
         self.modules = owproxy_modules(self.copy_owproxy())
-        self._http_floor = None
 
     def build_action(self, name, c_source, sh_source):
         """The action as a C program if cc works here, else as a sh script."""
@@ -529,14 +528,6 @@ class Bench:
         self.module_dir = directory
         return directory
 
-    def http_floor(self):
-        """ms per new-connection POST to a bare ThreadingHTTPServer (measured once)."""
-        if self._http_floor is None:
-            with started_proxy(self.action_dir(), command=[PYTHON, "-c", BARE_SERVER]) as bare:
-                self._http_floor = median_ms(bare.run, self.counts["warm_rounds"]
-                                             * self.counts["warm_calls"])
-        return self._http_floor
-
 
 def owproxy_modules(directory):
     """Every module ``import owproxy`` adds to a bare interpreter's sys.modules."""
@@ -565,74 +556,89 @@ def subprocess_floor(executable, params=PARAMS):
 # ============================================================================
 
 def measure_cold_start(bench):
-    count = bench.counts["cold"]
+    """The four starts alternate, one of each per round, so they share the machine's mood."""
     imports = "import " + ", ".join(bench.modules)
-    pass_floor = median_ms(lambda: subprocess.run([PYTHON, "-c", "pass"], check=True), count)
-    import_floor = median_ms(lambda: subprocess.run([PYTHON, "-c", imports], check=True), count)
     cached_command = [PYTHON, "-c", "import sys; sys.path.insert(0, %r); import owproxy; "
                       "sys.exit(owproxy.main())" % bench.module_dir]
 
     def cold_start(command=None):
-        proxy = Proxy(bench.action_dir("tiny"), command=command)
-        with proxy:
+        with Proxy(bench.action_dir("tiny"), command=command) as proxy:
             if proxy.init({})[0] != 200 or not proxy.run_ok():
                 raise ProxyError("the first /init or /run failed")
 
-    script = median_ms(cold_start, count)
-    cached = median_ms(lambda: cold_start(cached_command), count)
-    with open(OWPROXY) as source:
-        text = source.read()
-    compiling = median_ms(lambda: compile(text, OWPROXY, "exec"), count)
-    modules = "python3 -c 'import <%d modules>'" % len(bench.modules)
+    bare, imported, script, cached = interleaved_ms([
+        lambda: subprocess.run([PYTHON, "-c", "pass"], check=True),
+        lambda: subprocess.run([PYTHON, "-c", imports], check=True),
+        cold_start,
+        lambda: cold_start(cached_command),
+    ], bench.counts["cold"], 1)
+    compiling = statistics.median(fresh_compile_ms() for _ in range(bench.counts["cold"]))
     return [
-        Figure("cold_floor_pass", "floor: python3 -c pass", pass_floor, "ms"),
-        Figure("cold_floor_imports", "floor: %s" % modules, import_floor, "ms",
-               pass_floor, "-c pass"),
+        Figure("cold_floor_pass", "floor: python3 -c pass", bare, "ms"),
+        Figure("cold_floor_imports", "floor: python3 -c 'import <%d modules>'"
+               % len(bench.modules), imported, "ms", bare, "-c pass"),
         Figure("cold_start", "cold start: python3 owproxy.py -> 1st /run", script, "ms",
-               import_floor, "imports"),
+               imported, "imports"),
         Figure("cold_start_vs_pass", "cold start vs bare interpreter", script, "ms",
-               pass_floor, "-c pass", compare="ratio"),
+               bare, "-c pass", compare="ratio"),
         Figure("cold_start_cached_pyc", "cold start: import owproxy (cached .pyc)", cached,
-               "ms", import_floor, "imports"),
-        Figure("compile_owproxy", "compile() of owproxy.py (paid by the script)", compiling,
-               "ms", note="the script start minus the cached start is %.1f ms" % (script - cached)),
+               "ms", script, "script"),
+        Figure("compile_owproxy", "compile() of owproxy.py in a new interpreter",
+               compiling, "ms"),
     ]
 
 
+def fresh_compile_ms():
+    """What compiling owproxy.py costs a new interpreter, as ``python3 owproxy.py`` does
+    on every start (a __main__ script has no .pyc); in a warm process it is about half."""
+    probe = ("import time; source = open(%r).read(); start = time.perf_counter(); "
+             "compile(source, 'owproxy.py', 'exec'); print(time.perf_counter() - start)" % OWPROXY)
+    output = subprocess.run([PYTHON, "-c", probe], check=True, stdout=subprocess.PIPE,
+                            universal_newlines=True).stdout
+    return 1000 * float(output)
+
+
 def measure_warm_runs(bench):
-    """Exec, loop and Python-function modes, each interleaved with the exec floor."""
+    """Exec, loop and Python-function modes, each interleaved with the exec floor and
+    with a bare stdlib HTTP server (what any ThreadingHTTPServer proxy pays)."""
     floor_call = subprocess_floor(bench.actions["tiny"])
     modes = [
         ("exec", "tiny", {}, ()),
         ("loop", "loop", {}, ("--loop",)),
         ("function", None, {"code": PYTHON_FUNCTION}, ()),
     ]
-    figures = []
-    exec_floor = None
-    for mode, action, init_value, args in modes:
-        label = "warm /run, %s mode" % mode
-        try:
-            with started_proxy(bench.action_dir(action), init_value, args) as proxy:
-                value, floor = interleaved_ms([proxy.run, floor_call],
-                                              bench.counts["warm_rounds"],
-                                              bench.counts["warm_calls"])
-        except (ProxyError, OSError, ValueError) as error:
-            figures.append(error_figure("warm_" + mode, label, error))
-            continue
-        if mode == "exec":
-            exec_floor = floor
-            figures.append(Figure("warm_exec", label, value, "ms", floor, "subprocess.run",
-                                  target=lambda value, vs: vs <= 0.5,
-                                  target_label="<= floor + 0.5 ms"))
-        else:
-            figures.append(Figure("warm_" + mode, label, value, "ms", floor, "exec floor",
-                                  compare="ratio", target=lambda value, vs: value < 0.6,
-                                  target_label="< 0.6 ms"))
-    figures.insert(0, Figure("warm_floor_http", "floor: bare ThreadingHTTPServer POST",
-                             bench.http_floor(), "ms"))
-    if exec_floor is not None:
-        figures.insert(1, Figure("warm_floor_exec", "floor: subprocess.run of the action",
-                                 exec_floor, "ms", bench.http_floor(), "http", compare="ratio"))
+    figures, exec_floors, http_floors = [], [], []
+    with started_proxy(bench.action_dir(), command=[PYTHON, "-c", BARE_SERVER]) as bare:
+        for mode, action, init_value, args in modes:
+            label = "warm /run, %s mode" % mode
+            try:
+                with started_proxy(bench.action_dir(action), init_value, args) as proxy:
+                    value, floor, http = interleaved_ms(
+                        [proxy.run, floor_call, bare.run],
+                        bench.counts["warm_rounds"], bench.counts["warm_calls"])
+            except (ProxyError, OSError, ValueError) as error:
+                figures.append(error_figure("warm_" + mode, label, error))
+                continue
+            exec_floors.append(floor)
+            http_floors.append(http)
+            if mode == "exec":
+                figures.append(Figure("warm_exec", label, value, "ms", floor, "subprocess.run",
+                                      target=lambda value, vs: vs <= 0.5,
+                                      target_label="<= floor + 0.5 ms",
+                                      note="%.3f ms over the HTTP floor + exec floor"
+                                      % (value - floor - http)))
+            else:
+                figures.append(Figure("warm_" + mode, label, value, "ms", floor, "exec floor",
+                                      compare="ratio", target=lambda value, vs: value < 0.6,
+                                      target_label="< 0.6 ms",
+                                      note="%.3f ms over the HTTP floor" % (value - http)))
+    if http_floors:
+        figures[:0] = [
+            Figure("warm_floor_http", "floor: bare ThreadingHTTPServer POST",
+                   statistics.median(http_floors), "ms"),
+            Figure("warm_floor_exec", "floor: subprocess.run of the action",
+                   statistics.median(exec_floors), "ms"),
+        ]
     return figures
 
 
@@ -668,11 +674,14 @@ def measure_memory(bench):
             if status != 200:
                 raise ProxyError("the flood /run answered %d %s" % (status, body[:200]))
             peak.append(proxy.status_kib("VmHWM") / 1024)
+    bare = interpreter_rss_mib([])
     interpreter = interpreter_rss_mib(bench.modules)
     idle_mib = statistics.median(idle)
     flood_seconds = statistics.median(seconds)
     return [
-        Figure("rss_floor", "floor: interpreter + the same imports, RSS", interpreter, "MiB"),
+        Figure("rss_floor_bare", "floor: bare interpreter, RSS", bare, "MiB"),
+        Figure("rss_floor", "floor: interpreter + the same imports, RSS", interpreter, "MiB",
+               bare, "bare"),
         Figure("rss_idle", "proxy RSS idle after /init", idle_mib, "MiB", interpreter,
                "interpreter", target=lambda value, vs: value < 20, target_label="< 20 MiB"),
         Figure("rss_flood_peak", "proxy peak (VmHWM), 300 MB of logs", statistics.median(peak),
@@ -686,7 +695,8 @@ def measure_memory(bench):
 
 def interpreter_rss_mib(modules):
     """VmRSS of an interpreter that has imported ``modules`` and waits."""
-    code = "import sys, %s; print('ready', flush=True); sys.stdin.read()" % ", ".join(modules)
+    code = "import %s; print('ready', flush=True); sys.stdin.read()" % ", ".join(
+        ["sys"] + list(modules))
     process = subprocess.Popen([PYTHON, "-c", code], stdin=subprocess.PIPE,
                                stdout=subprocess.PIPE)
     try:
