@@ -1339,7 +1339,20 @@ def test_the_compose_file_builds_the_project_image_with_its_health_check():
     assert '"8080:8080"' in compose and "/healthz" in compose
 
 
-def test_make_run_serves_the_demo_action(tmp_path):
+def readme_curls():
+    """The README's one-line curl commands, each with the JSON it says comes back (or None)."""
+    lines = (HERE / "README.md").read_text().splitlines()
+    curls = []
+    for number, line in enumerate(lines):
+        if line.startswith("    curl ") and line.count("'") % 2 == 0:
+            command, _, inline = line.strip().partition("  # ")
+            following = lines[number + 1].strip() if number + 1 < len(lines) else ""
+            expected = inline or (following[2:] if following.startswith("# {") else None)
+            curls.append((command.strip(), expected and json.loads(expected)))
+    return curls
+
+
+def test_make_run_serves_the_demo_action_and_the_readme_curl_lines_work(tmp_path):
     port = free_port()
     shutil.copytree(HERE, tmp_path / "repo", ignore=shutil.ignore_patterns(
         ".venv", ".git", "__pycache__", ".coverage*"))
@@ -1353,6 +1366,21 @@ def test_make_run_serves_the_demo_action(tmp_path):
         assert proxy.wait_ready()
         response = proxy.run({"name": "Dee"})
         assert (response.status, response.json) == (200, {"greeting": "Hello, Dee!"})
+        curls = readme_curls()
+        assert len([expected for _, expected in curls if expected]) >= 4
+        for command, expected in curls:
+            command = command.replace("localhost:8080", "127.0.0.1:%d" % port)
+            result = subprocess.run(["sh", "-c", command], capture_output=True, text=True,
+                                    timeout=30)
+            assert result.returncode == 0, command
+            if expected is not None:
+                assert json.loads(result.stdout) == expected, command
     finally:
         os.killpg(server.pid, signal.SIGTERM)
         server.wait(30)
+
+
+def test_the_readme_lists_every_setting():
+    readme = (HERE / "README.md").read_text()
+    for setting in owproxy.SETTINGS:
+        assert "| `%s` | `%s` | %s |" % (setting.flag, setting.env, setting.shown()) in readme
