@@ -24,17 +24,20 @@ run:
 	mkdir -p $(DEMO) && cp examples/hello.sh $(DEMO)/exec
 	PROXY_ALLOW_REINIT=1 exec $(PYTHON) owproxy.py --port $(PORT) --action-dir $(DEMO) --verbose
 
+# Coverage follows every Python process the suite starts (proxies, warm
+# interpreters, client commands): patch = subprocess needs coverage 7.10.
 $(VENV)/.ready:
 	$(PYTHON) -m venv $(VENV)
-	$(VPY) -m pip install --quiet --disable-pip-version-check "pytest>=7,<9" "coverage>=7,<8"
+	$(VPY) -m pip install --quiet --disable-pip-version-check "pytest>=7,<9" "coverage>=7.10,<8"
+	printf '[run]\nparallel = true\npatch = subprocess\ninclude = $(CURDIR)/owproxy.py\n' > $(VENV)/coveragerc
 	touch $@
 
 test: $(VENV)/.ready
 	rm -f .coverage .coverage.*
-	OWPROXY_COVERAGE=1 $(VPY) -m coverage run --parallel-mode --include='*owproxy.py' \
+	COVERAGE_RCFILE=$(VENV)/coveragerc $(VPY) -m coverage run \
 	  -m pytest -q -p no:cacheprovider test_owproxy.py
-	$(VPY) -m coverage combine -q
-	$(VPY) -m coverage report -m --include='*owproxy.py'
+	COVERAGE_RCFILE=$(VENV)/coveragerc $(VPY) -m coverage combine -q
+	COVERAGE_RCFILE=$(VENV)/coveragerc $(VPY) -m coverage report -m
 	@set -e; for want in "$(OLDEST)" "$(NEWEST)"; do \
 	  py=$$($(call find_python,$$want)); \
 	  if [ -z "$$py" ]; then echo "note: no Python $$want on this machine; skipping it"; continue; fi; \

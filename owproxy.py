@@ -27,6 +27,7 @@ The file reads top to bottom:
 """
 
 import argparse
+import contextlib
 import functools
 import json
 import os
@@ -575,8 +576,12 @@ class ProxyHandler(BaseHTTPRequestHandler):
         self.answer(status, {"error": message}, headers)
 
     def send_error(self, code, message=None, explain=None):
-        """The server's own errors (a garbage request line, ...) as JSON too."""
+        """The server's own errors (a garbage request line, ...) as JSON too, with a
+        status line and headers even when the request line did not name a version
+        (http.server would answer such a request HTTP/0.9 style, body only)."""
         self.close_connection = True
+        if self.request_version == "HTTP/0.9":
+            self.request_version = self.protocol_version
         self.answer(code, {"error": message or self.responses.get(code, ("Error",))[0]})
 
     def version_string(self):
@@ -848,24 +853,27 @@ class Pump:
             self.process.stdin.close()
 
     def serve(self, deadline, finished=lambda: False):
-        """Serves the pipes until ``finished()``; returns "finished", "exited" or "deadline"."""
+        """Serves the pipes until ``finished()``; returns "finished", "exited" or "deadline".
+        A process that exits right after its result has still finished."""
         while not finished():
             remaining = None if deadline is None else deadline - time.monotonic()
             if remaining is not None and remaining <= 0:
                 return "deadline"
             longest = self.poll_interval if self.exit_fd is None else self.longest_wait
             timeout = longest if remaining is None else min(remaining, longest)
+            exited = False
             for key, _ in self.selector.select(timeout):
                 if key.data == "exit":
-                    return "exited"
-                if key.data == "stdin":
+                    exited = True
+                elif key.data == "stdin":
                     if self.write_stdin():
                         self.selector.unregister(self.process.stdin)
                         self.stdin_written()
                 else:
                     self.read(key)
-            if self.exit_fd is None and self.process.poll() is not None:
-                return "exited"
+            if exited or self.exit_fd is None and self.process.poll() is not None:
+                self.drain()
+                return "finished" if finished() else "exited"
         return "finished"
 
     def read(self, key):
@@ -894,10 +902,10 @@ class Pump:
         return True
 
     def drain(self):
-        """Forwards what the pipes already hold, without waiting for more, and
-        ends the logs' last lines, so the sentinels that follow stand alone."""
+        """Takes what the pipes already hold, without waiting for more, and ends
+        the logs' last lines, so the sentinels that follow stand alone."""
         for key in list(self.selector.get_map().values()):
-            if isinstance(key.data, LineForwarder):
+            if not isinstance(key.data, str):
                 os.set_blocking(key.fd, False)
                 while self.read(key):
                     pass
@@ -949,10 +957,15 @@ def result_answer(line, logs):
     """200 with the result, or the exact 502 with the offending line in the logs."""
     result = parse_result(line)
     if result is None:
-        if line is not None:
-            logs.out(clean_utf8(line) + b"\n")
+        log_line(line, logs)
         return 502, {"error": RUN_BAD_RESULT}
     return 200, result
+
+
+def log_line(line, logs):
+    """A line held back as a possible result that turned out to be a log."""
+    if line is not None:
+        logs.out(clean_utf8(line) + b"\n")
 
 
 def run_once(argv, data, env, cwd, logs, processes):
@@ -973,13 +986,15 @@ def run_once(argv, data, env, cwd, logs, processes):
     finally:
         pump.close()
         processes.discard(process)
+    line = stdout.result()
     if ending == "deadline":
+        log_line(line, logs)
         logs.note("the action was stopped at its deadline")
         return 502, {"error": RUN_TIMED_OUT}
     note = exit_note(returncode)
     if note:
         logs.note(note)
-    return result_answer(stdout.result(), logs)
+    return result_answer(line, logs)
 
 
 class WarmProcess:
@@ -1039,9 +1054,10 @@ class WarmProcess:
         """Kills the process group; says how the process ended."""
         kill_group(self.process)
         returncode = self.process.wait()
-        self.pump.drain()
-        self.pump.close()
-        self.result_pipe.close()
+        if not self.result_pipe.closed:
+            self.pump.drain()
+            self.pump.close()
+            self.result_pipe.close()
         self.processes.discard(self.process)
         return exit_note(returncode) or "the action exited"
 
@@ -1065,7 +1081,7 @@ class WarmPool:
         self.start = start
         self.lock = threading.Lock()
         self.idle = []
-        self.all = []
+        self.busy = set()
 
     def acquire(self, logs):
         """An idle live process, else a new one (InitError if it will not start)."""
@@ -1073,27 +1089,39 @@ class WarmPool:
             while self.idle:
                 process = self.idle.pop()
                 if process.alive():
+                    self.busy.add(process)
                     return process
                 logs.note("a fresh process replaces one that ended between activations (%s)"
                           % process.stop())
         process = self.start()
         with self.lock:
-            self.all.append(process)
+            self.busy.add(process)
         return process
 
     def release(self, process):
         with self.lock:
+            self.busy.discard(process)
             if process.alive():
                 self.idle.append(process)
-            else:
-                self.all.remove(process)
+                return
+        process.stop()
 
-    def close(self):
+    def close(self, grace):
+        """Ends every process: an idle one gets the end of its input and ``grace``
+        seconds to exit on its own; a busy one is killed, its activation answered."""
         with self.lock:
-            for process in self.all:
-                if process.alive():
-                    process.stop()
-            self.idle, self.all = [], []
+            idle, self.idle = self.idle, []
+            for process in self.busy:
+                kill_group(process.process)
+        for process in idle:
+            process.process.stdin.close()
+        end = time.monotonic() + grace
+        for process in idle:
+            try:
+                process.process.wait(max(0.0, end - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                pass
+            process.stop()
 
 
 # -- Python functions ----------------------------------------------------------
@@ -1258,7 +1286,7 @@ class ActionRunner:
             self.kind, self.function, self.pool = previous
             return False
         if previous[2] is not None:
-            previous[2].close()
+            previous[2].close(0.0)
         self.init_env = env
         return True
 
@@ -1285,7 +1313,7 @@ class ActionRunner:
             raise InitError("main must be a string, not %s" % json_type(main))
         if code is None:
             self.decide_kind(os.path.dirname(self.binary), main)
-            return NoInstallation()
+            return contextlib.nullcontext()  # keep what the action directory holds
         if not isinstance(code, str):
             raise InitError("code must be a string, not %s" % json_type(code))
         if binary:
@@ -1372,6 +1400,11 @@ class ActionRunner:
             raise InitError("cannot start the action: %s" % error)
         return process.start(self.kind == "function" or "OW_WAIT_FOR_ACK" in env)
 
+    def close(self, grace):
+        """Ends the warm processes, if any, at shutdown."""
+        if self.pool is not None:
+            self.pool.close(grace)
+
     # -- run -------------------------------------------------------------------
 
     def env(self, message):
@@ -1410,16 +1443,6 @@ class ActionRunner:
             pool.release(process)
 
 
-class NoInstallation:
-    """An /init without code keeps what the action directory holds."""
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, kind, error, trace):
-        return False
-
-
 def json_type(value):
     return {dict: "an object", list: "an array", str: "a string", bool: "a boolean",
             type(None): "null"}.get(type(value), "a number")
@@ -1435,7 +1458,7 @@ class OpenWhisk:
     def __init__(self, settings, runner, logs):
         self.settings, self.runner, self.logs = settings, runner, logs
         self.initialized = False
-        self.serial = DummyLock() if settings.concurrent else threading.Lock()
+        self.serial = contextlib.nullcontext() if settings.concurrent else threading.Lock()
 
     def routes(self):
         return {
@@ -1654,18 +1677,9 @@ def health_routes(server):
             return 503, {"ready": False, "reason": "shutting down"}
         return 200, {"ready": True}
 
-    return {path: Route(handle, methods=("GET", "HEAD"), lock=DummyLock(), quiet=True)
+    return {path: Route(handle, methods=("GET", "HEAD"), lock=contextlib.nullcontext(),
+                        quiet=True)
             for path, handle in ((LIVENESS_PATH, live), (READINESS_PATH, ready))}
-
-
-class DummyLock:
-    """Stands in for a lock where requests may run side by side."""
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, kind, error, trace):
-        return False
 
 
 # ============================================================================
@@ -1960,8 +1974,9 @@ def serve(settings, runner):
     except Shutdown:
         pass
     server.server_close()
-    server.wait_idle(settings.grace)
-    processes.kill_all()  # overdue activations, and the warm processes
+    finished = server.wait_idle(settings.grace)
+    runner.close(1.0 if finished else 0.0)
+    processes.kill_all()  # overdue activations
     server.wait_idle(2.0)
     return 0
 

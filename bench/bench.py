@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
 """Benchmarks of owproxy.py against the floors it cannot beat.
 
-Run ``python3 bench/bench.py`` from anywhere (``--quick`` for a ~30 s smoke
-run).  It starts real proxy processes (``owproxy.py`` next to this directory)
+Run ``python3 bench/bench.py`` from anywhere (``--quick`` for a smoke run of a
+few seconds, ``--only warm,soak`` for some sections).  It starts real proxy processes (``owproxy.py`` next to this directory)
 on free ports of 127.0.0.1, with their stdout and stderr thrown away, and
 prints a table and then one JSON line with every figure.
 
@@ -40,7 +40,10 @@ payload         a 1 MiB argument echoed back through stdin, per /run, against
 
 Actions are small C programs compiled with ``cc`` into a temporary directory,
 or /bin/sh scripts where there is no ``cc`` (the report says which).  Every
-process runs under this interpreter, ``sys.executable``.
+process runs under this interpreter, ``sys.executable``, with the same site
+start-up, so whatever site-packages' .pth files import weighs on the floors
+as much as on the proxy.  Timings that are compared alternate in blocks, so
+that other load on the machine touches value and floor alike.
 """
 
 import argparse
@@ -65,9 +68,9 @@ MIB = 1024 * 1024
 # How many times each measurement repeats: a full run fits in ~4 minutes on
 # two cores, a quick one in ~30 s.
 COUNTS = {
-    "full": dict(cold=15, warm_rounds=5, warm_calls=100, throughput_rounds=3,
-                 throughput_calls=240, flood_rounds=3, soak_warmup=500, soak_calls=20000,
-                 payload_rounds=3, payload_calls=8),
+    "full": dict(cold=25, warm_rounds=5, warm_calls=150, throughput_rounds=5,
+                 throughput_calls=240, flood_rounds=5, soak_warmup=500, soak_calls=20000,
+                 payload_rounds=5, payload_calls=8),
     "quick": dict(cold=5, warm_rounds=3, warm_calls=50, throughput_rounds=1,
                   throughput_calls=160, flood_rounds=1, soak_warmup=200, soak_calls=1000,
                   payload_rounds=2, payload_calls=4),
@@ -129,6 +132,7 @@ int main(void) {
     return 0;
 }
 ''' % FLOOD_BYTES, '''head -c %d /dev/zero | tr '\\0' x | fold -w 99
+echo  # ends fold's last, partial line
 echo '{"ok": true}'
 ''' % FLOOD_BYTES),
     "loop": (r'''
@@ -442,8 +446,9 @@ class Figure:
             vs_text = "x%.2f" % vs
         else:
             vs_text = "%+.*f %s" % (decimals(self.unit), vs, self.unit)
-        floor_text = "" if self.floor is None else "%s (%s)" % (
-            number(self.floor, self.unit), self.floor_label)
+        floor_text = "" if self.floor is None else number(self.floor, self.unit)
+        if self.floor_label:
+            floor_text += " (%s)" % self.floor_label
         value = number(self.value, self.unit) if self.value is not None else "n/a"
         return [self.label, value, floor_text, vs_text, self.target_label, self.verdict()]
 
@@ -736,7 +741,7 @@ def measure_soak(bench):
         Figure("soak_leftover_fds", "soak: descriptors open at the end", fds_after, "fds",
                fds_before, "after warm-up", target=lambda value, vs: vs <= 0,
                target_label="<= after warm-up"),
-        Figure("sigterm_exit_status", "exit status on SIGTERM", exit_status, "", 0, "",
+        Figure("sigterm_exit_status", "exit status on SIGTERM", exit_status, "", 0, "clean",
                target=lambda value, vs: value == 0, target_label="0"),
     ]
 
