@@ -73,6 +73,7 @@ READINESS_PATH = "/readyz"
 INTERNAL_ERROR = "Internal error. {}"
 
 MIB = 1024 * 1024
+HEX_DIGITS = frozenset(b"0123456789abcdefABCDEF")
 HTTP_METHODS = ("GET", "POST", "PUT", "DELETE", "PATCH", "HEAD", "OPTIONS")
 
 
@@ -114,13 +115,15 @@ def parse_platform(text):
 
 
 def parse_methods(text):
-    """``[GET, POST]`` or ``GET,POST``: the methods the Knative route accepts."""
-    methods = tuple(dict.fromkeys(method.strip().upper()
-                                  for method in text.strip().strip("[]").split(",")))
+    """``[GET, POST]``, ``["GET","POST"]`` or ``GET,POST``: the methods the Knative
+    route accepts; none at all means the default, POST."""
+    names = (name.strip().strip("'\"").strip().upper()
+             for name in text.strip().strip("[]").split(","))
+    methods = tuple(dict.fromkeys(name for name in names if name)) or ("POST",)
     invalid = [method for method in methods if method not in HTTP_METHODS]
-    if invalid or not methods:
+    if invalid:
         raise ValueError("%s is not an HTTP method (use %s)"
-                         % (", ".join(invalid) or "nothing", ", ".join(HTTP_METHODS)))
+                         % (", ".join(invalid), ", ".join(HTTP_METHODS)))
     return methods
 
 
@@ -238,10 +241,18 @@ def exported(names_and_values, prefix=""):
     entries = {}
     for name, value in names_and_values:
         key, text = prefix + name, env_string(value)
-        if not name or "=" in key or "\0" in key or "\0" in text:
+        if not name or not exportable(key, text):
             raise ValueError("%r cannot be exported as an environment variable" % name)
         entries[key] = text
     return entries
+
+
+def exportable(key, text):
+    try:
+        os.fsencode(key + text)
+    except UnicodeEncodeError:  # a lone surrogate has no bytes
+        return False
+    return "=" not in key and "\0" not in key + text
 
 
 # ============================================================================
@@ -261,6 +272,7 @@ class Logs:
 
     def _write(self, fd, data):
         with self.lock:
+            flush_python_streams()
             view = memoryview(data)
             try:
                 while view:
@@ -282,6 +294,16 @@ class Logs:
         line = (LOG_SENTINEL + "\n").encode()
         self.out(line)
         self.err(line)
+
+
+def flush_python_streams():
+    """What Python code in the proxy (a runner's hooks) printed goes out before
+    the proxy's own writes, the sentinels above all, which bypass sys.stdout."""
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (AttributeError, ValueError, OSError):
+            pass  # no stream, or one closed: nothing of it can be lost
 
 
 def clean_utf8(data):
@@ -401,10 +423,21 @@ class Request:
 
 
 class WebResponse:
-    """A payload sent as it is, with its own headers, instead of as JSON."""
+    """A payload sent as it is, with its own headers (name, value pairs, so
+    that one may repeat), instead of as JSON."""
 
     def __init__(self, body, headers):
         self.body, self.headers = body, headers
+
+
+def encode_answer(status, payload):
+    """``(status, body, headers)`` for a handler's answer: a WebResponse as it is,
+    anything else as JSON.  Raises TypeError for what cannot be sent."""
+    if not isinstance(status, int) or isinstance(status, bool) or not 200 <= status <= 599:
+        raise TypeError("the status %r is not an HTTP status" % (status,))
+    if isinstance(payload, WebResponse):
+        return status, payload.body, payload.headers
+    return status, json_bytes(payload), [("Content-Type", "application/json")]
 
 
 class ProxyServer(ThreadingHTTPServer):
@@ -412,9 +445,9 @@ class ProxyServer(ThreadingHTTPServer):
 
     request_queue_size = 128
 
-    def __init__(self, settings, routes, logs):
-        self.settings, self.routes, self.logs = settings, routes, logs
-        self.stopping = False
+    def __init__(self, settings, routes, logs, processes):
+        self.settings, self.routes, self.logs, self.processes = settings, routes, logs, processes
+        self.stopping = self.hurried = False
         self.in_flight = 0
         self.idle = threading.Condition()
         ThreadingHTTPServer.__init__(self, (settings.host, settings.port), ProxyHandler)
@@ -424,14 +457,24 @@ class ProxyServer(ThreadingHTTPServer):
         if self.settings.verbose:
             ThreadingHTTPServer.handle_error(self, request, client_address)
 
+    def service_actions(self):
+        """Called by serve_forever() between requests, at least twice a second."""
+        self.processes.reap_orphans()
+
     def working(self, delta):
         with self.idle:
             self.in_flight += delta
             self.idle.notify_all()
 
     def wait_idle(self, timeout):
+        """Waits for the requests in flight to be answered, at most ``timeout``
+        seconds, less if ``hurried`` is set meanwhile (by a signal handler, which
+        must not touch the condition); True if they were."""
+        end = time.monotonic() + timeout
         with self.idle:
-            return self.idle.wait_for(lambda: self.in_flight == 0, timeout)
+            while self.in_flight and not self.hurried and time.monotonic() < end:
+                self.idle.wait(min(0.1, max(0.0, end - time.monotonic())))
+            return self.in_flight == 0
 
 
 def json_bytes(payload):
@@ -448,6 +491,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     server_version = "owproxy/" + __version__
     disable_nagle_algorithm = True
+    wbufsize = 65536  # so that head and body leave in one write
     timeout = 120  # seconds a client may stall while sending
     route = None
 
@@ -464,7 +508,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
         elif self.command not in route.methods:
             self.refuse(405, "%s does not accept %s; use %s." % (
                 path, self.command, " or ".join(route.methods)),
-                {"Allow": ", ".join(route.methods)})
+                [("Allow", ", ".join(route.methods))])
         else:
             self.server.working(+1)
             try:
@@ -480,24 +524,27 @@ class ProxyHandler(BaseHTTPRequestHandler):
         except HTTPError as error:
             request = error
         with route.lock:
-            status, payload = self.outcome(route, request)
+            status, body, headers = self.outcome(route, request)
             if route.sentinels(status):
                 self.server.logs.sentinels()
-        self.answer(status, payload)
+        self.answer(status, body, headers)
 
     def outcome(self, route, request):
+        """The encoded answer to a request: whatever goes wrong on the way, even in
+        a runner's hooks, is an error answer, so sentinels and answer always follow."""
         try:
             if isinstance(request, HTTPError):
                 raise request
             if self.server.stopping and not route.quiet:
                 raise HTTPError(503, "The proxy is shutting down.", close=True)
-            return route.handle(request)
+            status, payload = route.handle(request)
+            return encode_answer(status, payload)
         except HTTPError as error:
             self.close_connection = self.close_connection or error.close
-            return error.status, {"error": error.message}
+            return encode_answer(error.status, {"error": error.message})
         except Exception as error:
             self.server.logs.note("internal error: %r" % (error,))
-            return 500, {"error": INTERNAL_ERROR.format(error)}
+            return encode_answer(500, {"error": INTERNAL_ERROR.format(error)})
 
     # -- request bodies --------------------------------------------------------
 
@@ -529,15 +576,16 @@ class ProxyHandler(BaseHTTPRequestHandler):
         if self.headers.get("Expect", "").lower() == "100-continue":
             self.send_response_only(100)
             self.end_headers()
+            self.wfile.flush()
 
     def read_chunked(self, limit):
         chunks, total = [], 0
         while True:
             line = self.rfile.readline(1024)
-            try:
-                size = int(line.split(b";", 1)[0], 16)
-            except ValueError:
+            digits = line.split(b";", 1)[0].strip()
+            if not digits or len(digits) > 16 or not set(digits) <= HEX_DIGITS:
                 raise HTTPError(400, "The chunked request body is malformed.", close=True)
+            size = int(digits, 16)
             if size == 0:
                 break
             total += size
@@ -554,26 +602,23 @@ class ProxyHandler(BaseHTTPRequestHandler):
 
     # -- answers ---------------------------------------------------------------
 
-    def answer(self, status, payload, headers=None):
-        if isinstance(payload, WebResponse):
-            body, headers = payload.body, payload.headers
-        else:
-            body, headers = json_bytes(payload), dict(headers or {})
-            headers["Content-Type"] = "application/json"
+    def answer(self, status, body, headers):
         self.send_response(status)
         self.send_header("Content-Length", str(len(body)))
-        for name, value in headers.items():
+        for name, value in headers:
             self.send_header(name, value)
         if self.close_connection:
             self.send_header("Connection", "close")
         self.end_headers()
         if self.command != "HEAD":
             self.wfile.write(body)
+        self.wfile.flush()  # now, while the request still counts as in flight
 
-    def refuse(self, status, message, headers=None):
+    def refuse(self, status, message, headers=()):
         """An answer to a request whose body is left unread, so the connection must close."""
         self.close_connection = True
-        self.answer(status, {"error": message}, headers)
+        status, body, json_headers = encode_answer(status, {"error": message})
+        self.answer(status, body, json_headers + list(headers))
 
     def send_error(self, code, message=None, explain=None):
         """The server's own errors (a garbage request line, ...) as JSON too, with a
@@ -582,7 +627,8 @@ class ProxyHandler(BaseHTTPRequestHandler):
         self.close_connection = True
         if self.request_version == "HTTP/0.9":
             self.request_version = self.protocol_version
-        self.answer(code, {"error": message or self.responses.get(code, ("Error",))[0]})
+        message = message or self.responses.get(code, ("Error",))[0]
+        self.answer(*encode_answer(code, {"error": message}))
 
     def version_string(self):
         return self.server_version
@@ -610,35 +656,60 @@ def stage_dir(dest):
     return tempfile.mkdtemp(prefix=".owproxy-", dir=dest)
 
 
+def is_directory(path):
+    return os.path.isdir(path) and not os.path.islink(path)
+
+
 def remove_tree(path):
     import shutil
-    if os.path.isdir(path) and not os.path.islink(path):
+    if is_directory(path):
         shutil.rmtree(path, ignore_errors=True)
     elif os.path.lexists(path):
         os.unlink(path)
 
 
+def put(path, target):
+    """Moves ``path`` to ``target``, replacing it: in one step (rename(2)) unless a
+    directory is involved, so that a file such as ``exec`` never goes missing."""
+    if is_directory(path) or is_directory(target):
+        remove_tree(target)
+    os.replace(path, target)
+
+
 class Installation:
-    """Moves a staged tree into a directory, so that leaving with an error puts back
-    exactly what was there before.  ``exec`` is moved last and restored first, so
-    it always names a complete action, the old one or the new one.
+    """Moves a staged tree into a directory, and the ``displaced`` names out of it,
+    so that leaving with an error puts back exactly what was there before.  A file
+    is replaced in one step, its old version kept as a hard link, so ``exec``
+    always names a complete action, the old one or the new one, even for a run
+    that starts meanwhile; ``exec`` is moved last.
     """
 
-    def __init__(self, stage, dest):
-        self.stage, self.dest = stage, dest
+    def __init__(self, stage, dest, displaced=()):
+        self.stage, self.dest, self.displaced = stage, dest, displaced
         self.backup = None
         self.moved = []
 
     def __enter__(self):
         try:
+            for name in self.displaced:
+                if os.path.lexists(os.path.join(self.dest, name)):
+                    self.backup = self.backup or stage_dir(self.dest)
+                    self.moved.append(name)
+                    os.replace(os.path.join(self.dest, name), os.path.join(self.backup, name))
             names = sorted(os.listdir(self.stage), key=lambda name: name == "exec")
             for name in names:
                 target = os.path.join(self.dest, name)
                 if os.path.lexists(target):
                     self.backup = self.backup or stage_dir(self.dest)
-                    os.replace(target, os.path.join(self.backup, name))
+                    kept = os.path.join(self.backup, name)
+                    try:
+                        if is_directory(target):
+                            raise IsADirectoryError(target)
+                        os.link(target, kept, follow_symlinks=False)
+                    except OSError:  # a directory, or no hard links here
+                        os.replace(target, kept)
                 self.moved.append(name)
-                os.replace(os.path.join(self.stage, name), target)
+                put(os.path.join(self.stage, name), target)
         except OSError as error:
             self.__exit__(OSError, error, None)
             raise InitError("cannot install the action: %s" % error)
@@ -648,9 +719,11 @@ class Installation:
         if kind is not None:
             for name in reversed(self.moved):
                 target = os.path.join(self.dest, name)
-                remove_tree(target)
-                if self.backup and os.path.lexists(os.path.join(self.backup, name)):
-                    os.replace(os.path.join(self.backup, name), target)
+                kept = self.backup and os.path.join(self.backup, name)
+                if kept and os.path.lexists(kept):
+                    put(kept, target)
+                else:
+                    remove_tree(target)
         remove_tree(self.stage)
         if self.backup:
             remove_tree(self.backup)
@@ -747,15 +820,27 @@ def extract_member(archive, member, path):
 # ============================================================================
 
 class Processes:
-    """Every action process group alive, so that shutdown can stop them all."""
+    """Every action process alive, so that shutdown can stop them all.
+
+    It also reaps orphans when the proxy is PID 1, as it is when it is a
+    container's CMD: the kernel hands whatever an action leaves behind (children
+    killed with its process group) to PID 1, and nobody else would collect them.
+    """
 
     def __init__(self):
         self.lock = threading.Lock()
         self.alive = set()
+        self.reaper = os.getpid() == 1
 
-    def add(self, process):
+    def spawn(self, argv, env, cwd, **options):
+        """Starts an action process in a session (and process group) of its own, its
+        pipes to the proxy; under the lock, so the reaper never sees it unknown."""
         with self.lock:
+            process = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                       stderr=subprocess.PIPE, cwd=cwd, env=env,
+                                       start_new_session=True, **options)
             self.alive.add(process)
+        return process
 
     def discard(self, process):
         with self.lock:
@@ -765,6 +850,29 @@ class Processes:
         with self.lock:
             for process in self.alive:
                 kill_group(process)
+
+    def reap_orphans(self):
+        """Collects the exit status of dead orphans: children of the proxy that it
+        did not start itself, in another session than its own (so never a process
+        a runner's hooks started and will wait for)."""
+        if not self.reaper:
+            return
+        with self.lock:
+            known = {process.pid for process in self.alive}
+            own_session = os.getsid(0)
+            for name in os.listdir("/proc"):
+                if name.isdigit() and int(name) not in known:
+                    reap_if_orphan(int(name), own_session)
+
+
+def reap_if_orphan(pid, own_session):
+    try:
+        with open("/proc/%d/stat" % pid, "rb") as stat:
+            fields = stat.read().rpartition(b")")[2].split()
+        if fields[0] == b"Z" and int(fields[1]) == 1 and int(fields[3]) != own_session:
+            os.waitpid(pid, os.WNOHANG)
+    except (OSError, IndexError, ValueError):
+        pass  # gone already, or not ours
 
 
 def kill_group(process):
@@ -804,15 +912,26 @@ class LineReader:
     """Collects the lines a warm action writes on its result descriptor (fd 3)."""
 
     def __init__(self):
-        self.partial = b""
+        self.partial = []  # the pieces of an unfinished line, joined once it ends
         self.lines = []
 
     def feed(self, chunk):
-        *complete, self.partial = (self.partial + chunk).split(b"\n")
-        self.lines.extend(complete)
+        *complete, rest = chunk.split(b"\n")
+        if complete:
+            complete[0] = b"".join(self.partial) + complete[0]
+            self.lines.extend(complete)
+            self.partial = []
+        if rest:
+            self.partial.append(rest)
 
     def close(self):
-        self.partial = b""
+        self.partial = []
+
+    def take_stale(self):
+        """Drops the lines no activation asked for; says how many there were."""
+        count = len(self.lines) + bool(self.partial)
+        self.lines, self.partial = [], []
+        return count
 
 
 class Pump:
@@ -929,15 +1048,6 @@ def pidfd_for(pid):
         return None
 
 
-def spawn(argv, env, cwd, processes, **options):
-    """Starts an action process in a process group of its own, its pipes to the proxy."""
-    process = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE, cwd=cwd, env=env,
-                               start_new_session=True, **options)
-    processes.add(process)
-    return process
-
-
 def parse_result(line):
     """The action's result from its result line: a JSON object or array, else None."""
     if line is None:
@@ -971,7 +1081,7 @@ def log_line(line, logs):
 def run_once(argv, data, env, cwd, logs, processes):
     """Runs an executable for one activation: ``data`` on stdin, the result its last line."""
     try:
-        process = spawn(argv, env, cwd, processes)
+        process = processes.spawn(argv, env, cwd)
     except OSError as error:
         logs.out(("error: cannot start the action: %s\n" % error).encode())
         return 502, {"error": RUN_BAD_RESULT}
@@ -1009,8 +1119,8 @@ class WarmProcess:
             write_end, old = os.dup(write_end), write_end
             os.close(old)
         try:
-            self.process = spawn(argv, env, cwd, processes, close_fds=False,
-                                 preexec_fn=functools.partial(os.dup2, write_end, 3))
+            self.process = processes.spawn(argv, env, cwd, close_fds=False,
+                                           preexec_fn=functools.partial(os.dup2, write_end, 3))
         finally:
             os.close(write_end)
         self.result_pipe = os.fdopen(read_end, "rb", buffering=0)
@@ -1019,14 +1129,19 @@ class WarmProcess:
                          self.results, self.result_pipe)
 
     def start(self, wait_for_ack):
-        """Waits for the ack line, or a moment to see that the process stays up."""
+        """Waits for the ack line, ``{"ok": true}``, or a moment to see that the
+        process stays up."""
         if wait_for_ack:
             ending = self.pump.serve(None, lambda: self.results.lines)
-            ready = ending == "finished" and self.results.lines.pop(0) is not None
+            ack = parse_result(self.results.lines.pop(0)) if ending == "finished" else None
+            if ending == "finished" and not (isinstance(ack, dict) and ack.get("ok") is True):
+                self.stop()
+                raise InitError("the action did not initialize properly: it acknowledged "
+                                "with something other than {\"ok\": true}")
         else:
-            ready = self.pump.serve(time.monotonic() + 0.05) == "deadline"
+            ending = self.pump.serve(time.monotonic() + 0.05)
         self.pump.drain()
-        if not ready:
+        if ending == "exited":
             raise InitError("the action did not start: %s" % self.stop())
         return self
 
@@ -1035,6 +1150,11 @@ class WarmProcess:
 
     def request(self, message, deadline):
         """Serves one activation; returns ``(status, payload)``."""
+        self.pump.drain()  # what the process wrote since the last activation
+        stale = self.results.take_stale()
+        if stale:
+            self.logs.note("dropped %d result line(s) the action wrote outside an activation"
+                           % stale)
         self.pump.send(json.dumps(message).encode() + b"\n")
         ending = self.pump.serve(deadline, lambda: self.results.lines)
         self.pump.drain()
@@ -1067,18 +1187,16 @@ class FunctionProcess(WarmProcess):
     ``[status, payload]`` pairs (see ``function_worker``)."""
 
     def answer(self, line):
-        try:
-            status, payload = json.loads(line)
-        except ValueError:
-            return result_answer(line, self.logs)
+        status, payload = json.loads(line)
         return status, payload
 
 
 class WarmPool:
-    """The warm processes of an action: one per activation in flight, reused."""
+    """The warm processes of an action: one per activation in flight, reused;
+    ``start(env)`` makes a new one."""
 
-    def __init__(self, start):
-        self.start = start
+    def __init__(self, start, env):
+        self.start, self.env = start, env
         self.lock = threading.Lock()
         self.idle = []
         self.busy = set()
@@ -1093,7 +1211,7 @@ class WarmPool:
                     return process
                 logs.note("a fresh process replaces one that ended between activations (%s)"
                           % process.stop())
-        process = self.start()
+        process = self.start(self.env)
         with self.lock:
             self.busy.add(process)
         return process
@@ -1128,7 +1246,8 @@ class WarmPool:
 
 def looks_like_python(code):
     """Source that is not an executable (no ``#!``, not ELF) and is Python: it
-    parses, or it defines a function (so a syntax error is reported as one)."""
+    parses, or a line starts as Python does (so a syntax error is reported as one
+    at init rather than as "Exec format error" at every run)."""
     import ast
     import re
     if not code.strip() or code.startswith(("#!", "\x7fELF")):
@@ -1137,28 +1256,31 @@ def looks_like_python(code):
         ast.parse(code)
         return True
     except (SyntaxError, ValueError):
-        return re.search(r"^(async\s+)?def\s", code, re.MULTILINE) is not None
+        return re.search(r"^(async\s+def|def|class|import|from\s+\S+\s+import)\s", code,
+                         re.MULTILINE) is not None
 
 
 def function_worker(path, name):
-    """The warm interpreter of a Python action: imports ``path`` once, acks on fd 3,
-    then for each JSON line on stdin calls ``name(value)`` with that activation's
-    ``__OW_*`` variables and writes ``[status, payload]`` on fd 3."""
-    results = os.fdopen(3, "w", encoding="utf-8")
+    """The warm interpreter of a Python action (started with ``python3 -u``, so its
+    logs stream): imports ``path`` once, acks on fd 3, then for each JSON line on
+    stdin calls ``name(value)`` with that activation's ``__OW_*`` variables and
+    writes ``[status, payload]`` on fd 3.  The protocol's descriptors move out of
+    the action's way: its stdin and fd 3 are /dev/null."""
     requests = os.fdopen(os.dup(0), "rb")
-    os.dup2(os.open(os.devnull, os.O_RDONLY), 0)  # the action's stdin is not the protocol's
+    results = os.fdopen(os.dup(3), "wb")
+    os.dup2(os.open(os.devnull, os.O_RDWR), 0)
+    os.dup2(0, 3)
     sys.stdin = open(os.devnull)
     main = load_function(path, name)
-    reply(results, [200, {"ok": True}])
+    reply(results, '{"ok": true}')
     for line in requests:
-        reply(results, call_function(main, json.loads(line)))
+        reply(results, "[%d, %s]" % call_function(main, json.loads(line)))
 
 
-def reply(results, answer):
-    """Writes an answer after the logs that came before it."""
-    sys.stdout.flush()
-    sys.stderr.flush()
-    results.write(json.dumps(answer, ensure_ascii=False) + "\n")
+def reply(results, line):
+    """Writes a line of the protocol after the logs that came before it."""
+    flush_python_streams()
+    results.write(line.encode("ascii") + b"\n")
     results.flush()
 
 
@@ -1199,7 +1321,7 @@ def print_user_traceback(error):
 
 
 def call_function(main, message):
-    """Calls ``main`` for one activation; returns ``[status, payload]``."""
+    """Calls ``main`` for one activation; returns ``(status, payload as JSON text)``."""
     fields = exported(((key.upper(), value) for key, value in message.items()
                        if key != "value"), prefix="__OW_")
     saved = {key: os.environ.get(key) for key in fields}
@@ -1208,21 +1330,22 @@ def call_function(main, message):
         result = main(message.get("value", {}))
     except Exception as error:
         print_user_traceback(error)
-        return [200, {"error": str(error)}]
+        return 200, json.dumps({"error": str(error)})
     finally:
         for key, value in saved.items():
             if value is None:
-                del os.environ[key]
+                os.environ.pop(key, None)
             else:
                 os.environ[key] = value
     try:
-        text = json.dumps(result, ensure_ascii=False, allow_nan=False)
-    except (TypeError, ValueError) as error:
-        return [502, {"error": RUN_UNENCODABLE.format(type(result).__name__, error)}]
+        text = json.dumps(result, allow_nan=False)  # ASCII: lone surrogates travel too
+    except (TypeError, ValueError, RecursionError) as error:
+        message = RUN_UNENCODABLE.format(type(result).__name__, error)
+        return 502, json.dumps({"error": message})
     if not isinstance(result, (dict, list)):
         print(text)
-        return [502, {"error": RUN_BAD_RESULT}]
-    return [200, result]
+        return 502, json.dumps({"error": RUN_BAD_RESULT})
+    return 200, text
 
 
 # -- the runner ------------------------------------------------------------------
@@ -1266,6 +1389,7 @@ class ActionRunner:
         self.binary = self.binary or os.path.join(settings.action_dir, "exec")
         self.source = self.source or self.binary
         self.zipdest = self.zipdest or os.path.dirname(self.source)
+        os.chdir(os.path.dirname(self.source))  # as upstream: hooks may use relative paths
 
     # -- init ------------------------------------------------------------------
 
@@ -1275,10 +1399,11 @@ class ActionRunner:
         try:
             env = self.init_environment(message)
             with self.install(message):
-                if self.epilogue(message) is False or self.build(message) is False:
+                if message.get("code") is not None and (
+                        self.epilogue(message) is False or self.build(message) is False):
                     raise InitError("the action could not be built")
                 if not self.verify():
-                    raise InitError("%s is not an executable file" % self.binary)
+                    raise InitError(self.unverified(message))
                 self.pool = self.warm_up(env)
         except Exception as error:
             self.logs.note(str(error) if isinstance(error, InitError)
@@ -1316,26 +1441,38 @@ class ActionRunner:
             return contextlib.nullcontext()  # keep what the action directory holds
         if not isinstance(code, str):
             raise InitError("code must be a string, not %s" % json_type(code))
-        if binary:
-            data = decode_base64(code)
-            stage = stage_dir(self.zipdest)
-            try:
-                extract_zip(data, stage, self.settings.max_archive)
-                self.decide_kind(stage, main)
-                self.prepare_archive(stage)
-            except BaseException:
-                remove_tree(stage)
-                raise
-            return Installation(stage, self.zipdest)
-        folder = os.path.dirname(self.source)
-        python = self.source == self.binary and looks_like_python(code)
+        data = decode_base64(code) if binary else None
+        folder = self.zipdest if binary else os.path.dirname(self.source)
         stage = stage_dir(folder)
+        try:
+            if binary:
+                extract_zip(data, stage, self.settings.max_archive)
+            else:
+                self.write_source(stage, code)
+            self.decide_kind(stage, main)
+            if binary:
+                self.prepare_archive(stage)
+        except BaseException:
+            remove_tree(stage)
+            raise
+        return Installation(stage, folder, self.displaced(stage, folder, binary))
+
+    def displaced(self, stage, folder, binary):
+        """The old executable goes when new code does not replace it: an archive
+        without one (a build may make it), or a Python function's source."""
+        name = os.path.relpath(self.binary, folder)
+        if (name.startswith(os.pardir) or os.path.lexists(os.path.join(stage, name))
+                or not (binary or self.kind == "function")):
+            return ()
+        return (name,)
+
+    def write_source(self, stage, code):
+        """The source as the source file, or as ``__main__.py`` if it is a Python function."""
+        python = self.source == self.binary and looks_like_python(code)
         path = os.path.join(stage, "__main__.py" if python else os.path.basename(self.source))
         with open(path, "w", encoding="utf-8", errors="surrogateescape") as source:
             source.write(code)
         os.chmod(path, 0o644 if python else 0o755)
-        self.decide_kind(stage, main)
-        return Installation(stage, folder)
 
     def decide_kind(self, folder, main="main"):
         """An ``exec`` runs as a process ("exec", or "loop" with --loop); without
@@ -1350,15 +1487,20 @@ class ActionRunner:
             self.function = None
 
     def prepare_archive(self, stage):
-        """The archive must hold the executable, which runs whatever its mode bits."""
-        if self.kind == "function":
-            return
+        """The archive's executable runs whatever its mode bits (one a build makes
+        later, or one outside the archive's directory, is the build's business)."""
         name = os.path.relpath(self.binary, self.zipdest)
         staged = os.path.join(stage, name)
-        if not os.path.isfile(staged) or os.path.islink(staged):
-            raise InitError("the archive has no %s file (or __main__.py) at its top level"
-                            % name)
-        os.chmod(staged, 0o755)
+        if (self.kind != "function" and not name.startswith(os.pardir)
+                and os.path.isfile(staged) and not os.path.islink(staged)):
+            os.chmod(staged, 0o755)
+
+    def unverified(self, message):
+        """Why ``verify()`` failed, as the user should read it."""
+        if message.get("binary") and message.get("code") is not None:
+            return "the archive has no %s file (or __main__.py) at its top level" % (
+                os.path.relpath(self.binary, self.zipdest))
+        return "%s is not an executable file" % self.binary
 
     def epilogue(self, message):
         return None
@@ -1367,11 +1509,15 @@ class ActionRunner:
         return None
 
     def verify(self):
-        if self.kind is None:
-            self.decide_kind(os.path.dirname(self.binary))
-        if self.kind == "function":
+        if self.current_kind() == "function":
             return os.path.isfile(self.function[0])
         return os.path.isfile(self.binary) and os.access(self.binary, os.X_OK)
+
+    def current_kind(self):
+        """The kind decided by the last init, else by what the action directory holds."""
+        if self.kind is None:
+            self.decide_kind(os.path.dirname(self.binary))
+        return self.kind
 
     def warm_up(self, init_env):
         """The pool of a warm action, its first process started to prove it can."""
@@ -1382,9 +1528,13 @@ class ActionRunner:
         return pool
 
     def warm_pool(self, init_env):
+        """The pool, empty, with the environment its processes start with; an
+        ActionLoop executable learns that it must ack as openwhisk-runtime-go says."""
         env = dict(os.environ)
         env.update(init_env)
-        return WarmPool(lambda: self.start_warm(env))
+        if env.get("OW_WAIT_FOR_ACK"):
+            env["__OW_WAIT_FOR_ACK"] = "1"
+        return WarmPool(self.start_warm, env)
 
     def start_warm(self, env):
         """A new warm process for this action (InitError when it does not come up)."""
@@ -1392,13 +1542,13 @@ class ActionRunner:
         try:
             if self.kind == "function":
                 process = FunctionProcess(
-                    [sys.executable, OWPROXY_FILE, "function-worker"] + list(self.function),
-                    env, cwd, self.logs, self.processes)
+                    [sys.executable, "-u", OWPROXY_FILE, "function-worker"]
+                    + list(self.function), env, cwd, self.logs, self.processes)
             else:
                 process = WarmProcess([self.binary], env, cwd, self.logs, self.processes)
         except OSError as error:
             raise InitError("cannot start the action: %s" % error)
-        return process.start(self.kind == "function" or "OW_WAIT_FOR_ACK" in env)
+        return process.start(self.kind == "function" or "__OW_WAIT_FOR_ACK" in env)
 
     def close(self, grace):
         """Ends the warm processes, if any, at shutdown."""
@@ -1421,7 +1571,7 @@ class ActionRunner:
 
     def run(self, args, env):
         """Runs one activation with ``args``; returns ``(status, result)``."""
-        if self.kind == "exec":
+        if self.current_kind() == "exec":
             data = json.dumps(args)
             argv = [self.binary] if len(data) > MAX_ARG_STRLEN else [self.binary, data]
             return run_once(argv, data.encode(), env, os.path.dirname(self.binary),
@@ -1434,8 +1584,9 @@ class ActionRunner:
         except InitError as error:
             self.logs.note(str(error))
             return 502, {"error": RUN_EXITED}
+        # The activation's own fields: what the process did not start with.
         message = {key[len("__OW_"):].lower(): value for key, value in env.items()
-                   if key.startswith("__OW_")}
+                   if key.startswith("__OW_") and pool.env.get(key) != value}
         message["value"] = args
         try:
             return process.request(message, deadline_of(env))
@@ -1467,17 +1618,30 @@ class OpenWhisk:
         }
 
     def init(self, request):
+        if self.sealed():
+            return self.refuse_init()  # whatever the body, as upstream does
         message = request.json()
         value = message.get("value", {}) if isinstance(message, dict) else None
         if not isinstance(value, dict):
             raise HTTPError(400, "The init body must be a JSON object whose value is an object.")
         return self.initialize(value)
 
+    def sealed(self):
+        return self.initialized and not self.settings.allow_reinit
+
+    def refuse_init(self):
+        self.logs.err((INIT_TWICE + "\n").encode())
+        return 403, {"error": INIT_TWICE}
+
     def initialize(self, value):
-        if self.initialized and not self.settings.allow_reinit:
-            self.logs.err((INIT_TWICE + "\n").encode())
-            return 403, {"error": INIT_TWICE}
-        if not self.runner.init(value):
+        if self.sealed():
+            return self.refuse_init()
+        try:
+            ready = self.runner.init(value)
+        except Exception as error:  # a runner whose own init raises
+            self.logs.note("the action could not be initialized: %s" % error)
+            ready = False
+        if not ready:
             return 502, {"error": INIT_FAILED}
         self.initialized = True
         return 200, {"ok": True}
@@ -1504,10 +1668,13 @@ class Knative(OpenWhisk):
 
     A request body may carry ``init`` (an /init value, plus ``raw`` and
     ``name``), ``activation`` (the activation fields) and ``value`` (the
-    parameters); any other body is a plain web request whose JSON object (or,
-    in raw mode, whose text) is the parameters.  With ``__OW_ACTION_CODE`` set
-    the container is dedicated to that action and initialises itself.  A
-    result with ``statusCode``, ``headers`` or ``body`` becomes that response.
+    parameters).  Any other request is a plain web request, whose parameters
+    come from its query and body as an OpenWhisk web action's do.  With
+    ``__OW_ACTION_CODE`` set the container is dedicated to that action and
+    initialises itself.  A result with ``statusCode``, ``headers`` or ``body``
+    becomes that response; every answer of the action carries CORS headers, and
+    a CORS preflight (OPTIONS, unless the action takes OPTIONS itself) is
+    answered here.
     """
 
     ENVELOPE = ("init", "activation", "value")
@@ -1521,33 +1688,62 @@ class Knative(OpenWhisk):
         self.name = ""
 
     def routes(self):
-        return {"/": Route(self.handle, methods=self.settings.http_methods, lock=self.serial,
+        methods = tuple(dict.fromkeys(self.settings.http_methods + ("OPTIONS",)))
+        return {"/": Route(self.handle, methods=methods, lock=self.serial,
                            sentinels=lambda status: status != 403)}
 
     def handle(self, request):
-        envelope = self.envelope(request)
-        init = envelope.get("init")
-        if init is not None and self.dedicated is not None:
-            raise HTTPError(403, DEDICATED)
+        if request.method == "OPTIONS" and "OPTIONS" not in self.settings.http_methods:
+            return 200, WebResponse(b"", list(CORS.items()))
+        status, payload = self.serve(request)
+        if isinstance(payload, WebResponse):
+            return status, payload
+        return status, WebResponse(json_bytes(payload),
+                                   [("Content-Type", "application/json")] + list(CORS.items()))
+
+    def serve(self, request):
         if self.dedicated is not None and not self.initialized:
-            init = self.dedicated
+            status, payload = self.knative_init(self.dedicated)
+            if status != 200:
+                return status, payload
+        envelope, plain = self.envelope(request)
+        init = envelope.get("init")
         if init is not None:
+            if self.dedicated is not None:
+                raise HTTPError(403, DEDICATED)
             status, payload = self.knative_init(init)
             if status != 200 or not set(envelope) & {"activation", "value"}:
                 return status, payload
-        return self.web_activate(request, envelope)
+        return self.web_activate(request, envelope, plain)
 
     def envelope(self, request):
-        """The body as ``{init, activation, value}``."""
+        """The body as ``{init, activation, value}``, and whether the request was a
+        plain web request, its parameters made here."""
         try:
             body = request.json()
         except HTTPError:
-            if not self.raw:
+            if not self.raw and is_json_type(request.headers.get("Content-Type")):
                 raise
             body = None
         if isinstance(body, dict) and set(body) & set(self.ENVELOPE):
-            return body
-        return {"value": body if isinstance(body, dict) else {}, "body": request.body}
+            return body, False
+        return {"value": self.web_parameters(request, body)}, True
+
+    def web_parameters(self, request, body):
+        """A plain web request's parameters: in raw mode its body (text, or base64 if
+        it is not UTF-8) and query as they are; else its query, and a body that is a
+        JSON object or a form merged in, any other body as ``__ow_body``."""
+        if self.raw:
+            return {"__ow_body": body_text(request.body), "__ow_query": request.query}
+        params = parse_query(request.query)
+        content_type = request.headers.get("Content-Type", "").lower()
+        if isinstance(body, dict):
+            params.update(body)
+        elif content_type.startswith("application/x-www-form-urlencoded"):
+            params.update(parse_query(request.body.decode("latin-1")))
+        elif request.body.strip():
+            params["__ow_body"] = body_text(request.body)
+        return params
 
     def knative_init(self, init):
         if not isinstance(init, dict):
@@ -1563,12 +1759,21 @@ class Knative(OpenWhisk):
             self.accepted, self.raw, self.name = key, raw, name
         return status, payload
 
-    def web_activate(self, request, envelope):
+    def web_activate(self, request, envelope, plain):
         activation = envelope.get("activation") or {}
         if not isinstance(activation, dict):
             raise HTTPError(400, "activation must be a JSON object.")
-        value = envelope.get("value", {})
-        message = dict(activation, value=self.parameters(request, value, envelope))
+        params = envelope.get("value", {})
+        if self.raw and not plain:
+            params = {"__ow_body": params if isinstance(params, str) else json.dumps(params),
+                      "__ow_query": request.query}
+        elif isinstance(params, dict) and not plain:
+            params = dict(parse_query(request.query), **params)
+        if isinstance(params, dict):
+            params = dict(params, __ow_method=request.method.lower(), __ow_path="",
+                          __ow_headers={k.lower(): v for k, v in request.headers.items()},
+                          __ow_user=activation.get("namespace") or self.namespace)
+        message = dict(activation, value=params)
         if not message.get("action_name") and self.name:
             message["action_name"] = self.name
         status, result = self.activate(message)
@@ -1576,23 +1781,6 @@ class Knative(OpenWhisk):
                 "statusCode", "headers", "body"}:
             return web_response(result)
         return status, result
-
-    def parameters(self, request, value, envelope):
-        """The action's parameters: the value, and the HTTP context of the request."""
-        if self.raw:
-            body = envelope.get("body")
-            if body is None:
-                body = value if isinstance(value, str) else json.dumps(value)
-            params = {"__ow_body": body_text(body), "__ow_query": request.query}
-        elif isinstance(value, dict):
-            params = dict(parse_query(request.query), **value)
-        else:
-            return value
-        activation = envelope.get("activation") or {}
-        params.update(__ow_method=request.method.lower(), __ow_path="",
-                      __ow_headers={k.lower(): v for k, v in request.headers.items()},
-                      __ow_user=activation.get("namespace") or self.namespace)
-        return params
 
 
 def dedicated_init(environ):
@@ -1606,6 +1794,12 @@ def dedicated_init(environ):
             "name": environ.get("__OW_ACTION_NAME", "")}
 
 
+def is_json_type(content_type):
+    """True for a JSON content type, and for none at all."""
+    media = (content_type or "application/json").split(";")[0].strip().lower()
+    return media == "application/json" or media.endswith("+json")
+
+
 def parse_query(query):
     from urllib.parse import parse_qsl
     return dict(parse_qsl(query))
@@ -1613,8 +1807,6 @@ def parse_query(query):
 
 def body_text(body):
     """A raw body as text: as it is when it is UTF-8, else base64 (OpenWhisk's rule)."""
-    if isinstance(body, str):
-        return body
     try:
         return body.decode("utf-8")
     except UnicodeDecodeError:
@@ -1629,20 +1821,27 @@ CORS = {
                                     "Accept, User-Agent",
 }
 
+# Headers the proxy writes itself: an action's own would contradict them.
+FRAMING_HEADERS = ("content-length", "transfer-encoding", "connection")
+
 
 def web_response(result):
-    """The HTTP response a web action's ``{statusCode, headers, body}`` describes."""
-    status = result.get("statusCode", 200)
+    """The HTTP response a web action's ``{statusCode, headers, body}`` describes:
+    a header whose value is an array is sent once per element, as OpenWhisk does."""
+    status = web_status(result.get("statusCode", 200))
     headers = result.get("headers")
     headers = {} if headers is None else headers
-    if not isinstance(status, int) or isinstance(status, bool) or not 100 <= status <= 599 \
-            or not isinstance(headers, dict):
+    if status is None or not isinstance(headers, dict):
         return 502, {"error": WEB_BAD_RESULT}
-    headers = {str(name): env_string(value) for name, value in headers.items()}
-    content_type = next((value for name, value in headers.items()
-                         if name.lower() == "content-type"), None)
+    pairs = [(str(name), env_string(value))
+             for name, values in headers.items() if str(name).lower() not in FRAMING_HEADERS
+             for value in (values if isinstance(values, list) else [values])]
+    if not all(valid_header(name, value) for name, value in pairs):
+        return 502, {"error": WEB_BAD_RESULT}
+    content_type = next((value for name, value in pairs if name.lower() == "content-type"),
+                        None)
     body = result.get("body")
-    if body is None or body == "":
+    if body is None or body == "" or status in (204, 304):
         data = b""
         status = 204 if status == 200 else status
     elif isinstance(body, str) and (content_type or "").lower().startswith("image/"):
@@ -1657,13 +1856,35 @@ def web_response(result):
         data = json_bytes(body)
         content_type = content_type or "application/json"
     if content_type:
-        headers = {name: value for name, value in headers.items()
-                   if name.lower() != "content-type"}
-        headers["Content-Type"] = content_type
-    for name, value in CORS.items():
-        if name.lower() not in (key.lower() for key in headers):
-            headers[name] = value
-    return status, WebResponse(data, headers)
+        pairs = [(name, value) for name, value in pairs if name.lower() != "content-type"]
+        pairs.append(("Content-Type", content_type))
+    given = {name.lower() for name, _ in pairs}
+    pairs.extend((name, value) for name, value in CORS.items() if name.lower() not in given)
+    return status, WebResponse(data, pairs)
+
+
+def web_status(code):
+    """A web action's statusCode as an int (a number or a string of digits, as
+    OpenWhisk takes it), or None when it is none the proxy can send."""
+    if isinstance(code, str) and code.strip().isdigit():
+        code = int(code)
+    if isinstance(code, float) and code.is_integer():
+        code = int(code)
+    if isinstance(code, int) and not isinstance(code, bool) and 200 <= code <= 599:
+        return code
+    return None
+
+
+def valid_header(name, value):
+    """A header http.server can write as it is: a token for a name, Latin-1 text
+    without line breaks for a value (so no action can split the response)."""
+    try:
+        name.encode("ascii")
+        value.encode("latin-1")
+    except UnicodeEncodeError:
+        return False
+    return (name and not any(c in name for c in " \t\r\n:()<>@,;\\\"/[]?={}")
+            and not any(c in value for c in "\r\n\0"))
 
 
 def health_routes(server):
@@ -1717,8 +1938,11 @@ def zip_directory(folder):
     for root, _, names in os.walk(folder):
         for name in names:
             path = os.path.join(root, name)
-            with open(path, "rb") as file:
-                files[os.path.relpath(path, folder)] = file.read()
+            try:
+                with open(path, "rb") as file:
+                    files[os.path.relpath(path, folder)] = file.read()
+            except OSError as error:
+                raise ClientError("cannot read %s: %s" % (path, error.strerror))
     return zip_files(files, folder)
 
 
@@ -1768,16 +1992,19 @@ def post(url, path, payload, timeout):
     """POSTs JSON to a proxy; returns ``(status, decoded JSON or text)``."""
     import http.client
     from urllib.parse import urlsplit
-    parts = urlsplit(url if "//" in url else "http://" + url)
-    connection = http.client.HTTPConnection(parts.hostname or "127.0.0.1",
-                                            parts.port or 80, timeout=timeout)
+    try:
+        parts = urlsplit(url if "//" in url else "http://" + url)
+        connection = http.client.HTTPConnection(parts.hostname or "127.0.0.1",
+                                                parts.port or 80, timeout=timeout)
+    except ValueError as error:
+        raise ClientError("%s is not a URL: %s" % (url, error))
     try:
         connection.request("POST", parts.path.rstrip("/") + path, json.dumps(payload),
                            {"Content-Type": "application/json"})
         reply = connection.getresponse()
         body = reply.read().decode("utf-8", "replace")
-    except OSError as error:
-        raise ClientError("cannot reach %s: %s" % (url, error))
+    except (OSError, http.client.HTTPException) as error:
+        raise ClientError("cannot reach %s: %s" % (url, error or type(error).__name__))
     finally:
         connection.close()
     try:
@@ -1794,7 +2021,11 @@ def report(what, status, payload, out):
         return 2
     if out:
         sys.stdout.write(json.dumps(payload, indent=2, ensure_ascii=False) + "\n")
-    return 1 if isinstance(payload, dict) and "error" in payload else 0
+    if isinstance(payload, dict) and "error" in payload:
+        sys.stderr.write("owproxy: %s answered an application error: %s\n"
+                         % (what, payload["error"]))
+        return 1
+    return 0
 
 
 class LocalProxy:
@@ -1809,7 +2040,9 @@ class LocalProxy:
         self.url = "http://127.0.0.1:%d" % self.port
         args = [sys.executable, OWPROXY_FILE, "--host", "127.0.0.1", "--port", str(self.port),
                 "--action-dir", os.path.join(self.folder, "action")] + (["--loop"] if loop else [])
-        env = {key: value for key, value in os.environ.items() if key != "FLASK_PROXY_PORT"}
+        # The local proxy is an OpenWhisk one whatever this shell's proxy settings say.
+        env = {key: value for key, value in os.environ.items()
+               if key not in {setting.env for setting in SETTINGS}}
         self.process = subprocess.Popen(args, stdout=self.logs[0], stderr=self.logs[1], env=env)
         self.wait_ready()
 
@@ -1863,6 +2096,7 @@ def invoke(args):
         proxy.show_logs()
         if status != 200:
             return report("/init", status, payload, False)
+        worst = 0
         for number in range(1, args.repeat + 1):
             started = time.monotonic()
             status, payload = post(proxy.url, "/run",
@@ -1872,10 +2106,10 @@ def invoke(args):
             proxy.show_logs()
             if args.repeat > 1:
                 sys.stderr.write("owproxy: run %d took %.1f ms\n" % (number, elapsed * 1000))
-            code = report("/run", status, payload, number == args.repeat)
-            if code == 2:
-                return code
-        return code
+            worst = max(worst, report("/run", status, payload, number == args.repeat))
+            if worst == 2:
+                break
+        return worst
     finally:
         proxy.close()
 
@@ -1919,9 +2153,16 @@ def client_parser():
                              metavar=("KEY", "VALUE"), help="one parameter (VALUE: JSON or text)")
     invoke_command.add_argument("--loop", action="store_true",
                                 help="keep the executable warm (ActionLoop protocol)")
-    invoke_command.add_argument("--repeat", type=int, default=1, metavar="N",
+    invoke_command.add_argument("--repeat", type=positive_int, default=1, metavar="N",
                                 help="run it N times, warm, timing each run")
     return parser
+
+
+def positive_int(text):
+    number = int(text)
+    if number < 1:
+        raise ValueError("not a positive number")
+    return number
 
 
 CLIENT_COMMANDS = {"invoke": invoke, "init": client_init, "run": client_run}
@@ -1954,22 +2195,26 @@ def serve(settings, runner):
     else:
         platform = OpenWhisk(settings, runner, logs)
     try:
-        server = ProxyServer(settings, platform.routes(), logs)
+        server = ProxyServer(settings, platform.routes(), logs, processes)
     except OSError as error:
         raise ConfigError("cannot listen on %s:%s: %s" % (settings.host, settings.port,
                                                           error.strerror or error))
     server.routes.update(health_routes(server))
 
     def stop(signum, frame):
+        """The first signal leaves the serving loop; another one cuts the grace short."""
+        if server.stopping:
+            server.hurried = True
+            return
         server.stopping = True
         raise Shutdown()
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
-    if settings.verbose or sys.stdout.isatty():
-        sys.stderr.write("owproxy %s: serving %s on http://%s:%d\n" % (
-            __version__, settings.action_dir, settings.host, server.server_address[1]))
     try:
+        if settings.verbose or sys.stdout.isatty():
+            sys.stderr.write("owproxy %s: serving %s on http://%s:%d\n" % (
+                __version__, settings.action_dir, settings.host, server.server_address[1]))
         server.serve_forever()
     except Shutdown:
         pass
@@ -1977,12 +2222,19 @@ def serve(settings, runner):
     finished = server.wait_idle(settings.grace)
     runner.close(1.0 if finished else 0.0)
     processes.kill_all()  # overdue activations
-    server.wait_idle(2.0)
+    server.hurried = False
+    server.wait_idle(2.0)  # their answers
     return 0
 
 
 def main(argv=None):
-    argv = sys.argv[1:] if argv is None else argv
+    """Runs the proxy, or one of its commands, and exits with its status, so that a
+    runtime's script may end with a bare ``owproxy.main()`` as with upstream's."""
+    sys.exit(run_command(sys.argv[1:] if argv is None else argv))
+
+
+def run_command(argv):
+    """The proxy, or the command ``argv`` names; returns the exit status."""
     if argv[:1] == ["function-worker"]:
         return function_worker(*argv[1:])
     if argv[:1] and argv[0] in CLIENT_COMMANDS:
@@ -2001,4 +2253,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()
