@@ -33,6 +33,9 @@ OWPROXY = str(HERE / "owproxy.py")
 PYTHON = os.environ.get("OWPROXY_PYTHON") or sys.executable
 SENTINEL = "XXX_THE_END_OF_A_WHISK_ACTIVATION_XXX"
 RUN_TIMED_OUT = {"error": "The action exceeded its time limit and was stopped at its deadline."}
+RUN_EXITED = {"error": "The action exited before it returned a result. See logs for details."}
+BAD_RESULT = {"error": "The action did not return a dictionary or array."}
+INIT_FAILED = {"error": "The action failed to generate or locate a binary. See logs for details."}
 
 
 # ---------------------------------------------------------------------------
@@ -51,12 +54,13 @@ def proxy_command(*args):
 
 
 def proxy_env(extra=None, other_user=False):
-    """This environment without the proxy's settings; without coverage's either for a
-    process that runs as another user, since it could not write coverage's data."""
+    """This environment without the proxy's settings, nor PYTHONUNBUFFERED (a
+    container has none); without coverage's either for a process that runs as
+    another user, since it could not write coverage's data."""
     unwanted = ("__OW_", "OWPROXY_", "COVERAGE_") if other_user else ("__OW_", "OWPROXY_")
     env = {key: value for key, value in os.environ.items()
            if not key.startswith(unwanted)
-           and key not in ("PROXY_ALLOW_REINIT", "FLASK_PROXY_PORT")}
+           and key not in ("PROXY_ALLOW_REINIT", "FLASK_PROXY_PORT", "PYTHONUNBUFFERED")}
     env.update(extra or {})
     return env
 
@@ -521,7 +525,16 @@ def test_init_twice_is_refused_with_the_exact_403_and_no_sentinel(proxy):
     assert response.status == 403
     assert response.json == {"error": "Cannot initialize the action more than once."}
     out, err = check_streams(proxy, sentinels=0)
-    assert "Cannot initialize the action more than once." in out + err
+    assert (out, err) == ("", "Cannot initialize the action more than once.")
+
+
+@pytest.mark.parametrize("body", [b"{nope", b"[]", b'{"value": "code"}'])
+def test_a_second_init_is_refused_whatever_its_body(proxy, body):
+    assert proxy.init(NOT_JSON).status == 200
+    response = proxy.post("/init", body)
+    assert (response.status, response.json) == (
+        403, {"error": "Cannot initialize the action more than once."})
+    check_streams(proxy, sentinels=0)
 
 
 def test_entry_point_other_than_main(proxy):
@@ -671,7 +684,6 @@ def zip_bytes(files):
 # /init: code, archives, environment, atomic installation
 # ---------------------------------------------------------------------------
 
-INIT_FAILED = {"error": "The action failed to generate or locate a binary. See logs for details."}
 ENV_PARTITION = python_script("""
 import json, os
 print(json.dumps({k: os.environ.get(k) for k in ("ARRAY", "OBJECT", "STRING", "NUMBER", "BOOL", "NULL")}))
@@ -719,6 +731,10 @@ BAD_INITS = {
                           "env must be a JSON object, not an array"),
     "env value with NUL": (lambda out: {"code": "x", "env": {"A": "a\u0000b"}},
                            "cannot be exported as an environment variable"),
+    "env value with a lone surrogate": (lambda out: {"code": "x", "env": {"A": "\ud800"}},
+                                        "'A' cannot be exported as an environment variable"),
+    "source with a lone surrogate": (lambda out: {"code": "#!/bin/sh\necho '\ud800'"},
+                                     "surrogates not allowed"),
     "archive too big": (lambda out: {"code": make_zip({"exec": "#" * 5000}), "binary": True},
                         "the archive expands to 5000 bytes, more than the limit of 4096"),
     "dot-dot entry": (lambda out: {"code": make_zip({"exec": "x", "../evil": "x"}),
@@ -743,7 +759,7 @@ def test_a_failed_init_is_the_exact_502_with_its_cause_and_changes_nothing(proxi
     assert (response.status, response.json) == (502, INIT_FAILED)
     _, err = check_streams(proxy)
     assert cause in err
-    assert sorted(os.listdir(proxy.action_dir)) == before
+    assert sorted(os.listdir(proxy.action_dir)) == before  # no staging left behind either
     assert os.listdir(outside) == []
     assert not (tmp_path / "evil").exists()
     assert proxy.run().json == {"version": "old"}
@@ -959,6 +975,68 @@ echo "{\\"child\\": $!}"
     check_streams(proxy)
 
 
+def pid_namespaces_work():
+    try:
+        return subprocess.run(["unshare", "--pid", "--fork", "--mount-proc", "true"],
+                              stderr=subprocess.DEVNULL, timeout=10).returncode == 0
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+
+
+def children(pid):
+    """The pids whose parent is ``pid``, with their state letter."""
+    found = {}
+    for name in os.listdir("/proc"):
+        try:
+            with open("/proc/%s/stat" % name) as stat_file:
+                fields = stat_file.read().rpartition(")")[2].split()
+        except (OSError, ValueError):
+            continue
+        if name.isdigit() and int(fields[1]) == pid:
+            found[int(name)] = fields[0]
+    return found
+
+
+@pytest.mark.skipif(not pid_namespaces_work(), reason="no PID namespaces (unshare) here")
+def test_as_pid_1_the_proxy_reaps_what_actions_leave_behind(command_proxies):
+    proxy = command_proxies(lambda port, action_dir: (
+        ["unshare", "--pid", "--fork", "--mount-proc", "--kill-child"]
+        + proxy_command("--host", "127.0.0.1", "--port", str(port), "--action-dir",
+                        action_dir), {}))
+    (pid_1,) = children(proxy.process.pid)  # unshare's one child: PID 1 inside
+    try:
+        assert proxy.init(bash("""
+(sleep 60) &
+(sleep 60 &)
+echo '{"ok": true}'
+""")).status == 200
+        for _ in range(3):
+            assert proxy.run().json == {"ok": True}
+        assert wait_for(lambda: "Z" not in children(pid_1).values()), children(pid_1)
+        assert proxy.run().json == {"ok": True}
+    finally:
+        os.kill(pid_1, signal.SIGTERM)  # unshare itself does not pass signals on
+    assert proxy.process.wait(10) == 0
+
+
+def test_a_run_during_a_reinit_always_finds_an_executable(proxies):
+    proxy = proxies(env={"PROXY_ALLOW_REINIT": "1", "__OW_ALLOW_CONCURRENT": "true"})
+    assert proxy.init(ECHO_RESULT).status == 200
+    stop = threading.Event()
+
+    def reinit():
+        while not stop.is_set():
+            assert proxy.init(ECHO_RESULT).status == 200
+
+    reinits = in_thread(reinit)
+    try:
+        statuses = [proxy.run().status for _ in range(150)]
+    finally:
+        stop.set()
+        reinits()
+    assert statuses == [200] * 150
+
+
 DEADLINE_ACTION = bash("""
 sleep 60 &
 echo $! > child.pid
@@ -1103,6 +1181,7 @@ def test_a_body_over_the_limit_is_413_before_it_is_read(proxies, how, expect):
         assert client.closed_by_peer()
     finally:
         client.close()
+    check_streams(proxy, sentinels=1)  # a /run answer, however early
     assert proxy.run({"fits": "x" * 900}).status == 200
 
 
@@ -1161,15 +1240,17 @@ def test_chunked_request_bodies_are_accepted_for_init_and_run(proxy):
         client.close()
 
 
-@pytest.mark.parametrize("chunks", [b"zz\r\n", b"2\r\n{}XX", b"5\r\n{}"],
-                         ids=["bad-size", "no-crlf-after-data", "short-chunk"])
+@pytest.mark.parametrize("chunks", [b"zz\r\n", b"2\r\n{}XX", b"5\r\n{}", b"-1\r\n{}\r\n",
+                                    b"+2\r\n{}\r\n", b"0x2\r\n{}\r\n", b"0_2\r\n{}\r\n"],
+                         ids=["bad-size", "no-crlf-after-data", "short-chunk", "negative",
+                              "plus-sign", "0x-prefix", "underscore"])
 def test_a_malformed_chunked_body_is_400(proxy, chunks):
     assert proxy.init(ECHO_RESULT).status == 200
     client = RawClient(proxy)
     try:
         client.send(head("POST", "/run", "Transfer-Encoding: chunked") + chunks)
         if chunks.endswith(b"{}"):
-            client.sock.shutdown(socket.SHUT_WR)
+            client.sock.shutdown(socket.SHUT_WR)  # were it read to the end, this would end it
         response = client.response()
         assert response.status == 400, response
         check_json_response(response)
@@ -1295,10 +1376,25 @@ wait
     assert time.time() - started < 5, "the proxy waited for the action, not the grace"
     for name in ("main.pid", "child.pid"):
         assert gone_or_zombie(int((proxy.action_dir / name).read_text())), name
-    try:
-        run()
-    except (OSError, http.client.HTTPException):
-        pass  # the connection may close unanswered: the proxy is gone
+    response = run()  # answered before the proxy exits
+    assert (response.status, response.json) == (502, BAD_RESULT)
+    assert "the action was killed by signal 9 (SIGKILL)" in check_streams(proxy)[1]
+
+
+def test_a_second_signal_cuts_the_grace_short(proxies):
+    proxy = proxies("--grace", "60")
+    assert proxy.init(bash("touch started\nsleep 60")).status == 200
+    run = in_thread(proxy.run, timeout=30)
+    assert wait_for(lambda: (proxy.action_dir / "started").exists())
+    proxy.process.send_signal(signal.SIGINT)
+    time.sleep(0.5)
+    assert proxy.process.poll() is None, "the first signal did not wait for the action"
+    proxy.process.send_signal(signal.SIGINT)
+    assert proxy.process.wait(10) == 0
+    response = run()
+    assert (response.status, response.json) == (502, BAD_RESULT)
+    _, err = check_streams(proxy)
+    assert "Traceback" not in err and "killed by signal 9" in err
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
@@ -1417,7 +1513,8 @@ import os, sys
 sys.path.insert(0, REPO)
 import owproxy
 
-EPILOGUE = r'''printf '{"who": "%s", "var": "%s", "built": "%s"}\n' "$WHO" "$MY_VAR" "$BUILT"'''
+EPILOGUE = ("printf '{\"who\": \"%s\", \"var\": \"%s\", \"built\": \"%s\", \"cwd\": \"%s\"}\\n' "
+            "\"$WHO\" \"$MY_VAR\" \"$BUILT\" \"$PROXY_CWD\"")
 
 
 class MyRunner(owproxy.ActionRunner):
@@ -1431,7 +1528,7 @@ class MyRunner(owproxy.ActionRunner):
         with open(self.source) as source:
             code = source.read()
         if "BUILD-FAILS" in code:
-            sys.stderr.write("my build failed\n")
+            print("my build failed")  # sys.stdout, block-buffered: not yet written
             return False
         with open(self.binary, "w") as binary:
             binary.write("#!/bin/bash\nBUILT=yes\n" + code)
@@ -1441,63 +1538,135 @@ class MyRunner(owproxy.ActionRunner):
     def env(self, message):
         env = owproxy.ActionRunner.env(self, message)
         env["MY_VAR"] = "from the env hook"
+        env["PROXY_CWD"] = os.getcwd()
         return env
+
+    def run(self, args, env):
+        if args.get("answer") == "bytes":
+            return 200, {"raw": b"not JSON"}
+        if args.get("answer") == "three":
+            return 200, {}, "one too many"
+        return owproxy.ActionRunner.run(self, args, env)
+
+
+class VerifyOnlyRunner(owproxy.ActionRunner):
+    def verify(self):  # upstream style: no call to the base class
+        return os.access(self.binary, os.X_OK)
+
+
+class RaisingRunner(owproxy.ActionRunner):
+    def init(self, message):
+        raise RuntimeError("boom in init")
 
 
 ACTION_DIR = sys.argv[sys.argv.index("--action-dir") + 1]
-owproxy.setRunner(MyRunner(os.path.join(ACTION_DIR, "action.sh"),
-                           os.path.join(ACTION_DIR, "exec")))
+RUNNERS = {
+    "build": lambda: MyRunner(os.path.join(ACTION_DIR, "action.sh"),
+                              os.path.join(ACTION_DIR, "exec")),
+    "verify-only": VerifyOnlyRunner,
+    "raising": RaisingRunner,
+}
+owproxy.setRunner(RUNNERS[os.environ["RUNNER"]]())
 owproxy.main()  # upstream style: main() exits by itself
 """
 
 
 @pytest.fixture
-def extended_proxy(command_proxies, tmp_path):
+def extended_proxies(command_proxies, tmp_path):
+    """Proxies started from a script that subclasses ActionRunner, as runtimes do."""
     script = tmp_path / "my_proxy.py"
     script.write_text(EXTENSION.replace("REPO", repr(str(HERE))))
-    return command_proxies(lambda port, action_dir: (
-        [PYTHON, str(script), "--host", "127.0.0.1", "--port", str(port),
-         "--action-dir", action_dir], {}), "--allow-reinit")
+
+    def start(runner="build"):
+        return command_proxies(lambda port, action_dir: (
+            [PYTHON, str(script), "--host", "127.0.0.1", "--port", str(port),
+             "--action-dir", action_dir], {"RUNNER": runner}), "--allow-reinit")
+
+    return start
 
 
-def test_a_runner_subclass_hooks_epilogue_build_and_env(extended_proxy):
-    proxy = extended_proxy
+def built_result(proxy, who):
+    return {"who": who, "var": "from the env hook", "built": "yes",
+            "cwd": str(proxy.action_dir)}
+
+
+def test_a_runner_subclass_hooks_epilogue_build_and_env(extended_proxies):
+    proxy = extended_proxies()
     response = proxy.init("WHO=world")
     assert (response.status, response.json) == (200, {"ok": True})
     source = (proxy.action_dir / "action.sh").read_text()
-    assert source.startswith("WHO=world\n") and source.rstrip().endswith('"$BUILT"')
+    assert source.startswith("WHO=world\n") and source.rstrip().endswith('"$PROXY_CWD"')
     assert (proxy.action_dir / "exec").read_text().startswith("#!/bin/bash\nBUILT=yes\n")
     response = proxy.run()
-    assert (response.status, response.json) == (200, {
-        "who": "world", "var": "from the env hook", "built": "yes"})
+    assert (response.status, response.json) == (200, built_result(proxy, "world"))
     assert check_streams(proxy) == ("", "")
 
 
-def test_a_build_that_returns_false_fails_init_and_keeps_the_previous_action(extended_proxy):
-    proxy = extended_proxy
+def test_a_build_that_returns_false_fails_init_and_keeps_the_previous_action(extended_proxies):
+    proxy = extended_proxies()
     assert proxy.init("WHO=first").status == 200
     response = proxy.init("WHO=second # BUILD-FAILS")
     assert (response.status, response.json) == (502, INIT_FAILED)
     assert response.body == json.dumps(INIT_FAILED).encode()
-    _, err = check_streams(proxy)
-    assert "my build failed" in err
+    out, _ = proxy.logs()
+    assert out.index("my build failed") < out.index(SENTINEL), "printed after the sentinel"
     assert (proxy.action_dir / "action.sh").read_text().startswith("WHO=first\n")
     response = proxy.run()
-    assert (response.status, response.json) == (200, {
-        "who": "first", "var": "from the env hook", "built": "yes"})
+    assert (response.status, response.json) == (200, built_result(proxy, "first"))
+
+
+def test_an_init_without_code_skips_epilogue_and_build(extended_proxies):
+    proxy = extended_proxies()
+    assert proxy.init("WHO=first").status == 200
+    source = (proxy.action_dir / "action.sh").read_text()
+    assert proxy.post("/init", {"value": {}}).status == 200
+    assert (proxy.action_dir / "action.sh").read_text() == source
+    assert proxy.run().json == built_result(proxy, "first")
+
+
+def test_a_zip_whose_executable_the_build_makes(extended_proxies):
+    proxy = extended_proxies()
+    response = proxy.init_zip({"action.sh": ("WHO=zipped\n", 0o644)})
+    assert (response.status, response.json) == (200, {"ok": True})
+    assert proxy.run().json == built_result(proxy, "zipped")
+
+
+@pytest.mark.parametrize("answer", ["bytes", "three"])
+def test_a_run_hook_whose_answer_cannot_be_sent_is_a_500_with_sentinels(extended_proxies,
+                                                                         answer):
+    proxy = extended_proxies()
+    assert proxy.init("WHO=x").status == 200
+    response = proxy.run({"answer": answer})
+    assert response.status == 500
+    assert response.json["error"].startswith("Internal error. ")
+    check_streams(proxy)
+    assert proxy.run().json == built_result(proxy, "x")
+
+
+def test_an_init_hook_that_raises_is_the_exact_502(extended_proxies):
+    proxy = extended_proxies("raising")
+    response = proxy.init("anything")
+    assert (response.status, response.json) == (502, INIT_FAILED)
+    assert "boom in init" in check_streams(proxy)[1]
+
+
+def test_a_runner_that_overrides_verify_alone_runs_the_baked_exec(extended_proxies):
+    proxy = extended_proxies("verify-only")
+    (proxy.action_dir / "exec").write_text(bash("echo '{\"baked\": 1}'"))
+    (proxy.action_dir / "exec").chmod(0o755)
+    response = proxy.run()
+    assert (response.status, response.json) == (200, {"baked": 1})
 
 
 # ---------------------------------------------------------------------------
 # Warm actions: ActionLoop executables (--loop)
 # ---------------------------------------------------------------------------
 
-RUN_EXITED = {"error": "The action exited before it returned a result. See logs for details."}
-BAD_RESULT = {"error": "The action did not return a dictionary or array."}
 
 LOOP_ACTION = python_script(r'''
 import json, os, sys, time
 results = os.fdopen(3, "w")
-if os.environ.get("OW_WAIT_FOR_ACK"):
+if os.environ.get("__OW_WAIT_FOR_ACK"):  # as openwhisk-runtime-go's launchers check
     results.write('{"ok": true}\n'); results.flush()
 count = 0
 for line in sys.stdin:
@@ -1626,7 +1795,8 @@ def test_concurrent_loop_runs_get_a_process_each(proxies, tmp_path):
     assert [r.status for r in results] == [200, 200, 200]
     assert len({r.json["pid"] for r in results}) == 3
     assert [r.json["request"]["activation_id"] for r in results] == ["act0", "act1", "act2"]
-    assert check_streams(proxy, sentinels=3)
+    out, _ = check_streams(proxy, sentinels=3)
+    assert sorted(out.split("\n")) == ["log from act0", "log from act1", "log from act2"]
 
 
 # ---------------------------------------------------------------------------
@@ -1814,7 +1984,7 @@ def test_knative_inits_and_runs_in_one_request_with_the_http_context(proxies):
     assert headers["x-trace"] == "t1" and "host" in headers
     assert args == {"name": "x", "q": "1", "__ow_method": "post", "__ow_path": "",
                     "__ow_user": "ns"}
-    assert check_streams(proxy)
+    assert check_streams(proxy) == ("", "")
 
 
 def test_knative_runs_on_a_warm_container_with_per_activation_fields(proxies):
