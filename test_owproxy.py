@@ -78,9 +78,13 @@ class Response:
 
 
 class Proxy:
-    """One proxy process, its action directory, and its two log streams."""
+    """One proxy process, its action directory, and its two log streams.  A
+    ``command(port, action_dir)`` gives another command line to start it with,
+    and the extra environment for it."""
 
-    def __init__(self, root, args=(), env=None, action_dir=None, start=True, preexec_fn=None):
+    def __init__(self, root, args=(), env=None, action_dir=None, start=True, preexec_fn=None,
+                 command=None):
+        self.command = command or self.command
         self.root = Path(root)
         self.action_dir = Path(action_dir) if action_dir else self.root / "action"
         self.action_dir.mkdir(parents=True, exist_ok=True)
@@ -166,8 +170,8 @@ class Proxy:
 def proxies(tmp_path):
     started = []
 
-    def start(*args, env=None, name="p", **kwargs):
-        proxy = Proxy(tmp_path / ("%s%d" % (name, len(started))), args, env, **kwargs)
+    def start(*args, env=None, **kwargs):
+        proxy = Proxy(tmp_path / ("p%d" % len(started)), args, env, **kwargs)
         started.append(proxy)
         return proxy
 
@@ -452,31 +456,6 @@ def public_dir():
     path.chmod(0o755)
     yield path
     shutil.rmtree(str(path), ignore_errors=True)
-
-
-class CommandProxy(Proxy):
-    """A Proxy started from another command line: ``command(port, action_dir)`` gives
-    the argv and the extra environment for the free port it is to listen on."""
-
-    def __init__(self, root, command, **kwargs):
-        self.command = command
-        Proxy.__init__(self, root, **kwargs)
-
-
-@pytest.fixture
-def command_proxies(tmp_path):
-    started = []
-
-    def start(command, *args, env=None, **kwargs):
-        proxy = CommandProxy(tmp_path / ("c%d" % len(started)), command, args=args, env=env,
-                             **kwargs)
-        started.append(proxy)
-        return proxy
-
-    yield start
-    for proxy in started:
-        if proxy.process and proxy.process.poll() is None:
-            proxy.stop()
 
 
 ECHO_RESULT = bash("echo '{\"ok\": \"run\"}'")
@@ -998,8 +977,8 @@ def children(pid):
 
 
 @pytest.mark.skipif(not pid_namespaces_work(), reason="no PID namespaces (unshare) here")
-def test_as_pid_1_the_proxy_reaps_what_actions_leave_behind(command_proxies):
-    proxy = command_proxies(lambda port, action_dir: (
+def test_as_pid_1_the_proxy_reaps_what_actions_leave_behind(proxies):
+    proxy = proxies(command=lambda port, action_dir: (
         ["unshare", "--pid", "--fork", "--mount-proc", "--kill-child"]
         + proxy_command("--host", "127.0.0.1", "--port", str(port), "--action-dir",
                         action_dir), {}))
@@ -1449,19 +1428,19 @@ def test_an_invalid_environment_value_is_a_one_line_error_and_exit_2(tmp_path, n
     check_one_line_error(completed, name, value)
 
 
-def test_the_port_comes_from_flask_proxy_port_without_port(command_proxies):
-    proxy = command_proxies(lambda port, action_dir: (
+def test_the_port_comes_from_flask_proxy_port_without_port(proxies):
+    proxy = proxies(command=lambda port, action_dir: (
         proxy_command("--host", "127.0.0.1", "--action-dir", action_dir),
         {"FLASK_PROXY_PORT": str(port)}))
     assert proxy.init(ECHO_RESULT).status == 200
     check_a_run_still_works(proxy)
 
 
-def test_port_wins_over_flask_proxy_port(command_proxies):
+def test_port_wins_over_flask_proxy_port(proxies):
     with socket.socket() as taken:  # were FLASK_PROXY_PORT used, the proxy could not start
         taken.bind(("127.0.0.1", 0))
         taken.listen(1)
-        proxy = command_proxies(lambda port, action_dir: (
+        proxy = proxies(command=lambda port, action_dir: (
             proxy_command("--host", "127.0.0.1", "--port", str(port), "--action-dir",
                           action_dir),
             {"FLASK_PROXY_PORT": str(taken.getsockname()[1])}))
@@ -1572,15 +1551,15 @@ owproxy.main()  # upstream style: main() exits by itself
 
 
 @pytest.fixture
-def extended_proxies(command_proxies, tmp_path):
+def extended_proxies(proxies, tmp_path):
     """Proxies started from a script that subclasses ActionRunner, as runtimes do."""
     script = tmp_path / "my_proxy.py"
     script.write_text(EXTENSION.replace("REPO", repr(str(HERE))))
 
     def start(runner="build"):
-        return command_proxies(lambda port, action_dir: (
+        return proxies("--allow-reinit", command=lambda port, action_dir: (
             [PYTHON, str(script), "--host", "127.0.0.1", "--port", str(port),
-             "--action-dir", action_dir], {"RUNNER": runner}), "--allow-reinit")
+             "--action-dir", action_dir], {"RUNNER": runner}))
 
     return start
 
