@@ -26,7 +26,6 @@ The file reads top to bottom:
 8. CLI             ``main()``
 """
 
-import argparse
 import contextlib
 import functools
 import json
@@ -37,7 +36,19 @@ import subprocess
 import sys
 import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+# http.server imports http.client, which imports ssl: some 4 MiB and several
+# milliseconds at every start, for TLS that nothing here speaks.  ssl is kept out
+# while http.server loads, and that http.client forgotten after, so that code
+# importing http.client later (a runner's, the client commands') gets all of it.
+_SSL_WANTED = "ssl" in sys.modules or "http.client" in sys.modules
+if not _SSL_WANTED:
+    sys.modules["ssl"] = None
+try:
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+finally:
+    if not _SSL_WANTED:
+        del sys.modules["ssl"], sys.modules["http.client"]
 
 __version__ = "1.0.0"
 OWPROXY_FILE = os.path.abspath(__file__)
@@ -187,6 +198,7 @@ class Settings:
 
 
 def settings_parser():
+    import argparse
     parser = argparse.ArgumentParser(
         prog="owproxy.py",
         description="Serve an OpenWhisk action (the /init and /run protocol) over HTTP.",
@@ -204,10 +216,11 @@ def settings_parser():
 
 def resolve_settings(argv, environ):
     """Flags win over environment variables, which win over defaults."""
-    given = vars(settings_parser().parse_args(argv))
+    # No arguments, a container's usual start: argparse need not even be imported.
+    given = vars(settings_parser().parse_args(argv)) if argv else {}
     values = {}
     for setting in SETTINGS:
-        if given[setting.name] is not None:
+        if given.get(setting.name) is not None:
             values[setting.name] = given[setting.name]
         elif setting.env in environ:
             try:
@@ -996,17 +1009,13 @@ class Pump:
         return "finished"
 
     def read(self, key):
-        """Takes one chunk from a pipe; False once there is nothing more to read now."""
-        try:
-            chunk = os.read(key.fd, 65536)
-        except BlockingIOError:
-            return False
+        """Takes one chunk from a pipe the selector found ready."""
+        chunk = os.read(key.fd, 65536)
         if chunk:
             key.data.feed(chunk)
-            return True
-        self.selector.unregister(key.fileobj)
-        key.data.close()
-        return False
+        else:
+            self.selector.unregister(key.fileobj)
+            key.data.close()
 
     def write_stdin(self):
         """Writes what the pipe takes; True once everything queued is written."""
@@ -1023,12 +1032,12 @@ class Pump:
     def drain(self):
         """Takes what the pipes already hold, without waiting for more, and ends
         the logs' last lines, so the sentinels that follow stand alone."""
-        for key in list(self.selector.get_map().values()):
-            if not isinstance(key.data, str):
-                os.set_blocking(key.fd, False)
-                while self.read(key):
-                    pass
-                os.set_blocking(key.fd, True)
+        for _ in range(64):  # a bound: a process may write faster than this reads
+            ready = [key for key, _ in self.selector.select(0) if not isinstance(key.data, str)]
+            if not ready:
+                break
+            for key in ready:
+                self.read(key)
         self.stdout.close()
         self.stderr.close()
 
@@ -2004,7 +2013,8 @@ def post(url, path, payload, timeout):
         reply = connection.getresponse()
         body = reply.read().decode("utf-8", "replace")
     except (OSError, http.client.HTTPException) as error:
-        raise ClientError("cannot reach %s: %s" % (url, error or type(error).__name__))
+        reason = " ".join(str(error).split()) or type(error).__name__  # one line, always
+        raise ClientError("cannot reach %s: %s" % (url, reason))
     finally:
         connection.close()
     try:
@@ -2128,6 +2138,7 @@ def client_run(args):
 
 
 def client_parser():
+    import argparse
     parser = argparse.ArgumentParser(prog="owproxy.py", description=(
         "Try an action locally (invoke), or talk to a running action container (init, run). "
         "Exit status: 0 success, 1 application error, 2 developer error."))
