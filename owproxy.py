@@ -32,6 +32,7 @@ import json
 import os
 import selectors
 import signal
+import socketserver
 import subprocess
 import sys
 import threading
@@ -469,6 +470,12 @@ class ProxyServer(ThreadingHTTPServer):
         """A client that went away is not news; the logs belong to the action."""
         if self.settings.verbose:
             ThreadingHTTPServer.handle_error(self, request, client_address)
+
+    def server_bind(self):
+        """HTTPServer's, without its reverse DNS lookup of the address (for a
+        server_name nothing here uses), which can stall a start where DNS is slow."""
+        socketserver.TCPServer.server_bind(self)
+        self.server_name, self.server_port = self.server_address[:2]
 
     def service_actions(self):
         """Called by serve_forever() between requests, at least twice a second."""

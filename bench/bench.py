@@ -157,7 +157,7 @@ PYTHON_FUNCTION = 'def main(args):\n    return {"ok": True}\n'
 
 # The HTTP floor: the stdlib server owproxy is built on, answering at once.
 BARE_SERVER = r'''
-import sys
+import os
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 class Handler(BaseHTTPRequestHandler):
@@ -174,7 +174,7 @@ class Handler(BaseHTTPRequestHandler):
     def log_message(self, *args):
         pass
 
-port = int(sys.argv[sys.argv.index("--port") + 1])
+port = int(os.environ["FLASK_PROXY_PORT"])
 ThreadingHTTPServer(("127.0.0.1", port), Handler).serve_forever()
 '''
 
@@ -247,12 +247,16 @@ class Proxy:
 
     def __init__(self, action_dir, args=(), env=None, command=None):
         self.port = free_port()
-        argv = (command or [PYTHON, OWPROXY]) + [
-            "--host", "127.0.0.1", "--port", str(self.port), "--action-dir", action_dir]
+        # Settings from the environment, as an image sets them: a start with no
+        # arguments is the one to measure.
+        settings = {"OWPROXY_HOST": "127.0.0.1", "FLASK_PROXY_PORT": str(self.port),
+                    "OWPROXY_ACTION_DIR": action_dir}
+        settings.update(env or {})
         # Its own process group, so that "left in the proxy's group" means something.
         self.process = subprocess.Popen(
-            argv + list(args), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL, env=clean_env(env), start_new_session=True)
+            (command or [PYTHON, OWPROXY]) + list(args), stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=clean_env(settings),
+            start_new_session=True)
         self.pid = self.process.pid
 
     def __enter__(self):
