@@ -12,7 +12,9 @@ It is a drop-in replacement for the Flask + gevent ``actionproxy.py`` of
 OpenWhisk's dockerskeleton image, with the same routes, statuses and messages,
 and without its faults: every activation gets its own environment, a deadline
 stops a runaway action, background children cannot hold an answer back, and a
-bad request or a broken action never takes the proxy down.
+bad request or a broken action never takes the proxy down.  It also keeps
+actions warm: ActionLoop executables (``--loop``) and Python ``main(args)``
+functions, and it speaks Knative.
 
 The file reads top to bottom:
 
@@ -20,7 +22,8 @@ The file reads top to bottom:
 2. Logs            the action's log streams and the end-of-activation sentinels
 3. HTTP layer      the server, a thin request handler, JSON bodies and errors
 4. Init            installing code: source, zip archives, atomic replacement
-5. Execution       ActionRunner (the subclassable runner) and the process pump
+5. Execution       processes and their pump; warm processes (ActionLoop, Python
+                   functions); ActionRunner, the subclassable runner
 6. Platforms       the OpenWhisk and Knative routes, health endpoints
 7. Client          ``invoke`` an action locally; ``init`` and ``run`` a container
 8. CLI             ``main()``

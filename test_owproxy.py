@@ -8,7 +8,6 @@ functions come last.
 import base64
 import contextlib
 import ctypes
-import glob
 import http.client
 import io
 import json
@@ -2689,17 +2688,31 @@ def test_the_compose_file_builds_the_project_image_with_its_health_check():
     assert '"8080:8080"' in compose and "/healthz" in compose
 
 
-def readme_curls():
-    """The README's one-line curl commands, each with the JSON it says comes back (or None)."""
-    lines = (HERE / "README.md").read_text().splitlines()
+def readme_curls(section):
+    """The one-line curl commands of a README section, each with what it says comes
+    back: JSON (``# {...}``) or text (``# <text>   (Content-Type: ...)``), or None."""
+    text = (HERE / "README.md").read_text()
+    lines = text.split("\n## " + section + "\n", 1)[1].split("\n## ", 1)[0].splitlines()
     curls = []
     for number, line in enumerate(lines):
         if line.startswith("    curl ") and line.count("'") % 2 == 0:
             command, _, inline = line.strip().partition("  # ")
             following = lines[number + 1].strip() if number + 1 < len(lines) else ""
-            expected = inline or (following[2:] if following.startswith("# {") else None)
-            curls.append((command.strip(), expected and json.loads(expected)))
+            expected = inline or (following[2:] if following.startswith("# ") else None)
+            curls.append((command.strip(), expected))
     return curls
+
+
+def run_curls(curls, port):
+    """Runs README curl lines against a proxy on ``port``; their outputs."""
+    outputs = []
+    for command, _ in curls:
+        command = command.replace("localhost:8080", "127.0.0.1:%d" % port)
+        result = subprocess.run(["sh", "-c", command], capture_output=True, text=True,
+                                timeout=30)
+        assert result.returncode == 0, command
+        outputs.append(result.stdout)
+    return outputs
 
 
 def test_make_run_serves_the_demo_action_and_the_readme_curl_lines_work(tmp_path):
@@ -2716,18 +2729,23 @@ def test_make_run_serves_the_demo_action_and_the_readme_curl_lines_work(tmp_path
         assert proxy.wait_ready()
         response = proxy.run({"name": "Dee"})
         assert (response.status, response.json) == (200, {"greeting": "Hello, Dee!"})
-        curls = readme_curls()
+        curls = readme_curls("The two commands") + readme_curls("Actions")
         assert len([expected for _, expected in curls if expected]) >= 4
-        for command, expected in curls:
-            command = command.replace("localhost:8080", "127.0.0.1:%d" % port)
-            result = subprocess.run(["sh", "-c", command], capture_output=True, text=True,
-                                    timeout=30)
-            assert result.returncode == 0, command
+        for (command, expected), output in zip(curls, run_curls(curls, port)):
             if expected is not None:
-                assert json.loads(result.stdout) == expected, command
+                assert json.loads(output) == json.loads(expected), command
     finally:
         os.killpg(server.pid, signal.SIGTERM)
         server.wait(30)
+
+
+def test_the_readme_knative_request_works(proxies):
+    proxy = proxies(env={"__OW_RUNTIME_PLATFORM": "knative"})
+    ((command, expected),) = readme_curls("Knative")
+    (output,) = run_curls([(command + " -i", expected)], proxy.port)
+    body, _, content_type = expected.partition("(Content-Type: ")
+    assert output.endswith("\n\n" + body.strip()), output  # text mode: \r\n read as \n
+    assert "Content-Type: " + content_type.rstrip(")") in output
 
 
 def test_the_readme_lists_every_setting():

@@ -7,7 +7,7 @@ import os
 import sys
 
 results = os.fdopen(3, "w")
-if os.environ.get("OW_WAIT_FOR_ACK"):
+if os.environ.get("__OW_WAIT_FOR_ACK"):  # the proxy sets it when OW_WAIT_FOR_ACK is set
     results.write('{"ok": true}\n')
     results.flush()
 served = 0
