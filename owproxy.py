@@ -41,19 +41,6 @@ import sys
 import threading
 import time
 
-# http.server imports http.client, which imports ssl: some 4 MiB and several
-# milliseconds at every start, for TLS that nothing here speaks.  ssl is kept out
-# while http.server loads, and that http.client forgotten after, so that code
-# importing http.client later (a runner's, the client commands') gets all of it.
-_SSL_WANTED = "ssl" in sys.modules or "http.client" in sys.modules
-if not _SSL_WANTED:
-    sys.modules["ssl"] = None
-try:
-    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-finally:
-    if not _SSL_WANTED:
-        del sys.modules["ssl"], sys.modules["http.client"]
-
 __version__ = "1.0.0"
 OWPROXY_FILE = os.path.abspath(__file__)
 
@@ -402,6 +389,38 @@ class ResultForwarder(LineForwarder):
 # 3. HTTP layer
 # ============================================================================
 
+def import_http_server_without_ssl():
+    """Imports http.server without ssl, unless something has imported ssl already.
+
+    http.server imports http.client, which imports ssl: some 4 MiB and several
+    milliseconds at every start, for TLS that nothing here speaks.  ssl is kept
+    out while they load; http.client completes itself, reloading with ssl, the
+    first time code (a runner's, a Python action's) asks for what ssl brings.
+    """
+    if "ssl" in sys.modules or "http.client" in sys.modules:
+        return
+    sys.modules["ssl"] = None
+    try:
+        __import__("http.server")
+    finally:
+        del sys.modules["ssl"]
+    client = sys.modules["http.client"]
+
+    def complete(name):
+        if name in ("HTTPSConnection", "ssl"):
+            import importlib
+            importlib.reload(client)
+            if name in client.__dict__:
+                return client.__dict__[name]
+        raise AttributeError("module 'http.client' has no attribute %r" % name)
+
+    client.__getattr__ = complete
+
+
+import_http_server_without_ssl()
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer  # noqa: E402
+
+
 class HTTPError(Exception):
     """An answer other than success, raised from anywhere in a request."""
 
@@ -413,13 +432,17 @@ class HTTPError(Exception):
 class Route:
     """What a path accepts: its methods, its handler (a Request in, ``(status,
     payload)`` out), the lock it runs under, and after which answers the log
-    sentinels close an activation.  A quiet route stays out of the access log."""
+    sentinels close an activation.  A quiet route stays out of the access log.
+    ``headers`` go with every answer that does not set them itself; with
+    ``preflight``, an OPTIONS request gets them at once, without the handler."""
 
-    def __init__(self, handle, methods=("POST",), lock=None, sentinels=None, quiet=False):
+    def __init__(self, handle, methods=("POST",), lock=None, sentinels=None, quiet=False,
+                 headers=(), preflight=False):
         self.handle, self.methods = handle, methods
         self.lock = lock or threading.Lock()
         self.sentinels = sentinels or (lambda status: False)
         self.quiet = quiet
+        self.headers, self.preflight = list(headers), preflight
 
 
 class Request:
@@ -466,7 +489,7 @@ class ProxyServer(ThreadingHTTPServer):
         self.settings, self.routes, self.logs, self.processes = settings, routes, logs, processes
         self.stopping = self.hurried = False
         self.in_flight = 0
-        self.idle = threading.Condition()
+        self.counting = threading.Lock()
         ThreadingHTTPServer.__init__(self, (settings.host, settings.port), ProxyHandler)
 
     def handle_error(self, request, client_address):
@@ -485,19 +508,19 @@ class ProxyServer(ThreadingHTTPServer):
         self.processes.reap_orphans()
 
     def working(self, delta):
-        with self.idle:
+        with self.counting:
             self.in_flight += delta
-            self.idle.notify_all()
 
-    def wait_idle(self, timeout):
-        """Waits for the requests in flight to be answered, at most ``timeout``
-        seconds, less if ``hurried`` is set meanwhile (by a signal handler, which
-        must not touch the condition); True if they were."""
+    def serve_until_idle(self, timeout):
+        """Goes on serving while requests are in flight, at most ``timeout`` seconds
+        or until ``hurried`` is set (by a second signal); True if none is left.
+        Meanwhile health probes hear that the proxy is not ready, new activations
+        get 503."""
+        self.timeout = 0.05  # how long handle_request() waits for a connection
         end = time.monotonic() + timeout
-        with self.idle:
-            while self.in_flight and not self.hurried and time.monotonic() < end:
-                self.idle.wait(min(0.1, max(0.0, end - time.monotonic())))
-            return self.in_flight == 0
+        while self.in_flight and not self.hurried and time.monotonic() < end:
+            self.handle_request()
+        return not self.in_flight
 
 
 def json_bytes(payload):
@@ -531,7 +554,9 @@ class ProxyHandler(BaseHTTPRequestHandler):
         elif self.command not in route.methods:
             self.refuse(405, "%s does not accept %s; use %s." % (
                 path, self.command, " or ".join(route.methods)),
-                [("Allow", ", ".join(route.methods))])
+                [("Allow", ", ".join(route.methods))] + route.headers)
+        elif self.command == "OPTIONS" and route.preflight:
+            self.preflight(route)
         else:
             self.server.working(+1)
             try:
@@ -550,7 +575,17 @@ class ProxyHandler(BaseHTTPRequestHandler):
             status, body, headers = self.outcome(route, request)
             if route.sentinels(status):
                 self.server.logs.sentinels()
-        self.answer(status, body, headers)
+        given = {name.lower() for name, _ in headers}
+        self.answer(status, body, headers + [(name, value) for name, value in route.headers
+                                             if name.lower() not in given])
+
+    def preflight(self, route):
+        """A CORS preflight, answered with the route's headers at once."""
+        try:
+            self.read_body()
+        except HTTPError as error:
+            return self.refuse(error.status, error.message)
+        self.answer(200, b"", route.headers)
 
     def outcome(self, route, request):
         """The encoded answer to a request: whatever goes wrong on the way, even in
@@ -565,7 +600,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
         except HTTPError as error:
             self.close_connection = self.close_connection or error.close
             return encode_answer(error.status, {"error": error.message})
-        except Exception as error:
+        except BaseException as error:  # a hook's sys.exit() too: this thread answers
             self.server.logs.note("internal error: %r" % (error,))
             return encode_answer(500, {"error": INTERNAL_ERROR.format(error)})
 
@@ -626,6 +661,10 @@ class ProxyHandler(BaseHTTPRequestHandler):
     # -- answers ---------------------------------------------------------------
 
     def answer(self, status, body, headers):
+        if self.request_version == "HTTP/0.9":  # http.server would send the body alone
+            self.request_version = self.protocol_version
+        if status in (204, 304):
+            body = b""  # these statuses carry none
         self.send_response(status)
         self.send_header("Content-Length", str(len(body)))
         for name, value in headers:
@@ -644,12 +683,8 @@ class ProxyHandler(BaseHTTPRequestHandler):
         self.answer(status, body, json_headers + list(headers))
 
     def send_error(self, code, message=None, explain=None):
-        """The server's own errors (a garbage request line, ...) as JSON too, with a
-        status line and headers even when the request line did not name a version
-        (http.server would answer such a request HTTP/0.9 style, body only)."""
+        """The server's own errors (a garbage request line, ...) as JSON too."""
         self.close_connection = True
-        if self.request_version == "HTTP/0.9":
-            self.request_version = self.protocol_version
         message = message or self.responses.get(code, ("Error",))[0]
         self.answer(*encode_answer(code, {"error": message}))
 
@@ -717,8 +752,10 @@ class Installation:
             for name in self.displaced:
                 if os.path.lexists(os.path.join(self.dest, name)):
                     self.backup = self.backup or stage_dir(self.dest)
+                    kept = os.path.join(self.backup, name)
+                    os.makedirs(os.path.dirname(kept), exist_ok=True)
+                    os.replace(os.path.join(self.dest, name), kept)
                     self.moved.append(name)
-                    os.replace(os.path.join(self.dest, name), os.path.join(self.backup, name))
             names = sorted(os.listdir(self.stage), key=lambda name: name == "exec")
             for name in names:
                 target = os.path.join(self.dest, name)
@@ -850,10 +887,13 @@ class Processes:
     killed with its process group) to PID 1, and nobody else would collect them.
     """
 
+    reap_interval = 0.5  # seconds between two scans of /proc
+
     def __init__(self):
         self.lock = threading.Lock()
         self.alive = set()
         self.reaper = os.getpid() == 1
+        self.reaped_at = 0.0
 
     def spawn(self, argv, env, cwd, **options):
         """Starts an action process in a session (and process group) of its own, its
@@ -876,10 +916,12 @@ class Processes:
 
     def reap_orphans(self):
         """Collects the exit status of dead orphans: children of the proxy that it
-        did not start itself, in another session than its own (so never a process
-        a runner's hooks started and will wait for)."""
-        if not self.reaper:
+        did not start itself, in another session than its own and not leading one
+        (so never a process a runner's hooks started, even in a session of its
+        own, and will wait for)."""
+        if not self.reaper or time.monotonic() - self.reaped_at < self.reap_interval:
             return
+        self.reaped_at = time.monotonic()
         with self.lock:
             known = {process.pid for process in self.alive}
             own_session = os.getsid(0)
@@ -892,7 +934,8 @@ def reap_if_orphan(pid, own_session):
     try:
         with open("/proc/%d/stat" % pid, "rb") as stat:
             fields = stat.read().rpartition(b")")[2].split()
-        if fields[0] == b"Z" and int(fields[1]) == 1 and int(fields[3]) != own_session:
+        state, parent, session = fields[0], int(fields[1]), int(fields[3])
+        if state == b"Z" and parent == 1 and session not in (own_session, pid):
             os.waitpid(pid, os.WNOHANG)
     except (OSError, IndexError, ValueError):
         pass  # gone already, or not ours
@@ -1140,6 +1183,9 @@ class WarmProcess:
         try:
             self.process = processes.spawn(argv, env, cwd, close_fds=False,
                                            preexec_fn=functools.partial(os.dup2, write_end, 3))
+        except BaseException:
+            os.close(read_end)
+            raise
         finally:
             os.close(write_end)
         self.result_pipe = os.fdopen(read_end, "rb", buffering=0)
@@ -1408,7 +1454,11 @@ class ActionRunner:
         self.binary = self.binary or os.path.join(settings.action_dir, "exec")
         self.source = self.source or self.binary
         self.zipdest = self.zipdest or os.path.dirname(self.source)
-        os.chdir(os.path.dirname(self.source))  # as upstream: hooks may use relative paths
+        try:  # as upstream: the hooks may use paths relative to the source
+            os.chdir(os.path.dirname(self.source) or ".")
+        except OSError as error:
+            raise ConfigError("cannot work in the folder of %s: %s" % (self.source,
+                                                                        error.strerror))
 
     # -- init ------------------------------------------------------------------
 
@@ -1474,14 +1524,14 @@ class ActionRunner:
         except BaseException:
             remove_tree(stage)
             raise
-        return Installation(stage, folder, self.displaced(stage, folder, binary))
+        return Installation(stage, folder, self.displaced(stage, folder))
 
-    def displaced(self, stage, folder, binary):
-        """The old executable goes when new code does not replace it: an archive
-        without one (a build may make it), or a Python function's source."""
+    def displaced(self, stage, folder):
+        """The old executable goes when the new code does not replace it (a Python
+        function's source, an archive without one, a source to build), so that a
+        failed init puts it back, and a build that fails leaves no half-new one."""
         name = os.path.relpath(self.binary, folder)
-        if (name.startswith(os.pardir) or os.path.lexists(os.path.join(stage, name))
-                or not (binary or self.kind == "function")):
+        if name.startswith(os.pardir) or os.path.lexists(os.path.join(stage, name)):
             return ()
         return (name,)
 
@@ -1579,13 +1629,14 @@ class ActionRunner:
     def env(self, message):
         """The container's environment, the init ``env``, then this activation's
         fields as ``__OW_<KEY>``: a fresh dict, never the proxy's own."""
-        env = dict(os.environ)
-        env.update(self.init_env)
         try:
-            env.update(exported(((key.upper(), value) for key, value in message.items()
-                                 if key != "value"), prefix="__OW_"))
+            fields = exported(((key.upper(), value) for key, value in message.items()
+                               if key != "value"), prefix="__OW_")
         except ValueError as error:
             raise HTTPError(400, "Activation field %s" % error)
+        env = ActivationEnv(os.environ, fields)
+        env.update(self.init_env)
+        env.update(fields)
         return env
 
     def run(self, args, env):
@@ -1603,14 +1654,23 @@ class ActionRunner:
         except InitError as error:
             self.logs.note(str(error))
             return 502, {"error": RUN_EXITED}
-        # The activation's own fields: what the process did not start with.
-        message = {key[len("__OW_"):].lower(): value for key, value in env.items()
-                   if key.startswith("__OW_") and pool.env.get(key) != value}
+        fields = getattr(env, "fields", env)  # a runner's own env() may give a plain dict
+        message = {key[len("__OW_"):].lower(): value for key, value in fields.items()
+                   if key.startswith("__OW_")}
         message["value"] = args
         try:
             return process.request(message, deadline_of(env))
         finally:
             pool.release(process)
+
+
+class ActivationEnv(dict):
+    """An activation's environment, which knows the activation's own fields among
+    its entries: a warm process gets those (and only those) on its input line."""
+
+    def __init__(self, base, fields):
+        dict.__init__(self, base)
+        self.fields = fields
 
 
 def json_type(value):
@@ -1691,9 +1751,9 @@ class Knative(OpenWhisk):
     come from its query and body as an OpenWhisk web action's do.  With
     ``__OW_ACTION_CODE`` set the container is dedicated to that action and
     initialises itself.  A result with ``statusCode``, ``headers`` or ``body``
-    becomes that response; every answer of the action carries CORS headers, and
-    a CORS preflight (OPTIONS, unless the action takes OPTIONS itself) is
-    answered here.
+    becomes that response.  Every answer carries CORS headers (unless the action
+    set its own), and a CORS preflight (OPTIONS, unless the action takes OPTIONS
+    itself) is answered at once, without the action.
     """
 
     ENVELOPE = ("init", "activation", "value")
@@ -1709,18 +1769,10 @@ class Knative(OpenWhisk):
     def routes(self):
         methods = tuple(dict.fromkeys(self.settings.http_methods + ("OPTIONS",)))
         return {"/": Route(self.handle, methods=methods, lock=self.serial,
-                           sentinels=lambda status: status != 403)}
+                           sentinels=lambda status: status != 403, headers=CORS.items(),
+                           preflight="OPTIONS" not in self.settings.http_methods)}
 
     def handle(self, request):
-        if request.method == "OPTIONS" and "OPTIONS" not in self.settings.http_methods:
-            return 200, WebResponse(b"", list(CORS.items()))
-        status, payload = self.serve(request)
-        if isinstance(payload, WebResponse):
-            return status, payload
-        return status, WebResponse(json_bytes(payload),
-                                   [("Content-Type", "application/json")] + list(CORS.items()))
-
-    def serve(self, request):
         if self.dedicated is not None and not self.initialized:
             status, payload = self.knative_init(self.dedicated)
             if status != 200:
@@ -1759,7 +1811,7 @@ class Knative(OpenWhisk):
         if isinstance(body, dict):
             params.update(body)
         elif content_type.startswith("application/x-www-form-urlencoded"):
-            params.update(parse_query(request.body.decode("latin-1")))
+            params.update(parse_query(request.body.decode("utf-8", "replace")))
         elif request.body.strip():
             params["__ow_body"] = body_text(request.body)
         return params
@@ -1860,7 +1912,7 @@ def web_response(result):
     content_type = next((value for name, value in pairs if name.lower() == "content-type"),
                         None)
     body = result.get("body")
-    if body is None or body == "" or status in (204, 304):
+    if body is None or body == "":
         data = b""
         status = 204 if status == 200 else status
     elif isinstance(body, str) and (content_type or "").lower().startswith("image/"):
@@ -1877,8 +1929,6 @@ def web_response(result):
     if content_type:
         pairs = [(name, value) for name, value in pairs if name.lower() != "content-type"]
         pairs.append(("Content-Type", content_type))
-    given = {name.lower() for name, _ in pairs}
-    pairs.extend((name, value) for name, value in CORS.items() if name.lower() not in given)
     return status, WebResponse(data, pairs)
 
 
@@ -1894,16 +1944,16 @@ def web_status(code):
     return None
 
 
+HEADER_NAME = frozenset("!#$%&'*+-.^_`|~0123456789"
+                        "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz")
+
+
 def valid_header(name, value):
-    """A header http.server can write as it is: a token for a name, Latin-1 text
-    without line breaks for a value (so no action can split the response)."""
-    try:
-        name.encode("ascii")
-        value.encode("latin-1")
-    except UnicodeEncodeError:
-        return False
-    return (name and not any(c in name for c in " \t\r\n:()<>@,;\\\"/[]?={}")
-            and not any(c in value for c in "\r\n\0"))
+    """A header http.server can write as it is (RFC 9110): a token for a name,
+    visible Latin-1 characters, spaces and tabs for a value, so that no action
+    can split the response."""
+    return (bool(name) and set(name) <= HEADER_NAME
+            and all(c == "\t" or " " <= c <= "~" or "\x80" <= c <= "\xff" for c in value))
 
 
 def health_routes(server):
@@ -2013,10 +2063,12 @@ def post(url, path, payload, timeout):
     from urllib.parse import urlsplit
     try:
         parts = urlsplit(url if "//" in url else "http://" + url)
-        connection = http.client.HTTPConnection(parts.hostname or "127.0.0.1",
-                                                parts.port or 80, timeout=timeout)
+        if parts.scheme != "http" or not parts.hostname:
+            raise ValueError("not http://HOST:PORT")
+        connection = http.client.HTTPConnection(parts.hostname, parts.port or 80,
+                                                timeout=timeout)
     except ValueError as error:
-        raise ClientError("%s is not a URL: %s" % (url, error))
+        raise ClientError("%r is not the URL of an action container: %s" % (url, error))
     try:
         connection.request("POST", parts.path.rstrip("/") + path, json.dumps(payload),
                            {"Content-Type": "application/json"})
@@ -2239,12 +2291,12 @@ def serve(settings, runner):
         server.serve_forever()
     except Shutdown:
         pass
-    server.server_close()
-    finished = server.wait_idle(settings.grace)
+    finished = server.serve_until_idle(settings.grace)
     runner.close(1.0 if finished else 0.0)
     processes.kill_all()  # overdue activations
     server.hurried = False
-    server.wait_idle(2.0)  # their answers
+    server.serve_until_idle(2.0)  # their answers
+    server.server_close()
     return 0
 
 
