@@ -745,41 +745,46 @@ class Installation:
     def __init__(self, stage, dest, displaced=()):
         self.stage, self.dest, self.displaced = stage, dest, displaced
         self.backup = None
-        self.moved = []
+        self.moved = []  # (name, where its old version is kept, or None)
 
     def __enter__(self):
         try:
             for name in self.displaced:
-                if os.path.lexists(os.path.join(self.dest, name)):
-                    self.backup = self.backup or stage_dir(self.dest)
-                    kept = os.path.join(self.backup, name)
-                    os.makedirs(os.path.dirname(kept), exist_ok=True)
-                    os.replace(os.path.join(self.dest, name), kept)
-                    self.moved.append(name)
-            names = sorted(os.listdir(self.stage), key=lambda name: name == "exec")
-            for name in names:
                 target = os.path.join(self.dest, name)
                 if os.path.lexists(target):
-                    self.backup = self.backup or stage_dir(self.dest)
-                    kept = os.path.join(self.backup, name)
-                    try:
-                        if is_directory(target):
-                            raise IsADirectoryError(target)
-                        os.link(target, kept, follow_symlinks=False)
-                    except OSError:  # a directory, or no hard links here
-                        os.replace(target, kept)
-                self.moved.append(name)
+                    kept = self.keep(target, os.path.join("displaced", name), link=False)
+                    self.moved.append((name, kept))
+            for name in sorted(os.listdir(self.stage), key=lambda name: name == "exec"):
+                target = os.path.join(self.dest, name)
+                kept = None
+                if os.path.lexists(target):
+                    kept = self.keep(target, os.path.join("replaced", name), link=True)
+                self.moved.append((name, kept))
                 put(os.path.join(self.stage, name), target)
         except OSError as error:
             self.__exit__(OSError, error, None)
             raise InitError("cannot install the action: %s" % error)
         return self
 
+    def keep(self, target, name, link):
+        """Keeps ``target`` in the backup as ``name``: as a hard link, leaving it in
+        place, where ``link`` asks and the file system allows, else moved there."""
+        self.backup = self.backup or stage_dir(self.dest)
+        kept = os.path.join(self.backup, name)
+        os.makedirs(os.path.dirname(kept), exist_ok=True)
+        if link and not is_directory(target):
+            try:
+                os.link(target, kept, follow_symlinks=False)
+                return kept
+            except OSError:
+                pass  # no hard links on this file system: a move will do
+        os.replace(target, kept)
+        return kept
+
     def __exit__(self, kind, error, trace):
         if kind is not None:
-            for name in reversed(self.moved):
+            for name, kept in reversed(self.moved):
                 target = os.path.join(self.dest, name)
-                kept = self.backup and os.path.join(self.backup, name)
                 if kept and os.path.lexists(kept):
                     put(kept, target)
                 else:

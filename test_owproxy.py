@@ -1657,6 +1657,16 @@ def test_a_failed_zip_init_puts_back_a_binary_in_a_subfolder(extended_proxies):
     assert sorted(os.listdir(proxy.action_dir)) == ["action.sh", "bin"]
 
 
+def test_a_zip_with_the_folder_of_a_binary_it_lacks(extended_proxies):
+    proxy = extended_proxies("nested")
+    assert proxy.init("WHO=first").status == 200
+    response = proxy.init_zip({"action.sh": ("WHO=zipped\n", 0o644),
+                               "bin/readme.txt": ("the build puts exec here\n", 0o644)})
+    assert (response.status, response.json) == (200, {"ok": True})
+    assert proxy.run().json == built_result(proxy, "zipped")
+    assert sorted(os.listdir(proxy.action_dir / "bin")) == ["exec", "readme.txt"]
+
+
 def test_an_init_without_code_skips_epilogue_and_build(extended_proxies):
     proxy = extended_proxies()
     assert proxy.init("WHO=first").status == 200
