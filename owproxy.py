@@ -503,8 +503,13 @@ class ProxyServer(ThreadingHTTPServer):
         socketserver.TCPServer.server_bind(self)
         self.server_name, self.server_port = self.server_address[:2]
 
+    poll_interval = 0.05  # seconds serve_forever() waits for a connection at most
+
     def service_actions(self):
-        """Called by serve_forever() between requests, at least twice a second."""
+        """Called by serve_forever() between requests, at least every poll_interval:
+        where the serving loop ends once a signal has asked it to."""
+        if self.stopping:
+            raise Shutdown()
         self.processes.reap_orphans()
 
     def working(self, delta):
@@ -2254,8 +2259,8 @@ _runner = None
 
 
 class Shutdown(BaseException):
-    """Raised by the SIGTERM and SIGINT handlers to leave the serving loop at once
-    (a BaseException, so that socketserver's ``except Exception`` lets it through)."""
+    """Leaves the serving loop (a BaseException, so that socketserver's ``except
+    Exception`` lets it through)."""
 
 
 def setRunner(runner):
@@ -2280,12 +2285,11 @@ def serve(settings, runner):
     server.routes.update(health_routes(server))
 
     def stop(signum, frame):
-        """The first signal leaves the serving loop; another one cuts the grace short."""
-        if server.stopping:
-            server.hurried = True
-            return
+        """The first signal ends the serving loop; another one cuts the grace short.
+        Only flags: an exception raised here could be swallowed by whatever code the
+        signal interrupts (a tracer, a finalizer)."""
+        server.hurried = server.stopping
         server.stopping = True
-        raise Shutdown()
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
@@ -2293,7 +2297,7 @@ def serve(settings, runner):
         if settings.verbose or sys.stdout.isatty():
             sys.stderr.write("owproxy %s: serving %s on http://%s:%d\n" % (
                 __version__, settings.action_dir, settings.host, server.server_address[1]))
-        server.serve_forever()
+        server.serve_forever(server.poll_interval)
     except Shutdown:
         pass
     finished = server.serve_until_idle(settings.grace)
