@@ -276,7 +276,6 @@ class Logs:
 
     def _write(self, fd, data):
         with self.lock:
-            flush_python_streams()
             view = memoryview(data)
             try:
                 while view:
@@ -295,6 +294,7 @@ class Logs:
         self.err(("owproxy: %s\n" % text).encode("utf-8", "replace"))
 
     def sentinels(self):
+        flush_python_streams()
         line = (LOG_SENTINEL + "\n").encode()
         self.out(line)
         self.err(line)
@@ -302,7 +302,7 @@ class Logs:
 
 def flush_python_streams():
     """What Python code in the proxy (a runner's hooks) printed goes out before
-    the proxy's own writes, the sentinels above all, which bypass sys.stdout."""
+    the sentinels, which bypass sys.stdout, close the activation's logs."""
     for stream in (sys.stdout, sys.stderr):
         try:
             stream.flush()
@@ -484,6 +484,7 @@ class ProxyServer(ThreadingHTTPServer):
     """The HTTP server: one thread per connection, routes from the platform."""
 
     request_queue_size = 128
+    poll_interval = 0.05  # seconds serve_forever() waits for a connection at most
 
     def __init__(self, settings, routes, logs, processes):
         self.settings, self.routes, self.logs, self.processes = settings, routes, logs, processes
@@ -502,8 +503,6 @@ class ProxyServer(ThreadingHTTPServer):
         server_name nothing here uses), which can stall a start where DNS is slow."""
         socketserver.TCPServer.server_bind(self)
         self.server_name, self.server_port = self.server_address[:2]
-
-    poll_interval = 0.05  # seconds serve_forever() waits for a connection at most
 
     def service_actions(self):
         """Called by serve_forever() between requests, at least every poll_interval:
@@ -580,9 +579,11 @@ class ProxyHandler(BaseHTTPRequestHandler):
             status, body, headers = self.outcome(route, request)
             if route.sentinels(status):
                 self.server.logs.sentinels()
-        given = {name.lower() for name, _ in headers}
-        self.answer(status, body, headers + [(name, value) for name, value in route.headers
-                                             if name.lower() not in given])
+        if route.headers:
+            given = {name.lower() for name, _ in headers}
+            headers = headers + [(name, value) for name, value in route.headers
+                                 if name.lower() not in given]
+        self.answer(status, body, headers)
 
     def preflight(self, route):
         """A CORS preflight, answered with the route's headers at once."""
@@ -646,7 +647,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
         while True:
             line = self.rfile.readline(1024)
             digits = line.split(b";", 1)[0].strip()
-            if not digits or len(digits) > 16 or not set(digits) <= HEX_DIGITS:
+            if not digits or not set(digits) <= HEX_DIGITS:
                 raise HTTPError(400, "The chunked request body is malformed.", close=True)
             size = int(digits, 16)
             if size == 0:
@@ -1067,7 +1068,7 @@ class Pump:
                 else:
                     self.read(key)
             if exited or self.exit_fd is None and self.process.poll() is not None:
-                self.drain()
+                self.take_ready()  # a result written just before the exit
                 return "finished" if finished() else "exited"
         return "finished"
 
@@ -1092,15 +1093,19 @@ class Pump:
             self.pending = b""  # the action does not read its stdin: its choice
         return True
 
-    def drain(self):
-        """Takes what the pipes already hold, without waiting for more, and ends
-        the logs' last lines, so the sentinels that follow stand alone."""
+    def take_ready(self):
+        """Takes what the pipes already hold, without waiting for more."""
         for _ in range(64):  # a bound: a process may write faster than this reads
             ready = [key for key, _ in self.selector.select(0) if not isinstance(key.data, str)]
             if not ready:
-                break
+                return
             for key in ready:
                 self.read(key)
+
+    def drain(self):
+        """Takes what the pipes already hold and ends the logs' last lines, so the
+        sentinels that follow stand alone."""
+        self.take_ready()
         self.stdout.close()
         self.stderr.close()
 
@@ -1723,8 +1728,6 @@ class OpenWhisk:
         return 403, {"error": INIT_TWICE}
 
     def initialize(self, value):
-        if self.sealed():
-            return self.refuse_init()
         try:
             ready = self.runner.init(value)
         except Exception as error:  # a runner whose own init raises
@@ -1835,6 +1838,8 @@ class Knative(OpenWhisk):
         key = json.dumps(init, sort_keys=True)
         if self.initialized and key == self.accepted:
             return 200, {"ok": True}  # the same init again: clients may send it every time
+        if self.sealed():
+            return self.refuse_init()
         status, payload = self.initialize(init)
         if status == 200:
             self.accepted, self.raw, self.name = key, raw, name
@@ -2293,10 +2298,10 @@ def serve(settings, runner):
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
+    if settings.verbose or sys.stdout.isatty():
+        sys.stderr.write("owproxy %s: serving %s on http://%s:%d\n" % (
+            __version__, settings.action_dir, settings.host, server.server_address[1]))
     try:
-        if settings.verbose or sys.stdout.isatty():
-            sys.stderr.write("owproxy %s: serving %s on http://%s:%d\n" % (
-                __version__, settings.action_dir, settings.host, server.server_address[1]))
         server.serve_forever(server.poll_interval)
     except Shutdown:
         pass

@@ -306,10 +306,18 @@ def in_thread(function, *args, **kwargs):
     return join
 
 
+def values_of(pairs, name):
+    return [value for key, value in pairs if key.lower() == name.lower()]
+
+
 class RawResponse:
-    def __init__(self, status_line, status, headers, body):
-        self.status_line, self.status, self.headers, self.body = (
-            status_line, status, headers, body)
+    """A response as it came: ``headers`` by lower-case name, ``pairs`` in order with
+    repeats."""
+
+    def __init__(self, status_line, status, pairs, body):
+        self.status_line, self.status, self.pairs, self.body = (
+            status_line, status, pairs, body)
+        self.headers = {name.lower(): value for name, value in pairs}
 
     @property
     def json(self):
@@ -341,21 +349,19 @@ class RawClient:
         lines = head.decode("latin-1").split("\r\n")
         assert lines[0].startswith("HTTP/1."), lines[0]
         status = int(lines[0].split()[1])
-        headers = {}
-        for line in lines[1:]:
-            name, _, value = line.partition(":")
-            headers[name.strip().lower()] = value.strip()
+        pairs = [tuple(part.strip() for part in line.split(":", 1)) for line in lines[1:]]
         if status < 200:
-            return RawResponse(lines[0], status, headers, b"")
-        assert "content-length" in headers, head
-        length = int(headers["content-length"])
+            return RawResponse(lines[0], status, pairs, b"")
+        lengths = values_of(pairs, "Content-Length")
+        assert len(lengths) == 1, head
+        length = int(lengths[0])
         while len(self.buffer) < length:
             chunk = self.sock.recv(65536)
             if not chunk:
                 break
             self.buffer += chunk
         body, self.buffer = self.buffer[:length], self.buffer[length:]
-        return RawResponse(lines[0], status, headers, body)
+        return RawResponse(lines[0], status, pairs, body)
 
     def closed_by_peer(self):
         """True if the proxy closes the connection with nothing more to say."""
@@ -469,31 +475,6 @@ def check_a_run_still_works(proxy):
 MIB = 1024 * 1024
 WEB_BAD = {"error": "The action returned a web response with an invalid statusCode, "
                     "headers or image body."}
-
-
-def exchange(proxy, method, path, body=b"", headers=()):
-    """One request on a connection of its own, which the proxy closes after its answer
-    (Connection: close): the status, the header fields in order as (name, value)
-    pairs, repeats included, and every byte that came after the head."""
-    fields = ["Connection: close", "Content-Length: %d" % len(body)] + list(headers)
-    with socket.create_connection(("127.0.0.1", proxy.port), timeout=30) as sock:
-        sock.sendall(head(method, path, *fields) + body)
-        data = b""
-        while True:
-            chunk = sock.recv(65536)
-            if not chunk:
-                break
-            data += chunk
-    head_bytes, separator, rest = data.partition(b"\r\n\r\n")
-    assert separator, data
-    lines = head_bytes.decode("latin-1").split("\r\n")
-    status = int(lines[0].split()[1])
-    pairs = [tuple(part.strip() for part in line.split(":", 1)) for line in lines[1:]]
-    return status, pairs, rest
-
-
-def values_of(pairs, name):
-    return [value for key, value in pairs if key.lower() == name.lower()]
 
 
 # ---------------------------------------------------------------------------
@@ -1564,6 +1545,8 @@ class MyRunner(owproxy.ActionRunner):
             return 200, {}, "one too many"
         if args.get("answer") == "exit":
             sys.exit(3)
+        if args.get("answer") == "text-status":
+            return "200", {}
         return owproxy.ActionRunner.run(self, args, env)
 
 
@@ -1683,7 +1666,7 @@ def test_a_zip_whose_executable_the_build_makes(extended_proxies):
     assert proxy.run().json == built_result(proxy, "zipped")
 
 
-@pytest.mark.parametrize("answer", ["bytes", "three", "exit"])
+@pytest.mark.parametrize("answer", ["bytes", "three", "exit", "text-status"])
 def test_a_run_hook_that_fails_or_cannot_be_answered_is_a_500_with_sentinels(extended_proxies,
                                                                               answer):
     proxy = extended_proxies()
@@ -2496,8 +2479,18 @@ def test_invalid_json_declared_as_json_is_400(web_proxy):
 
 
 def web_result(proxy, web):
+    """The status, the header pairs and the body of a web action's answer; nothing
+    may follow the body its Content-Length announces."""
     body = json.dumps({"value": {"web": web}}).encode()
-    return exchange(proxy, "POST", "/", body, ["Content-Type: application/json"])
+    client = RawClient(proxy)
+    try:
+        client.send(head("POST", "/", "Connection: close", "Content-Type: application/json",
+                         "Content-Length: %d" % len(body)) + body)
+        response = client.response()
+        assert client.closed_by_peer(), "bytes after the announced body"
+    finally:
+        client.close()
+    return response.status, response.pairs, response.body
 
 
 def test_a_header_value_that_is_not_latin_1_is_the_web_response_502(web_proxy):
@@ -3003,10 +2996,25 @@ def test_the_entry_count_limit(tmp_path, monkeypatch):
         owproxy.extract_zip(data, str(tmp_path), 1024)
 
 
-def test_importing_the_proxy_leaves_ssl_out_yet_importable():
+def test_a_start_without_arguments_imports_neither_ssl_nor_argparse_yet_both_work():
     probe = ("import sys; sys.path.insert(0, %r); import owproxy; "
-             "print('ssl' in sys.modules); from http import client; "
-             "print(hasattr(client, 'HTTPSConnection')); import urllib.request; "
-             "print(hasattr(urllib.request, 'HTTPSHandler'))" % str(HERE))
+             "owproxy.resolve_settings([], {'OWPROXY_ACTION_DIR': %r}); "
+             "print('ssl' in sys.modules, 'argparse' in sys.modules); "
+             "from http import client; print(hasattr(client, 'HTTPSConnection')); "
+             "import urllib.request; print(hasattr(urllib.request, 'HTTPSHandler'))"
+             % (str(HERE), str(HERE)))
     result = subprocess.run([PYTHON, "-c", probe], capture_output=True, text=True, timeout=30)
-    assert result.stdout.split() == ["False", "True", "True"], result
+    assert result.stdout.split() == ["False", "False", "True", "True"], result
+
+
+def test_binding_looks_up_no_name(monkeypatch):
+    def no_dns(*args):
+        raise AssertionError("a DNS lookup at bind")
+
+    monkeypatch.setattr(socket, "getfqdn", no_dns)
+    server = owproxy.ProxyServer(owproxy.Settings(host="127.0.0.1", port=0), {},
+                                 owproxy.Logs(), owproxy.Processes())
+    try:
+        assert server.server_name == "127.0.0.1" and server.server_port > 0
+    finally:
+        server.server_close()

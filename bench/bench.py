@@ -2,9 +2,10 @@
 """Benchmarks of owproxy.py against the floors it cannot beat.
 
 Run ``python3 bench/bench.py`` from anywhere (``--quick`` for a smoke run of a
-few seconds, ``--only warm,soak`` for some sections).  It starts real proxy processes (``owproxy.py`` next to this directory)
-on free ports of 127.0.0.1, with their stdout and stderr thrown away, and
-prints a table and then one JSON line with every figure.
+few seconds, ``--only warm,soak`` for some sections).  It starts real proxy
+processes (``owproxy.py`` next to this directory) on free ports of 127.0.0.1,
+settings in their environment as an image sets them, their stdout and stderr
+thrown away, and prints a table and then one JSON line with every figure.
 
 Each figure is a median over repeated runs and comes with a floor measured in
 the same bench run, as a difference or a ratio, next to its target:
@@ -14,7 +15,8 @@ cold start      spawn of ``python3 owproxy.py`` until the first /run is
                 to exit of ``python3 -c pass`` and of ``python3 -c "import
                 <modules>"``, where <modules> is every module that importing
                 owproxy adds to ``sys.modules`` (measured in a subprocess that
-                diffs ``sys.modules`` around ``import owproxy``).  Also shown:
+                diffs ``sys.modules`` around ``import owproxy``), ssl kept out
+                as owproxy keeps it out.  Target: x1.15 of the latter.  Also shown:
                 the same start from a cached .pyc (``import owproxy;
                 owproxy.main()``) and the time ``compile()`` takes on the file,
                 since a ``__main__`` script is compiled on every start.
@@ -24,7 +26,9 @@ warm /run       one new connection per call, as the invoker does, interleaved
                 (``--loop``, an ActionLoop executable) and Python-function mode
                 (``def main(args)`` source); a mode whose /init or first /run
                 fails is reported as n/a.  A bare stdlib ThreadingHTTPServer
-                round trip is shown as the HTTP floor.
+                round trip is shown as the HTTP floor, and the same server
+                running the action with ``subprocess.run`` as the floor of any
+                proxy built on it.
 throughput      8 clients on a 50 ms action, ``__OW_ALLOW_CONCURRENT=true``;
                 floor 8 / 0.05 s = 160 req/s.
 memory          VmRSS of the proxy idle after /init (floor: VmRSS of an
@@ -65,8 +69,8 @@ OWPROXY = os.path.join(os.path.dirname(HERE), "owproxy.py")
 PYTHON = sys.executable
 MIB = 1024 * 1024
 
-# How many times each measurement repeats: a full run fits in ~4 minutes on
-# two cores, a quick one in ~30 s.
+# How many times each measurement repeats: a full run takes about a minute on
+# two cores, a quick one some ten seconds.
 COUNTS = {
     "full": dict(cold=25, warm_rounds=5, warm_calls=150, throughput_rounds=5,
                  throughput_calls=240, flood_rounds=5, soak_warmup=500, soak_calls=20000,
@@ -548,7 +552,7 @@ class Bench:
 
 def import_statement(modules):
     """Python that imports ``modules`` as owproxy does: without ssl, which it keeps
-    out of http.client (see the top of owproxy.py)."""
+    out of http.client (see import_http_server_without_ssl in owproxy.py)."""
     return "import sys; sys.modules['ssl'] = None; import %s" % ", ".join(modules)
 
 
