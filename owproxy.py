@@ -225,10 +225,10 @@ def resolve_settings(argv, environ):
 
 
 def check_action_dir(path):
+    """It must exist; it need not be writable (an image's own action, read-only
+    roots): only an /init that brings code writes there."""
     if not os.path.isdir(path):
         raise ConfigError("the action directory %s does not exist" % path)
-    if not os.access(path, os.W_OK | os.X_OK):
-        raise ConfigError("the action directory %s is not writable" % path)
 
 
 def env_string(value):
@@ -714,10 +714,42 @@ class InitError(Exception):
     """Why an /init failed; written to stderr for the user to read."""
 
 
-def stage_dir(dest):
-    """A fresh, hidden directory beside ``dest``'s contents, on the same filesystem."""
+def scratch_dir(near):
+    """A fresh private directory for the proxy's own work on the directory ``near``
+    (staging, unpacking): in ``near``'s parent when that is writable, else under
+    ``TMPDIR`` (``/tmp``).  Never in ``near`` itself, which may be read-only."""
     import tempfile
-    return tempfile.mkdtemp(prefix=".owproxy-", dir=dest)
+    parent = os.path.dirname(near)
+    return tempfile.mkdtemp(prefix=".owproxy-", dir=parent if writable(parent) else None)
+
+
+def writable(folder):
+    return os.access(folder, os.W_OK | os.X_OK)
+
+
+def stage_dir(dest):
+    """A fresh directory to build what then moves into ``dest``: a scratch directory
+    when a rename from there into ``dest`` works (the same mount, so that moving is
+    atomic), else a hidden one inside ``dest``."""
+    import tempfile
+    stage = scratch_dir(dest)
+    probe = os.path.join(dest, os.path.basename(stage))
+    try:
+        os.rename(stage, probe)
+        os.rename(probe, stage)
+        return stage
+    except OSError:  # another mount (a volume on the action directory): EXDEV
+        remove_tree(probe)
+        remove_tree(stage)
+        return tempfile.mkdtemp(prefix=".owproxy-", dir=dest)
+
+
+def check_writable(folder):
+    """An /init with code needs to write; a read-only directory serves only what it holds."""
+    if not writable(folder):
+        raise InitError("the action directory %s is read-only, so /init cannot install code "
+                        "there: bake the action into the image, or point --action-dir "
+                        "(OWPROXY_ACTION_DIR) at a writable directory" % folder)
 
 
 def is_directory(path):
@@ -1527,6 +1559,7 @@ class ActionRunner:
             raise InitError("code must be a string, not %s" % json_type(code))
         data = decode_base64(code) if binary else None
         folder = self.zipdest if binary else os.path.dirname(self.source)
+        check_writable(folder)
         stage = stage_dir(folder)
         try:
             if binary:

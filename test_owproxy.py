@@ -1425,15 +1425,6 @@ def test_a_missing_action_dir_is_a_one_line_error_and_exit_2(tmp_path):
     check_one_line_error(completed, str(missing))
 
 
-def test_an_unwritable_action_dir_is_a_one_line_error_and_exit_2(public_dir):
-    read_only = public_dir / "read-only"
-    read_only.mkdir()
-    read_only.chmod(0o555 if os.geteuid() != 0 else 0o755)  # root-owned: nobody cannot write
-    completed = cli("--host", "127.0.0.1", "--port", str(free_port()),
-                    "--action-dir", str(read_only), preexec_fn=as_nobody())
-    check_one_line_error(completed, str(read_only), "not writable")
-
-
 @pytest.mark.parametrize("name, value", [
     ("FLASK_PROXY_PORT", "abc"), ("FLASK_PROXY_PORT", "70000"), ("OWPROXY_MAX_BODY", "lots"),
     ("PROXY_ALLOW_REINIT", "maybe"), ("OWPROXY_GRACE", "-1"), ("__OW_ALLOW_CONCURRENT", "2"),
@@ -2960,6 +2951,97 @@ def test_invoke_a_directory_with_a_broken_link_is_a_one_line_error(tmp_path):
     (folder / "dangling").symlink_to(tmp_path / "nowhere")
     result = cli("invoke", folder)
     check_one_line_error(result, "owproxy: cannot read %s" % (folder / "dangling"))
+
+
+# ---------------------------------------------------------------------------
+# deploy: read-only and non-root containers, incomplete Pythons, bytecode
+# starts, IPv6 and PORT, health checks, the deployment examples
+# ---------------------------------------------------------------------------
+
+BAKED = {
+    "exec": ({"exec": ECHO_RESULT}, []),
+    "function": ({"__main__.py": "def main(args):\n    return {'ok': 'run'}\n"}, []),
+    "loop": ({"exec": LOOP_ACTION}, ["--loop"]),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(BAKED))
+def test_a_read_only_action_dir_serves_its_baked_action_as_a_non_root_user(
+        proxies, public_dir, tmp_path, kind):
+    """Root owns the directory, mode 555; the proxy runs as nobody (or, not being
+    root, as this user, who cannot write there either)."""
+    files, args = BAKED[kind]
+    read_only = public_dir / "action"
+    read_only.mkdir()
+    for name, text in files.items():
+        (read_only / name).write_text(text)
+        (read_only / name).chmod(0o755)
+    read_only.chmod(0o555)
+    (tmp_path / "p0").mkdir()
+    proxy = proxies(*args, action_dir=read_only, preexec_fn=as_nobody())
+    code = {"exec": ECHO_BASH, "function": "def main(args):\n    return {}\n",
+            "loop": LOOP_ACTION}[kind]
+    response = proxy.init(code)
+    assert (response.status, response.json) == (502, INIT_FAILED)
+    err = proxy.logs()[1]
+    assert ("owproxy: the action directory %s is read-only, so /init cannot install code "
+            "there: bake the action into the image, or point --action-dir "
+            "(OWPROXY_ACTION_DIR) at a writable directory\n" % read_only) in err, err
+    assert proxy.init().status == 200  # /init without code keeps what the image has
+    for count in (1, 2):
+        response = proxy.run()
+        assert response.status == 200, (response, proxy.logs())
+        if kind == "loop":  # one warm child, started from the read-only directory
+            assert response.json["count"] == count, response
+        else:
+            assert response.json == {"ok": "run"}, response
+    assert sorted(os.listdir(str(read_only))) == sorted(files)
+    assert proxy.stop() == 0
+
+
+def test_a_zip_into_a_read_only_action_dir_is_refused_alike(proxies, public_dir, tmp_path):
+    read_only = public_dir / "action"
+    read_only.mkdir()
+    read_only.chmod(0o555)
+    (tmp_path / "p0").mkdir()
+    proxy = proxies(action_dir=read_only, preexec_fn=as_nobody())
+    response = proxy.init_zip({"exec": ECHO_RESULT})
+    assert (response.status, response.json) == (502, INIT_FAILED)
+    assert "is read-only, so /init cannot install code" in proxy.logs()[1]
+    assert os.listdir(str(read_only)) == []
+
+
+def test_scratch_dir_uses_the_parent_only_when_writable(tmp_path, monkeypatch):
+    action = tmp_path / "parent" / "action"
+    action.mkdir(parents=True)
+    scratch = owproxy.scratch_dir(str(action))
+    assert os.path.dirname(scratch) == str(tmp_path / "parent")
+    os.rmdir(scratch)
+    elsewhere = tmp_path / "tmp"
+    elsewhere.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(elsewhere))  # as TMPDIR would set it
+    monkeypatch.setattr(owproxy, "writable", lambda folder: folder != str(action.parent))
+    scratch = owproxy.scratch_dir(str(action))
+    assert os.path.dirname(scratch) == str(elsewhere)
+    assert os.path.basename(scratch).startswith(".owproxy-")
+
+
+def test_stage_dir_falls_back_inside_dest_when_a_rename_cannot_reach_it(tmp_path, monkeypatch):
+    dest = tmp_path / "action"
+    dest.mkdir()
+    first = owproxy.stage_dir(str(dest))
+    assert os.path.dirname(first) == str(tmp_path) and os.listdir(str(dest)) == []
+    real_rename = os.rename
+
+    def cross_device(source, target):
+        if str(target).startswith(str(dest) + os.sep):
+            raise OSError(18, "Invalid cross-device link")
+        real_rename(source, target)
+
+    monkeypatch.setattr(os, "rename", cross_device)
+    stage = owproxy.stage_dir(str(dest))
+    assert os.path.dirname(stage) == str(dest)
+    assert sorted(os.listdir(str(tmp_path))) == sorted(["action", os.path.basename(first)])
 
 
 # ---------------------------------------------------------------------------
