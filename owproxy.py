@@ -35,6 +35,7 @@ import json
 import os
 import selectors
 import signal
+import socket
 import socketserver
 import subprocess
 import sys
@@ -137,10 +138,12 @@ def parse_seconds(text):
 
 
 class Setting:
-    """One setting: a command-line flag, an environment variable and a default."""
+    """One setting: a command-line flag, an environment variable (and others that
+    stand in for it when it is unset, in order) and a default."""
 
-    def __init__(self, name, flag, env, default, parse, help):
+    def __init__(self, name, flag, env, default, parse, help, fallback_envs=()):
         self.name, self.flag, self.env = name, flag, env
+        self.envs = (env,) + fallback_envs
         self.default, self.parse, self.help = default, parse, help
 
     def shown(self):
@@ -153,10 +156,11 @@ class Setting:
 
 
 SETTINGS = (
-    Setting("host", "--host", "OWPROXY_HOST", "0.0.0.0", str,
-            "address to listen on"),
+    Setting("host", "--host", "OWPROXY_HOST", "::", str,
+            "address or name to listen on; '::' is every address, IPv6 and IPv4 "
+            "(0.0.0.0 where the host has no IPv6)"),
     Setting("port", "--port", "FLASK_PROXY_PORT", 8080, parse_port,
-            "port to listen on"),
+            "port to listen on", fallback_envs=("PORT",)),
     Setting("action_dir", "--action-dir", "OWPROXY_ACTION_DIR", "/action", str,
             "directory that holds the action; its 'exec' is what runs"),
     Setting("allow_reinit", "--allow-reinit", "PROXY_ALLOW_REINIT", False, parse_flag,
@@ -195,7 +199,8 @@ def settings_parser():
         description="Serve an OpenWhisk action (the /init and /run protocol) over HTTP.",
         epilog="Each flag falls back to its environment variable, then to its default.")
     for setting in SETTINGS:
-        text = "%s [env %s, default %s]" % (setting.help, setting.env, setting.shown())
+        text = "%s [env %s, default %s]" % (setting.help, " else ".join(setting.envs),
+                                             setting.shown())
         if setting.parse is parse_flag:
             parser.add_argument(setting.flag, dest=setting.name, action="store_const",
                                 const=True, default=None, help=text)
@@ -211,13 +216,14 @@ def resolve_settings(argv, environ):
     given = vars(settings_parser().parse_args(argv)) if argv else {}
     values = {}
     for setting in SETTINGS:
+        env = next((env for env in setting.envs if env in environ), None)
         if given.get(setting.name) is not None:
             values[setting.name] = given[setting.name]
-        elif setting.env in environ:
+        elif env:
             try:
-                values[setting.name] = setting.parse(environ[setting.env])
+                values[setting.name] = setting.parse(environ[env])
             except ValueError as error:
-                raise ConfigError("%s=%r: %s" % (setting.env, environ[setting.env], error))
+                raise ConfigError("%s=%r: %s" % (env, environ[env], error))
     settings = Settings(**values)
     settings.action_dir = os.path.abspath(settings.action_dir)  # the action's cwd is there
     check_action_dir(settings.action_dir)
@@ -491,7 +497,8 @@ class ProxyServer(ThreadingHTTPServer):
         self.stopping = self.hurried = False
         self.in_flight = 0
         self.counting = threading.Lock()
-        ThreadingHTTPServer.__init__(self, (settings.host, settings.port), ProxyHandler)
+        self.address_family, address = listening_address(settings.host, settings.port)
+        ThreadingHTTPServer.__init__(self, address, ProxyHandler)
 
     def handle_error(self, request, client_address):
         """A client that went away is not news; the logs belong to the action."""
@@ -501,8 +508,18 @@ class ProxyServer(ThreadingHTTPServer):
     def server_bind(self):
         """HTTPServer's, without its reverse DNS lookup of the address (for a
         server_name nothing here uses), which can stall a start where DNS is slow."""
+        if self.address_family == socket.AF_INET6:  # '::' takes IPv4 clients too
+            self.socket.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
         socketserver.TCPServer.server_bind(self)
         self.server_name, self.server_port = self.server_address[:2]
+
+    def get_request(self):
+        """A connection, its client's address as people write it: an IPv4 client
+        of a dual-stack socket is 1.2.3.4 rather than ::ffff:1.2.3.4."""
+        connection, address = self.socket.accept()
+        if address[0].startswith("::ffff:") and "." in address[0]:
+            address = (address[0][len("::ffff:"):], address[1])
+        return connection, address
 
     def service_actions(self):
         """Called by serve_forever() between requests, at least every poll_interval:
@@ -525,6 +542,32 @@ class ProxyServer(ThreadingHTTPServer):
         while self.in_flight and not self.hurried and time.monotonic() < end:
             self.handle_request()
         return not self.in_flight
+
+
+def listening_address(host, port):
+    """``(family, socket address)`` for ``--host``: ``::`` is every address of both
+    families, or of IPv4 alone where the host has no IPv6; an IPv4 or IPv6 address
+    (in brackets or not) or a name gives its own family.  Raises OSError."""
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    if host == "::" and not has_ipv6():
+        host = "0.0.0.0"
+    family, _, _, _, address = socket.getaddrinfo(host, port, 0, socket.SOCK_STREAM, 0,
+                                                  socket.AI_PASSIVE)[0]
+    return family, address
+
+
+def has_ipv6():
+    try:
+        socket.socket(socket.AF_INET6, socket.SOCK_STREAM).close()
+        return True
+    except (AttributeError, OSError):  # a Python built without IPv6, or a kernel
+        return False
+
+
+def url_host(host):
+    """A host as a URL names it: an IPv6 address in brackets."""
+    return "[%s]" % host if ":" in host and not host.startswith("[") else host
 
 
 def json_bytes(payload):
@@ -2318,8 +2361,8 @@ def serve(settings, runner):
     try:
         server = ProxyServer(settings, platform.routes(), logs, processes)
     except OSError as error:
-        raise ConfigError("cannot listen on %s:%s: %s" % (settings.host, settings.port,
-                                                          error.strerror or error))
+        raise ConfigError("cannot listen on %s:%s: %s" % (
+            url_host(settings.host), settings.port, error.strerror or error))
     server.routes.update(health_routes(server))
 
     def stop(signum, frame):
@@ -2333,7 +2376,7 @@ def serve(settings, runner):
     signal.signal(signal.SIGINT, stop)
     if settings.verbose or sys.stdout.isatty():
         sys.stderr.write("owproxy %s: serving %s on http://%s:%d\n" % (
-            __version__, settings.action_dir, settings.host, server.server_address[1]))
+            __version__, settings.action_dir, url_host(settings.host), server.server_port))
     try:
         server.serve_forever(server.poll_interval)
     except Shutdown:

@@ -2857,7 +2857,8 @@ def test_the_readme_knative_request_works(proxies):
 def test_the_readme_lists_every_setting():
     readme = (HERE / "README.md").read_text()
     for setting in owproxy.SETTINGS:
-        assert "| `%s` | `%s` | %s |" % (setting.flag, setting.env, setting.shown()) in readme
+        envs = ", else ".join("`%s`" % env for env in setting.envs)
+        assert "| `%s` | %s | %s |" % (setting.flag, envs, setting.shown()) in readme
 
 
 
@@ -3042,6 +3043,144 @@ def test_stage_dir_falls_back_inside_dest_when_a_rename_cannot_reach_it(tmp_path
     stage = owproxy.stage_dir(str(dest))
     assert os.path.dirname(stage) == str(dest)
     assert sorted(os.listdir(str(tmp_path))) == sorted(["action", os.path.basename(first)])
+
+
+def has_ipv6_loopback():
+    try:
+        with socket.socket(socket.AF_INET6) as probe:
+            probe.bind(("::1", 0))
+        return True
+    except OSError:
+        return False
+
+
+IPV6 = has_ipv6_loopback()
+needs_ipv6 = pytest.mark.skipif(not IPV6, reason="this machine has no IPv6 loopback (::1)")
+
+
+def answers(address, port):
+    """True if the proxy answers /healthz at ``address``, False if nothing listens there."""
+    connection = http.client.HTTPConnection(address, port, timeout=30)
+    try:
+        connection.request("GET", "/healthz")
+        return connection.getresponse().status == 200
+    except ConnectionRefusedError:
+        return False
+    finally:
+        connection.close()
+
+
+class ListeningProxy(Proxy):
+    """A proxy started with ``--host`` arguments of its own (none: the default),
+    the port from ``port_env`` when given, ready once ``address`` accepts."""
+
+    def __init__(self, root, host_args, address, port_env=None, args=()):
+        self.host_args, self.address, self.port_env = host_args, address, port_env
+        Proxy.__init__(self, root, args)
+
+    def command(self, port, action_dir):
+        if self.port_env:
+            return (proxy_command(*self.host_args + ["--action-dir", action_dir]),
+                    {name: str(port) for name in self.port_env})
+        return proxy_command(*self.host_args + ["--port", str(port), "--action-dir",
+                                                action_dir]), {}
+
+    def wait_ready(self, timeout=20):
+        end = time.time() + timeout
+        while time.time() < end and self.process.poll() is None:
+            try:
+                socket.create_connection((self.address, self.port), timeout=1).close()
+                return True
+            except OSError:
+                time.sleep(0.01)
+        return False
+
+
+@pytest.fixture
+def listening(tmp_path):
+    started = []
+
+    def start(host_args, address, **kwargs):
+        proxy = ListeningProxy(tmp_path / ("l%d" % len(started)), host_args, address, **kwargs)
+        started.append(proxy)
+        return proxy
+
+    yield start
+    for proxy in started:
+        if proxy.process.poll() is None:
+            proxy.stop()
+
+
+def test_the_default_host_takes_ipv4_and_ipv6_clients_on_one_port(listening):
+    proxy = listening([], "127.0.0.1", args=["--verbose"])
+    assert answers("127.0.0.1", proxy.port)
+    if IPV6:  # dual-stack: the same socket answers ::1
+        assert answers("::1", proxy.port)
+    proxy.request("POST", "/run", {"value": {}})
+    err = proxy.logs()[1]
+    assert "\n127.0.0.1 - - [" in err and "::ffff:" not in err, err  # mapped, shown as IPv4
+    assert "serving %s on http://[::]:%d" % (proxy.action_dir, proxy.port) in err \
+        if IPV6 else "on http://[::]:" in err
+
+
+@needs_ipv6
+@pytest.mark.parametrize("host", ["::1", "[::1]"])
+def test_an_ipv6_host_with_or_without_brackets_listens_on_ipv6_only(listening, host):
+    proxy = listening(["--host", host, "--verbose"], "::1")
+    assert answers("::1", proxy.port)
+    assert not answers("127.0.0.1", proxy.port)
+    connection = http.client.HTTPConnection("::1", proxy.port, timeout=30)
+    connection.request("POST", "/run", b'{"value": {}}')
+    assert connection.getresponse().status == 502  # nothing baked, but served over ::1
+    connection.close()
+    assert "\n::1 - - [" in proxy.logs()[1]
+
+
+def test_an_ipv4_host_listens_on_ipv4_only(listening):
+    proxy = listening(["--host", "127.0.0.1"], "127.0.0.1")
+    assert answers("127.0.0.1", proxy.port)
+    if IPV6:
+        assert not answers("::1", proxy.port)
+
+
+def test_a_host_name_listens_where_the_name_resolves(listening):
+    family, _, _, _, address = socket.getaddrinfo("localhost", None, 0, socket.SOCK_STREAM, 0,
+                                                  socket.AI_PASSIVE)[0]
+    proxy = listening(["--host", "localhost"], address[0])
+    assert answers(address[0], proxy.port)
+    other = "::1" if family == socket.AF_INET else "127.0.0.1"
+    if IPV6:
+        assert not answers(other, proxy.port)
+
+
+@pytest.mark.parametrize("host", ["192.0.2.1", "2001:db8::1", "[2001:db8::1]"])
+def test_an_address_that_cannot_be_bound_is_the_one_line_error(tmp_path, host):
+    """Documentation addresses (RFC 5737, RFC 3849): no machine has them."""
+    port = free_port()
+    completed = cli("--host", host, "--port", str(port), "--action-dir", str(tmp_path))
+    shown = "[%s]" % host.strip("[]") if ":" in host else host
+    check_one_line_error(completed, "owproxy: cannot listen on %s:%d: " % (shown, port))
+
+
+def test_the_port_comes_from_port_alone(listening):
+    proxy = listening(["--host", "127.0.0.1"], "127.0.0.1", port_env=["PORT"])
+    assert answers("127.0.0.1", proxy.port)
+
+
+def test_flask_proxy_port_wins_over_port(listening):
+    with socket.socket() as taken:  # were PORT used, the proxy could not start
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        proxy = listening(["--host", "127.0.0.1"], "127.0.0.1", port_env=["FLASK_PROXY_PORT"])
+        proxy.stop()
+        proxy.env["PORT"] = str(taken.getsockname()[1])
+        proxy.start()
+        assert answers("127.0.0.1", proxy.port)
+
+
+def test_an_invalid_port_variable_is_a_one_line_error(tmp_path):
+    completed = cli("--action-dir", str(tmp_path), env={"PORT": "http"})
+    check_one_line_error(completed, "PORT='http'")
 
 
 # ---------------------------------------------------------------------------
