@@ -29,18 +29,55 @@ The file reads top to bottom:
 8. CLI             ``main()``
 """
 
-import contextlib
-import functools
-import json
-import os
-import selectors
-import signal
-import socket
-import socketserver
-import subprocess
 import sys
-import threading
-import time
+
+# Every standard module the proxy imports, here or where it needs one; trimmed
+# Pythons (Debian's python3-minimal) lack some.
+STANDARD_MODULES = (
+    "argparse", "ast", "base64", "binascii", "contextlib", "functools", "glob", "http",
+    "importlib", "io", "json", "os", "re", "selectors", "shutil", "signal", "site", "socket",
+    "socketserver", "stat", "subprocess", "tempfile", "threading", "time", "traceback",
+    "urllib", "uuid", "zipfile")
+
+
+def unusable_python(missing=None):
+    """Exits with one line that says what to install: on an old Python, or with
+    the name of a module whose import failed, the standard modules it lacks."""
+    if missing is None:
+        problem = "needs Python 3.8 or newer, not %s" % sys.version.split()[0]
+    else:
+        lacking = [name for name in STANDARD_MODULES if not module_exists(name)]
+        problem = ("needs the standard modules %s, which %s lacks: install the whole Python "
+                   "(on Debian and Ubuntu the package python3, not python3-minimal)"
+                   % (", ".join(lacking or [missing]), sys.executable or "this Python"))
+    sys.stderr.write("owproxy: %s\n" % problem)
+    sys.exit(2)
+
+
+def module_exists(name):
+    import importlib.util
+    try:
+        return importlib.util.find_spec(name) is not None
+    except ImportError:
+        return False
+
+
+if sys.version_info < (3, 8):
+    unusable_python()
+try:
+    import contextlib
+    import functools
+    import json
+    import os
+    import selectors
+    import signal
+    import socket
+    import socketserver
+    import subprocess
+    import threading
+    import time
+except ImportError as error:
+    unusable_python(error.name)
 
 __version__ = "1.0.0"
 OWPROXY_FILE = os.path.abspath(__file__)
@@ -747,6 +784,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
     def log_message(self, format, *args):
         if self.server.settings.verbose:
             BaseHTTPRequestHandler.log_message(self, format, *args)
+            sys.stderr.flush()  # Python 3.8 buffers a stderr that is no terminal
 
 
 # ============================================================================

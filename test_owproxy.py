@@ -3117,6 +3117,7 @@ def test_the_default_host_takes_ipv4_and_ipv6_clients_on_one_port(listening):
     if IPV6:  # dual-stack: the same socket answers ::1
         assert answers("::1", proxy.port)
     proxy.request("POST", "/run", {"value": {}})
+    assert wait_for(lambda: '"POST /run HTTP/1.1" 502' in proxy.logs()[1], 30)
     err = proxy.logs()[1]
     assert "\n127.0.0.1 - - [" in err and "::ffff:" not in err, err  # mapped, shown as IPv4
     assert "serving %s on http://[::]:%d" % (proxy.action_dir, proxy.port) in err \
@@ -3133,7 +3134,7 @@ def test_an_ipv6_host_with_or_without_brackets_listens_on_ipv6_only(listening, h
     connection.request("POST", "/run", b'{"value": {}}')
     assert connection.getresponse().status == 502  # nothing baked, but served over ::1
     connection.close()
-    assert "\n::1 - - [" in proxy.logs()[1]
+    assert wait_for(lambda: "\n::1 - - [" in proxy.logs()[1], 30), proxy.logs()
 
 
 def test_an_ipv4_host_listens_on_ipv4_only(listening):
@@ -3181,6 +3182,74 @@ def test_flask_proxy_port_wins_over_port(listening):
 def test_an_invalid_port_variable_is_a_one_line_error(tmp_path):
     completed = cli("--action-dir", str(tmp_path), env={"PORT": "http"})
     check_one_line_error(completed, "PORT='http'")
+
+
+MINIMAL_PYTHON = """
+import sys
+
+LACKING = {"socketserver", "http", "shutil", "uuid"}  # as Debian's python3-minimal lacks them
+
+
+class Lacking:
+    def find_spec(self, name, path=None, target=None):
+        if name.partition(".")[0] in LACKING:
+            raise ModuleNotFoundError("No module named %r" % name, name=name)
+
+
+for name in list(sys.modules):  # what site imported before this ran
+    if name.partition(".")[0] in LACKING:
+        del sys.modules[name]
+sys.meta_path.insert(0, Lacking())
+"""
+
+
+@pytest.mark.parametrize("args", [[], ["function-worker"], ["run", "--url", "127.0.0.1:1"]])
+def test_an_incomplete_python_is_a_one_line_error_naming_what_to_install(tmp_path, args):
+    shadow = tmp_path / "site"
+    shadow.mkdir()
+    (shadow / "sitecustomize.py").write_text(MINIMAL_PYTHON)
+    completed = cli(*args, env={"PYTHONPATH": str(shadow)})
+    check_one_line_error(
+        completed, "owproxy: needs the standard modules http, shutil, socketserver, uuid, "
+        "which %s lacks: install the whole Python (on Debian and Ubuntu the package python3, "
+        "not python3-minimal)\n" % PYTHON)
+
+
+def test_the_incomplete_python_check_knows_every_module_the_proxy_imports():
+    import ast
+    tree = ast.parse((HERE / "owproxy.py").read_text())
+    imported = {alias.name.partition(".")[0] for node in ast.walk(tree)
+                if isinstance(node, ast.Import) for alias in node.names}
+    imported |= {node.module.partition(".")[0] for node in ast.walk(tree)
+                 if isinstance(node, ast.ImportFrom)}
+    assert imported - {"sys"} == set(owproxy.STANDARD_MODULES)
+
+
+def old_pythons():
+    """The pyenv interpreters older than 3.8 on this machine."""
+    def run(*argv):
+        try:
+            return subprocess.run(argv, capture_output=True, text=True, timeout=30).stdout
+        except OSError:
+            return ""
+
+    found = []
+    for version in run("pyenv", "versions", "--bare").split():
+        major, _, minor = version.partition(".")[0], None, version.split(".")[1:2]
+        if major == "3" and minor and minor[0].isdigit() and int(minor[0]) < 8:
+            prefix = run("pyenv", "prefix", version).strip()
+            found.append(os.path.join(prefix, "bin", "python3.%s" % minor[0]))
+    return [path for path in found if os.access(path, os.X_OK)]
+
+
+@pytest.mark.skipif(not old_pythons(), reason="no Python older than 3.8 in pyenv here")
+@pytest.mark.parametrize("python", old_pythons() or ["none"])
+def test_a_python_older_than_3_8_is_a_one_line_error(tmp_path, python):
+    completed = subprocess.run([python, OWPROXY, "--action-dir", str(tmp_path)],
+                               env=proxy_env(), capture_output=True, text=True, timeout=60)
+    version = subprocess.run([python, "-c", "import sys; print(sys.version.split()[0])"],
+                             capture_output=True, text=True, timeout=60).stdout.strip()
+    check_one_line_error(completed, "owproxy: needs Python 3.8 or newer, not %s\n" % version)
 
 
 # ---------------------------------------------------------------------------
