@@ -1506,8 +1506,9 @@ def load_function(path, name):
 def print_user_traceback(error):
     """The traceback from the action's own code on: the proxy's frames are noise there."""
     import traceback
+    own = print_user_traceback.__code__.co_filename  # the source's name, even from a .pyc
     frames = error.__traceback__
-    while frames and (frames.tb_frame.f_code.co_filename == OWPROXY_FILE
+    while frames and (frames.tb_frame.f_code.co_filename == own
                       or frames.tb_frame.f_code.co_filename.startswith("<frozen")):
         frames = frames.tb_next
     traceback.print_exception(type(error), error, frames)

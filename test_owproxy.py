@@ -3074,9 +3074,10 @@ class ListeningProxy(Proxy):
     """A proxy started with ``--host`` arguments of its own (none: the default),
     the port from ``port_env`` when given, ready once ``address`` accepts."""
 
-    def __init__(self, root, host_args, address, port_env=None, args=()):
+    def __init__(self, root, host_args, address, port_env=None, **kwargs):
         self.host_args, self.address, self.port_env = host_args, address, port_env
-        Proxy.__init__(self, root, args)
+        Path(root).mkdir(parents=True, exist_ok=True)
+        Proxy.__init__(self, root, **kwargs)
 
     def command(self, port, action_dir):
         if self.port_env:
@@ -3172,10 +3173,8 @@ def test_flask_proxy_port_wins_over_port(listening):
     with socket.socket() as taken:  # were PORT used, the proxy could not start
         taken.bind(("127.0.0.1", 0))
         taken.listen(1)
-        proxy = listening(["--host", "127.0.0.1"], "127.0.0.1", port_env=["FLASK_PROXY_PORT"])
-        proxy.stop()
-        proxy.env["PORT"] = str(taken.getsockname()[1])
-        proxy.start()
+        proxy = listening(["--host", "127.0.0.1"], "127.0.0.1", port_env=["FLASK_PROXY_PORT"],
+                          env={"PORT": str(taken.getsockname()[1])})
         assert answers("127.0.0.1", proxy.port)
 
 
@@ -3250,6 +3249,284 @@ def test_a_python_older_than_3_8_is_a_one_line_error(tmp_path, python):
     version = subprocess.run([python, "-c", "import sys; print(sys.version.split()[0])"],
                              capture_output=True, text=True, timeout=60).stdout.strip()
     check_one_line_error(completed, "owproxy: needs Python 3.8 or newer, not %s\n" % version)
+
+
+def dockerfile_lines(path):
+    """A Dockerfile's instructions, continuation lines joined."""
+    return path.read_text().replace("\\\n", " ").splitlines()
+
+
+DOCKERFILES = [HERE / "Dockerfile", HERE / "examples" / "c" / "Dockerfile"]
+COMPILE_STEP = "RUN python3 -m compileall -b -q /owproxy.py"
+FUNCTION_FAILING = """
+def main(args):
+    if args.get("fail"):
+        raise ValueError("boom")
+    return {"ok": "function"}
+"""
+
+
+def test_the_images_start_from_bytecode_compiled_at_build_time(proxies, tmp_path):
+    """The Dockerfiles' compile step, run here, then the proxy and its Python
+    function worker started from the .pyc alone (the source is gone)."""
+    for dockerfile in DOCKERFILES:
+        lines = dockerfile_lines(dockerfile)
+        assert COMPILE_STEP in lines and lines[-1] == 'CMD ["python3", "/owproxy.pyc"]'
+        assert lines.index("COPY owproxy.py /owproxy.py") < lines.index(COMPILE_STEP)
+    image = tmp_path / "image"
+    image.mkdir()
+    shutil.copy(OWPROXY, str(image / "owproxy.py"))
+    step = COMPILE_STEP[len("RUN "):].replace("/owproxy.py", str(image / "owproxy.py"))
+    subprocess.run([PYTHON] + step.split()[1:], check=True)
+    (image / "owproxy.py").unlink()
+    compiled = str(image / "owproxy.pyc")
+    proxy = proxies(command=lambda port, action_dir: (
+        [PYTHON, compiled, "--host", "127.0.0.1", "--port", str(port),
+         "--action-dir", action_dir], {}))
+    assert proxy.init(FUNCTION_FAILING).status == 200
+    assert (proxy.run().status, proxy.run().json) == (200, {"ok": "function"})
+    response = proxy.run({"fail": True})
+    assert (response.status, response.json) == (200, {"error": "boom"})
+    err = proxy.logs()[1]
+    assert "__main__.py\", line 4, in main" in err and "ValueError: boom" in err, err
+    assert "owproxy.py" not in err, err  # the proxy's own frames stay out, from a .pyc too
+    assert proxy.stop() == 0
+
+
+def healthchecks():
+    """The health-check command of every file that has one: {file: shell command}."""
+    found = {}
+    for path in DOCKERFILES + [HERE / "README.md"]:
+        for line in dockerfile_lines(path):
+            if line.startswith("HEALTHCHECK"):
+                found[str(path.relative_to(HERE))] = line.split(" CMD ", 1)[1]
+    compose = yaml_documents((HERE / "examples" / "docker-compose.yml").read_text())[0]
+    found["examples/docker-compose.yml"] = compose["services"]["action"]["healthcheck"]["test"]
+    return found
+
+
+def run_healthchecks(env):
+    """Each health check's exit status, run as Docker runs it (sh -c, the container's env)."""
+    return {where: subprocess.run(["sh", "-c", command], env=dict(proxy_env(), **env),
+                                  capture_output=True, timeout=60).returncode
+            for where, command in healthchecks().items()}
+
+
+HOSTS = [([], "127.0.0.1"), (["--host", "127.0.0.1"], "127.0.0.1")] + (
+    [(["--host", "::1"], "::1")] if IPV6 else [])
+
+
+@pytest.mark.parametrize("port_env", ["FLASK_PROXY_PORT", "PORT"])
+@pytest.mark.parametrize("host_args, address", HOSTS)
+def test_every_health_check_reads_the_port_and_reaches_the_proxy_however_it_listens(
+        listening, port_env, host_args, address):
+    commands = healthchecks()
+    assert sorted(commands) == ["Dockerfile", "README.md", "examples/c/Dockerfile",
+                                "examples/docker-compose.yml"]
+    assert len(set(commands.values())) == 1, commands  # one form everywhere
+    proxy = listening(host_args, address, port_env=[port_env])
+    assert proxy.port != 8080
+    assert set(run_healthchecks({port_env: str(proxy.port)}).values()) == {0}
+    proxy.stop()
+    assert 0 not in run_healthchecks({port_env: str(proxy.port)}).values()
+
+
+def test_the_dockerfiles_install_packages_without_questions():
+    for dockerfile in DOCKERFILES:
+        stages = "\n".join(dockerfile_lines(dockerfile)).split("\nFROM ")[1:]
+        assert stages
+        for stage in stages:
+            if "apt-get" in stage:
+                before = stage[:stage.index("apt-get")]
+                assert "\nARG DEBIAN_FRONTEND=noninteractive\n" in before, (dockerfile, stage)
+
+
+# -- the deployment examples, read with a parser of the YAML they are written in --
+
+def yaml_documents(text):
+    """The documents of a YAML file written in the block subset the examples use:
+    mappings, sequences, plain and quoted scalars, ``|`` blocks and ``{}``."""
+    import re
+    documents = []
+    for part in re.split(r"(?m)^---[ \t]*$", text):
+        reader = YamlReader(part.splitlines())
+        if reader.peek():
+            documents.append(reader.block(reader.peek()[0]))
+    return documents
+
+
+class YamlReader:
+    KEY = __import__("re").compile(r"^([A-Za-z_][\w.-]*):(?:\s+(.*))?$")
+
+    def __init__(self, lines):
+        self.lines, self.at = list(lines), 0
+
+    def peek(self):
+        """(indent, text) of the next line that holds something."""
+        while self.at < len(self.lines):
+            text = self.lines[self.at].strip()
+            if text and not text.startswith("#"):
+                return len(self.lines[self.at]) - len(self.lines[self.at].lstrip()), text
+            self.at += 1
+        return None
+
+    def block(self, indent):
+        return self.sequence(indent) if self.peek()[1].startswith("- ") else self.mapping(indent)
+
+    def mapping(self, indent):
+        result = {}
+        while self.peek() and self.peek()[0] == indent and self.KEY.match(self.peek()[1]):
+            key, rest = self.KEY.match(self.peek()[1]).groups()
+            self.at += 1
+            nested = self.peek()
+            if rest == "|":
+                result[key] = self.literal(indent)
+            elif rest:
+                result[key] = yaml_scalar(rest)
+            elif nested and (nested[0] > indent or nested[1].startswith("- ")
+                             and nested[0] == indent):
+                result[key] = self.block(nested[0])
+            else:
+                result[key] = None
+        return result
+
+    def sequence(self, indent):
+        items = []
+        while self.peek() and self.peek()[0] == indent and self.peek()[1].startswith("- "):
+            line = self.lines[self.at]
+            self.lines[self.at] = line[:indent] + " " + line[indent + 1:]  # the item's block
+            content = self.peek()[1]
+            if self.KEY.match(content):
+                items.append(self.mapping(indent + 2))
+            else:
+                self.at += 1
+                items.append(yaml_scalar(content))
+        return items
+
+    def literal(self, indent):
+        lines = []
+        while self.at < len(self.lines) and (not self.lines[self.at].strip() or len(
+                self.lines[self.at]) - len(self.lines[self.at].lstrip()) > indent):
+            lines.append(self.lines[self.at])
+            self.at += 1
+        margin = min(len(line) - len(line.lstrip()) for line in lines if line.strip())
+        return "\n".join(line[margin:] for line in lines).rstrip("\n") + "\n"
+
+
+def yaml_scalar(text):
+    if text.startswith('"'):
+        return json.loads(text)
+    if text.startswith("'"):
+        return text[1:-1].replace("''", "'")
+    text = text.split(" #")[0].strip()
+    if text in ("{}", "[]"):
+        return json.loads(text)
+    if text in ("true", "false"):
+        return text == "true"
+    return int(text) if text.lstrip("-").isdigit() else text
+
+
+def test_the_yaml_reader_reads_the_examples_as_a_yaml_library_would():
+    text = """
+# a comment
+a:
+  b: 1
+  c: "x: y"
+  list:
+    - name: one
+      value: 'it''s'
+    - plain
+  empty: {}
+  code: |
+    def main(args):
+        return {}
+flag: true
+---
+second: doc
+"""
+    assert yaml_documents(text) == [
+        {"a": {"b": 1, "c": "x: y", "list": [{"name": "one", "value": "it's"}, "plain"],
+               "empty": {}, "code": "def main(args):\n    return {}\n"}, "flag": True},
+        {"second": "doc"}]
+
+
+def container_env(container):
+    return {entry["name"]: entry["value"] for entry in container.get("env", [])}
+
+
+def check_reads_only_what_the_proxy_reads(env):
+    """Every variable set is one owproxy.py reads."""
+    source = (HERE / "owproxy.py").read_text()
+    for name in env:
+        assert '"%s"' % name in source, name
+
+
+def check_hardened(pod, container):
+    """Non-root, read-only root, and an emptyDir under every path that must be writable."""
+    security = dict(pod.get("securityContext", {}), **container["securityContext"])
+    assert security["runAsNonRoot"] is True and security["readOnlyRootFilesystem"] is True
+    assert security["allowPrivilegeEscalation"] is False
+    volumes = {volume["name"]: volume for volume in pod["volumes"]}
+    mounts = {mount["mountPath"]: volumes[mount["name"]] for mount in container["volumeMounts"]}
+    assert all(volume["emptyDir"] == {} for volume in mounts.values())
+    assert "/tmp" in mounts
+    assert container["resources"]["limits"]["memory"]
+    return mounts
+
+
+def test_the_knative_service_runs_a_dedicated_function_by_the_knative_contract(listening):
+    (service,) = yaml_documents((EXAMPLES / "knative" / "service.yaml").read_text())
+    assert (service["apiVersion"], service["kind"]) == ("serving.knative.dev/v1", "Service")
+    pod = service["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    env = container_env(container)
+    check_reads_only_what_the_proxy_reads(env)
+    assert env["__OW_RUNTIME_PLATFORM"] == "knative" and env["__OW_ACTION_CODE"]
+    assert owproxy.parse_flag(env["__OW_ALLOW_CONCURRENT"]) == (pod["containerConcurrency"] != 1)
+    assert container["livenessProbe"]["httpGet"]["path"] == owproxy.LIVENESS_PATH
+    assert container["readinessProbe"]["httpGet"]["path"] == owproxy.READINESS_PATH
+    assert [port["containerPort"] for port in container["ports"]] == [8080]
+    assert not {"FLASK_PROXY_PORT", "PORT"} & set(env)  # Knative's PORT must be the one read
+    assert "/action" in check_hardened(pod, container)  # the dedicated code is written there
+    # The container as Knative starts it: its env, PORT set by Knative.
+    proxy = listening([], "127.0.0.1", port_env=["PORT"], env=env)
+    for path in (owproxy.LIVENESS_PATH, owproxy.READINESS_PATH):
+        assert proxy.request("GET", path).status == 200
+    response = proxy.request("GET", "/?name=Ada")
+    assert (response.status, response.json) == (200, {"greeting": "Hello, Ada!"})
+
+
+def test_the_kubernetes_deployment_serves_a_baked_action_read_only_behind_a_service(
+        listening, public_dir, tmp_path):
+    deployment, service = yaml_documents(
+        (EXAMPLES / "kubernetes" / "deployment.yaml").read_text())
+    assert (deployment["kind"], service["kind"]) == ("Deployment", "Service")
+    pod = deployment["spec"]["template"]["spec"]
+    labels = deployment["spec"]["template"]["metadata"]["labels"]
+    assert deployment["spec"]["selector"]["matchLabels"] == labels == service["spec"]["selector"]
+    (container,) = pod["containers"]
+    env = container_env(container)
+    check_reads_only_what_the_proxy_reads(env)
+    ports = {port["name"]: port["containerPort"] for port in container["ports"]}
+    assert ports == {"http": int(env["FLASK_PROXY_PORT"])}
+    assert [port["targetPort"] for port in service["spec"]["ports"]] == ["http"]
+    for probe, path in (("livenessProbe", owproxy.LIVENESS_PATH),
+                        ("readinessProbe", owproxy.READINESS_PATH)):
+        assert container[probe]["httpGet"] == {"path": path, "port": "http"}
+    assert "/action" not in check_hardened(pod, container)  # the baked action, read-only
+    assert pod["terminationGracePeriodSeconds"] > float(env["OWPROXY_GRACE"])
+    # Its env, as the pod's user, on a read-only action directory that holds the action.
+    baked = public_dir / "action"
+    baked.mkdir()
+    (baked / "exec").write_text(ECHO_RESULT)
+    (baked / "exec").chmod(0o755)
+    baked.chmod(0o555)
+    env = dict(env, OWPROXY_ACTION_DIR=str(baked))
+    del env["FLASK_PROXY_PORT"]  # a free port's instead
+    proxy = listening([], "127.0.0.1", port_env=["FLASK_PROXY_PORT"], env=env,
+                      action_dir=baked, preexec_fn=as_nobody())
+    assert proxy.init().status == 200
+    check_a_run_still_works(proxy)
 
 
 # ---------------------------------------------------------------------------

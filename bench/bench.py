@@ -17,9 +17,10 @@ cold start      spawn of ``python3 owproxy.py`` until the first /run is
                 owproxy adds to ``sys.modules`` (measured in a subprocess that
                 diffs ``sys.modules`` around ``import owproxy``), ssl kept out
                 as owproxy keeps it out.  Target: x1.15 of the latter.  Also shown:
-                the same start from a cached .pyc (``import owproxy;
-                owproxy.main()``) and the time ``compile()`` takes on the file,
-                since a ``__main__`` script is compiled on every start.
+                the same start from bytecode compiled as the project's
+                Dockerfile compiles it (``python3 owproxy.pyc``) and the time
+                ``compile()`` takes on the file, since a ``__main__`` script is
+                compiled on every start.
 warm /run       one new connection per call, as the invoker does, interleaved
                 with the floor: ``subprocess.run`` of the same action with the
                 same argv and stdin, output captured.  Exec mode, loop mode
@@ -31,8 +32,9 @@ warm /run       one new connection per call, as the invoker does, interleaved
                 proxy built on it.
 throughput      8 clients on a 50 ms action, ``__OW_ALLOW_CONCURRENT=true``;
                 floor 8 / 0.05 s = 160 req/s.
-memory          VmRSS of the proxy idle after /init (floor: VmRSS of an
-                interpreter that imported the same modules), and its VmHWM
+memory          VmRSS of the proxy idle after /init, started from the source
+                and from bytecode (floor: VmRSS of an interpreter that
+                imported the same modules), and its VmHWM
                 after an action wrote 300 MB of 100-byte log lines (floor: the
                 idle RSS).  Each repeat is a fresh proxy, so VmHWM is that
                 proxy's own peak.
@@ -539,14 +541,16 @@ class Bench:
         return path
 
     def copy_owproxy(self):
-        """owproxy.py copied and byte-compiled in the scratch dir: a cached-.pyc start
-        and the module list must not write a __pycache__ into the repository."""
+        """owproxy.py copied and byte-compiled in the scratch dir, as the project's
+        Dockerfile compiles it (owproxy.pyc beside it), and for the module list (a
+        __pycache__): neither may be written into the repository."""
         directory = os.path.join(self.scratch, "module")
         os.mkdir(directory)
         shutil.copy2(OWPROXY, directory)
-        subprocess.run([PYTHON, "-m", "py_compile", os.path.join(directory, "owproxy.py")],
-                       check=True)
-        self.module_dir = directory
+        source = os.path.join(directory, "owproxy.py")
+        subprocess.run([PYTHON, "-m", "py_compile", source], check=True)
+        subprocess.run([PYTHON, "-m", "compileall", "-b", "-q", source], check=True)
+        self.compiled_command = [PYTHON, source + "c"]
         return directory
 
 
@@ -585,8 +589,6 @@ def subprocess_floor(executable, params=PARAMS):
 def measure_cold_start(bench):
     """The four starts alternate, one of each per round, so they share the machine's mood."""
     imports = import_statement(bench.modules)
-    cached_command = [PYTHON, "-c", "import sys; sys.path.insert(0, %r); import owproxy; "
-                      "owproxy.main()" % bench.module_dir]
 
     def cold_start(command=None):
         with Proxy(bench.action_dir("tiny"), command=command) as proxy:
@@ -597,7 +599,7 @@ def measure_cold_start(bench):
         lambda: subprocess.run([PYTHON, "-c", "pass"], check=True),
         lambda: subprocess.run([PYTHON, "-c", imports], check=True),
         cold_start,
-        lambda: cold_start(cached_command),
+        lambda: cold_start(bench.compiled_command),
     ], bench.counts["cold"], 1)
     compiling = statistics.median(fresh_compile_ms() for _ in range(bench.counts["cold"]))
     return [
@@ -611,8 +613,8 @@ def measure_cold_start(bench):
                imported + compiling, "imports + compile", compare="ratio"),
         Figure("cold_start_vs_pass", "cold start vs bare interpreter", script, "ms",
                bare, "-c pass", compare="ratio"),
-        Figure("cold_start_cached_pyc", "cold start from a cached .pyc", cached, "ms",
-               imported, "imports", compare="ratio"),
+        Figure("cold_start_cached_pyc", "cold start: python3 owproxy.pyc -> 1st /run", cached,
+               "ms", imported, "imports", compare="ratio"),
         Figure("compile_owproxy", "compile() of owproxy.py in a new interpreter",
                compiling, "ms"),
     ]
@@ -697,13 +699,12 @@ def measure_throughput(bench):
 def measure_memory(bench):
     """A fresh proxy per repeat, so that VmHWM is the peak of that one flood; no /run
     before the flood, so that the idle figure is the state right after /init."""
-    idle, peak, seconds = [], [], []
+    idle, idle_compiled, peak, seconds = [], [], [], []
     for _ in range(bench.counts["flood_rounds"]):
+        with Proxy(bench.action_dir("flood"), command=bench.compiled_command) as proxy:
+            idle_compiled.append(idle_rss_mib(proxy))
         with Proxy(bench.action_dir("flood")) as proxy:
-            status, body = proxy.init({})
-            if status != 200:
-                raise ProxyError("/init answered %d" % status)
-            idle.append(proxy.status_kib("VmRSS") / 1024)
+            idle.append(idle_rss_mib(proxy))
             start = time.perf_counter()
             status, body = proxy.run(timeout=600)
             seconds.append(time.perf_counter() - start)
@@ -720,6 +721,8 @@ def measure_memory(bench):
                bare, "bare"),
         Figure("rss_idle", "proxy RSS idle after /init", idle_mib, "MiB", interpreter,
                "interpreter", target=lambda value, vs: value < 20, target_label="< 20 MiB"),
+        Figure("rss_idle_compiled", "the same, started as python3 owproxy.pyc",
+               statistics.median(idle_compiled), "MiB", interpreter, "interpreter"),
         Figure("rss_flood_peak", "proxy peak (VmHWM), 300 MB of logs", statistics.median(peak),
                "MiB", idle_mib, "idle", target=lambda value, vs: value < 40,
                target_label="< 40 MiB"),
@@ -727,6 +730,14 @@ def measure_memory(bench):
                FLOOD_BYTES / MIB / flood_seconds, "MiB/s",
                note="%.2f s for the 300 MB run" % flood_seconds),
     ]
+
+
+def idle_rss_mib(proxy):
+    """VmRSS of a proxy just after its /init."""
+    status, body = proxy.init({})
+    if status != 200:
+        raise ProxyError("/init answered %d" % status)
+    return proxy.status_kib("VmRSS") / 1024
 
 
 def interpreter_rss_mib(modules):
