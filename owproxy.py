@@ -16,12 +16,14 @@ bad request or a broken action never takes the proxy down.  It also keeps
 actions warm: ActionLoop executables (``--loop``) and Python ``main(args)``
 functions, and it speaks Knative.
 
-The file reads top to bottom:
+The file reads top to bottom, after a check that this Python can run it:
 
 1. Configuration   settings, each a command-line flag and an environment variable
 2. Logs            the action's log streams and the end-of-activation sentinels
-3. HTTP layer      the server, a thin request handler, JSON bodies and errors
-4. Init            installing code: source, zip archives, atomic replacement
+3. HTTP layer      the server and where it listens, a thin request handler, JSON
+                   bodies and errors
+4. Init            installing code: source, zip archives, atomic replacement,
+                   scratch space
 5. Execution       processes and their pump; warm processes (ActionLoop, Python
                    functions); ActionRunner, the subclassable runner
 6. Platforms       the OpenWhisk and Knative routes, health endpoints
@@ -2415,7 +2417,8 @@ def serve(settings, runner):
     signal.signal(signal.SIGINT, stop)
     if settings.verbose or sys.stdout.isatty():
         sys.stderr.write("owproxy %s: serving %s on http://%s:%d\n" % (
-            __version__, settings.action_dir, url_host(settings.host), server.server_port))
+            __version__, settings.action_dir, url_host(server.server_address[0]),
+            server.server_port))
     try:
         server.serve_forever(server.poll_interval)
     except Shutdown:
