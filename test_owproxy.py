@@ -3121,8 +3121,9 @@ def test_the_default_host_takes_ipv4_and_ipv6_clients_on_one_port(listening):
     assert wait_for(lambda: '"POST /run HTTP/1.1" 502' in proxy.logs()[1], 30)
     err = proxy.logs()[1]
     assert "\n127.0.0.1 - - [" in err and "::ffff:" not in err, err  # mapped, shown as IPv4
-    assert "serving %s on http://[::]:%d" % (proxy.action_dir, proxy.port) in err \
-        if IPV6 else "on http://[::]:" in err
+    banners = ["owproxy %s: serving %s on http://%s:%d\n" % (
+        owproxy.__version__, proxy.action_dir, host, proxy.port) for host in ("[::]", "0.0.0.0")]
+    assert banners[0] in err if IPV6 else any(banner in err for banner in banners), err
 
 
 @needs_ipv6
@@ -3585,3 +3586,17 @@ def test_binding_looks_up_no_name(monkeypatch):
         assert server.server_name == "127.0.0.1" and server.server_port > 0
     finally:
         server.server_close()
+
+
+def test_listening_address_of_every_kind_of_host(monkeypatch):
+    assert owproxy.listening_address("127.0.0.1", 80) == (socket.AF_INET, ("127.0.0.1", 80))
+    for host in ("::1", "[::1]"):
+        family, address = owproxy.listening_address(host, 80)
+        assert (family, address[:2]) == (socket.AF_INET6, ("::1", 80))
+    family, address = owproxy.listening_address("::", 80)
+    assert (family, address[:2]) == (socket.AF_INET6, ("::", 80)) if owproxy.has_ipv6() \
+        else (family, address) == (socket.AF_INET, ("0.0.0.0", 80))
+    monkeypatch.setattr(owproxy, "has_ipv6", lambda: False)  # a host without IPv6
+    assert owproxy.listening_address("::", 80) == (socket.AF_INET, ("0.0.0.0", 80))
+    assert owproxy.url_host("::") == "[::]" and owproxy.url_host("[::1]") == "[::1]"
+    assert owproxy.url_host("0.0.0.0") == "0.0.0.0"
