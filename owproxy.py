@@ -751,6 +751,10 @@ def is_directory(path):
     return os.path.isdir(path) and not os.path.islink(path)
 
 
+def is_executable(path):
+    return os.path.isfile(path) and os.access(path, os.X_OK)
+
+
 def remove_tree(path):
     import shutil
     if is_directory(path):
@@ -1777,6 +1781,9 @@ class ActionRunner:
             return contextlib.nullcontext()  # keep what the action directory holds
         if not isinstance(code, str):
             raise InitError("code must be a string, not %s" % json_type(code))
+        if not code and not is_executable(self.binary):  # the dockerskeleton without its stub
+            raise InitError("the code is empty and there is no executable %s to keep"
+                            % self.binary)
         data = decode_base64(code) if binary else None
         folder = self.zipdest if binary else os.path.dirname(self.source)
         stage = stage_dir(folder)
@@ -1897,7 +1904,7 @@ class ActionRunner:
     def verify(self):
         if self.current_kind() == "function":
             return os.path.isfile(self.function[0])
-        return os.path.isfile(self.binary) and os.access(self.binary, os.X_OK)
+        return is_executable(self.binary)
 
     def current_kind(self):
         """The kind decided by the last init, else by what the action directory holds."""

@@ -483,6 +483,7 @@ WEB_BAD = {"error": "The action returned a web response with an invalid statusCo
 # ---------------------------------------------------------------------------
 
 def test_init_with_empty_code_then_run_fails_with_error_in_stdout(proxy):
+    dockerfile_stub(proxy.action_dir)  # upstream's image has it
     assert proxy.init("").status == 200
     assert (proxy.action_dir / "exec").read_text() == ""
     response = proxy.post("/run", b"null")
@@ -3269,6 +3270,7 @@ BAD_TARS = {
     "too big": ({"exec": "#" * 5000}, "the archive expands to more than the limit of 4096"),
     "link target past PATH_MAX": ({"exec": "x", "link": ("->", "a/" * 4000)},
                                   "has a target longer than PATH_MAX"),
+    "huge extended header": ({"x" * (2 * MIB): "x"}, "the archive has an extended header of"),
 }
 
 
@@ -3311,11 +3313,14 @@ def test_empty_code_in_loop_mode_is_the_go_proxys_403(proxies, body):
     assert proxy.logs() == ("", "")
 
 
-def test_empty_code_in_exec_mode_without_an_executable_is_the_dockerskeletons_502(proxy):
-    response = proxy.post("/init", {"value": {"code": None}})
+@pytest.mark.parametrize("code", ["", None])
+def test_empty_code_in_exec_mode_without_an_executable_is_the_dockerskeletons_502(proxy, code):
+    response = proxy.init(code)
     assert (response.status, response.json) == (502, INIT_FAILED)
+    assert os.listdir(proxy.action_dir) == []
     response = proxy.run()
-    assert response.status == 502
+    assert (response.status, response.json) == (502, {"error": "The action failed to locate a "
+                                                                "binary. See logs for details."})
 
 
 @pytest.mark.parametrize("ack,log_init_error,expected,cause", [
