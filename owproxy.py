@@ -21,7 +21,8 @@ The file reads top to bottom:
 1. Configuration   settings, each a command-line flag and an environment variable
 2. Logs            the action's log streams and the end-of-activation sentinels
 3. HTTP layer      the server, a thin request handler, JSON bodies and errors
-4. Init            installing code: source, zip archives, atomic replacement
+4. Init            installing code: source, zip and tar.gz archives, binaries,
+                   runtime images' compile scripts, atomic replacement
 5. Execution       processes and their pump; warm processes (ActionLoop, Python
                    functions); ActionRunner, the subclassable runner
 6. Platforms       the OpenWhisk and Knative routes, health endpoints
@@ -888,15 +889,8 @@ def extract_zip(data, dest, max_total):
         if total > max_total:
             raise InitError("the archive expands to %d bytes, more than the limit of %d"
                             % (total, max_total))
-        names, links = [], []
-        for member in members:
-            parts = archive_path(member.filename)
-            names.append(parts)
-            target = (extract_member(archive, member, os.path.join(dest, *parts))
-                      if parts else None)
-            if target is not None:
-                links.append((parts, target))
-        make_links(dest, names, links)
+        extract_entries(((member.filename, member) for member in members), dest,
+                        functools.partial(extract_member, archive))
 
 
 def extract_member(archive, member, path):
@@ -935,25 +929,38 @@ def extract_tar(data, dest, max_total):
 
     EXTENDED_HEADERS = (tarfile.GNUTYPE_LONGNAME, tarfile.GNUTYPE_LONGLINK, tarfile.XHDTYPE,
                         tarfile.XGLTYPE, tarfile.SOLARIS_XHDTYPE)
-    names, links, total = [], [], 0
     try:
         with tarfile.open(fileobj=io.BytesIO(data), mode="r|gz", tarinfo=Header) as archive:
-            for member in archive:
-                total += member.size
-                if len(names) >= MAX_ARCHIVE_ENTRIES:
-                    raise InitError("the archive has more entries than the limit of %d"
-                                    % MAX_ARCHIVE_ENTRIES)
-                if total > max_total:
-                    raise InitError("the archive expands to more than the limit of %d bytes"
-                                    % max_total)
-                parts = archive_path(member.name)
-                names.append(parts)
-                target = (extract_tar_member(archive, member, os.path.join(dest, *parts))
-                          if parts else None)
-                if target is not None:
-                    links.append((parts, target))
+            extract_entries(counted(archive, max_total), dest,
+                            functools.partial(extract_tar_member, archive))
     except (tarfile.TarError, EOFError, OSError, zlib.error) as error:
         raise InitError("the code is not a tar.gz archive (%s)" % error)
+
+
+def counted(archive, max_total):
+    """The (name, member) pairs of a tar archive, stopped at the limits as they pass."""
+    total = 0
+    for count, member in enumerate(archive, 1):
+        total += member.size
+        if count > MAX_ARCHIVE_ENTRIES:
+            raise InitError("the archive has more entries than the limit of %d"
+                            % MAX_ARCHIVE_ENTRIES)
+        if total > max_total:
+            raise InitError("the archive expands to more than the limit of %d bytes"
+                            % max_total)
+        yield member.name, member
+
+
+def extract_entries(entries, dest, extract):
+    """Extracts (name, entry) pairs into ``dest`` with ``extract(entry, path)``, which
+    returns a link's target instead of making the link: links come last."""
+    names, links = [], []
+    for name, entry in entries:
+        parts = archive_path(name)
+        names.append(parts)
+        target = extract(entry, os.path.join(dest, *parts)) if parts else None
+        if target is not None:
+            links.append((parts, target))
     make_links(dest, names, links)
 
 
@@ -1021,7 +1028,7 @@ def make_links(dest, names, links):
             raise InitError("cannot create the link %r: %s" % ("/".join(parts), error))
 
 
-# -- runtime images' compile scripts -----------------------------------------------
+# -- runtime images' compile scripts, and compiling at build time -----------------
 
 def runnable(path):
     """Code that runs as it is, not compiled: a script (``#!``) or an ELF binary."""
