@@ -3100,6 +3100,20 @@ def test_a_failed_compile_answers_as_the_go_proxy_and_keeps_the_previous_action(
         assert gone_or_zombie(int(pidfile.read_text()))
 
 
+SH_COMPILER = bash("""
+printf '#!/bin/sh\\n' > "$3/exec"
+cat "$2/exec" >> "$3/exec"
+""")
+
+
+def test_in_exec_mode_a_compile_script_builds_the_exec_of_every_run(proxies, tmp_path):
+    proxy = proxies(env={"OW_COMPILER": compiler_file(tmp_path, SH_COMPILER)})
+    assert proxy.init("echo '{\"compiled\": true}'\n").status == 200
+    assert (proxy.action_dir / "exec").read_text().startswith("#!/bin/sh\n")
+    assert proxy.run({}).json == {"compiled": True}
+    assert proxy.run({}).json == {"compiled": True}
+
+
 def test_in_exec_mode_a_failed_compile_keeps_the_dockerskeleton_text(proxies, tmp_path):
     compiler = compiler_file(tmp_path, BAD_COMPILERS["warns"][0])
     proxy = proxies(env={"OW_COMPILER": compiler})
