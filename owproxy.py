@@ -1937,7 +1937,7 @@ class ActionRunner:
         return WarmPool(self.start_warm, env)
 
     def start_warm(self, env):
-        """A new warm process for this action (InitError when it does not come up)."""
+        """A new warm process for this action (StartError when it does not come up)."""
         cwd = os.path.dirname(self.binary)
         try:
             if self.kind == "function":
@@ -1947,7 +1947,7 @@ class ActionRunner:
             else:
                 process = WarmProcess([self.binary], env, cwd, self.logs, self.processes)
         except OSError as error:
-            raise InitError("cannot start the action: %s" % error)
+            raise StartError("cannot start the action: %s" % error)
         return process.start(self.kind == "function" or "__OW_WAIT_FOR_ACK" in env)
 
     def close(self, grace):

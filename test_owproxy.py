@@ -3157,6 +3157,14 @@ def test_compile_round_trip_and_exec_env_match_and_mismatch(proxies, tmp_path):
         assert not (other.action_dir / "exec").exists()
 
 
+def test_a_compiler_that_cannot_run_fails_the_init_with_its_cause(proxies, tmp_path):
+    proxy = proxies(env={"OW_COMPILER": str(tmp_path / "missing")})
+    response = proxy.init(PY_SOURCE)
+    assert (response.status, response.json) == (502, INIT_FAILED)
+    assert "cannot run the compiler %s: No such file" % (tmp_path / "missing") in \
+        check_streams(proxy)[1]
+
+
 def test_compile_reports_a_failure_with_exit_status_1(tmp_path):
     env = proxy_env({"OW_COMPILER": compiler_file(tmp_path, BAD_COMPILERS["warns"][0])})
     done = subprocess.run(proxy_command("--compile", "main"), input=PY_SOURCE.encode(),
@@ -3166,6 +3174,9 @@ def test_compile_reports_a_failure_with_exit_status_1(tmp_path):
     corrupt = subprocess.run(proxy_command("-compile", "main"), input=b"PK\x03\x04broken",
                              env=proxy_env(), capture_output=True, timeout=60)
     assert corrupt.returncode == 1 and b"the code is not a zip archive" in corrupt.stderr
+    usage = subprocess.run(proxy_command("--compile", "main", "extra"), input=b"",
+                           env=proxy_env(), capture_output=True, timeout=60)
+    assert (usage.returncode, usage.stdout) == (2, b"") and b"usage:" in usage.stderr
 
 
 def test_compile_without_a_compiler_zips_the_code_as_init_would_install_it(proxies):
@@ -3288,13 +3299,17 @@ BAD_TARS = {
 }
 
 
-@pytest.mark.parametrize("case", sorted(BAD_TARS) + ["corrupt tar.gz", "corrupt zip"])
+@pytest.mark.parametrize("case", sorted(BAD_TARS) + ["corrupt tar.gz", "corrupt zip",
+                                                     "zip link not UTF-8"])
 def test_an_unsafe_or_corrupt_archive_is_refused_with_its_cause(proxies, tmp_path, case):
     proxy = proxies("--max-archive", "4K")
     if case == "corrupt tar.gz":
         code, cause = base64.b64encode(b"\x1f\x8b\x08broken").decode(), "not a tar.gz archive"
     elif case == "corrupt zip":
         code, cause = base64.b64encode(b"PK\x03\x04broken").decode(), "not a zip archive"
+    elif case == "zip link not UTF-8":
+        code = make_zip({"exec": "x", "link": ("->", b"\xff\xfe")})
+        cause = "the symbolic link 'link' has a target that is not UTF-8"
     else:
         files, cause = BAD_TARS[case]
         code = make_tar(files)
