@@ -3,7 +3,7 @@
 
 Copy this file into any image that has a ``python3`` (3.8 or newer), start it
 with ``python3 owproxy.py``, and the image is an OpenWhisk action container: the
-invoker's ``POST /init`` installs an executable, a script or a zip into the
+invoker's ``POST /init`` installs an executable, a script or an archive into the
 action directory (``/action``), and every ``POST /run`` starts ``/action/exec``
 with the activation's parameters, streams its logs and answers with the last
 line it printed.  It needs nothing but the Python standard library.
@@ -14,7 +14,9 @@ and without its faults: every activation gets its own environment, a deadline
 stops a runaway action, background children cannot hold an answer back, and a
 bad request or a broken action never takes the proxy down.  It also keeps
 actions warm: ActionLoop executables (``--loop``) and Python ``main(args)``
-functions, and it speaks Knative.
+functions, it speaks Knative, and with ``--loop`` it stands in for the Go
+ActionLoop proxy of OpenWhisk's runtime images, their compile scripts, launchers
+and settings (``OW_COMPILER`` ...) unchanged.
 
 The file reads top to bottom:
 
@@ -22,7 +24,8 @@ The file reads top to bottom:
 2. Logs            the action's log streams and the end-of-activation sentinels
 3. HTTP layer      the server, a thin request handler, JSON bodies and errors
 4. Init            installing code: source, zip and tar.gz archives, binaries,
-                   runtime images' compile scripts, atomic replacement
+                   runtime images' compile scripts, atomic replacement;
+                   ``--compile``, the same at an image's build time
 5. Execution       processes and their pump; warm processes (ActionLoop, Python
                    functions); ActionRunner, the subclassable runner
 6. Platforms       the OpenWhisk and Knative routes, health endpoints
@@ -32,6 +35,7 @@ The file reads top to bottom:
 
 import contextlib
 import functools
+import itertools
 import json
 import os
 import selectors
@@ -940,7 +944,11 @@ def extract_tar(data, dest, max_total):
 def counted(archive, max_total):
     """The (name, member) pairs of a tar archive, stopped at the limits as they pass."""
     total = 0
-    for count, member in enumerate(archive, 1):
+    for count in itertools.count(1):
+        member = archive.next()
+        if member is None:
+            return
+        archive.members.clear()  # a stream needs no index of the entries gone by
         total += member.size
         if count > MAX_ARCHIVE_ENTRIES:
             raise InitError("the archive has more entries than the limit of %d"
@@ -957,8 +965,10 @@ def extract_entries(entries, dest, extract):
     names, links = [], []
     for name, entry in entries:
         parts = archive_path(name)
+        if not parts:
+            continue  # the archive's own folder, "./"
         names.append(parts)
-        target = extract(entry, os.path.join(dest, *parts)) if parts else None
+        target = extract(entry, os.path.join(dest, *parts))
         if target is not None:
             links.append((parts, target))
     make_links(dest, names, links)
