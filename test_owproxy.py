@@ -3157,6 +3157,14 @@ def test_compile_round_trip_and_exec_env_match_and_mismatch(proxies, tmp_path):
         assert not (other.action_dir / "exec").exists()
 
 
+def test_an_action_without_the_exec_env_the_image_expects_does_not_start(proxies):
+    proxy = proxies("--loop", env={"OW_EXECUTION_ENV": "test/python-v1"})
+    response = proxy.init(READ_LINE_LOOP)
+    assert (response.status, response.json) == (
+        502, {"error": "cannot start action: cannot read exec.env: No such file or directory"})
+    assert not (proxy.action_dir / "exec").exists()
+
+
 def test_a_compiler_that_cannot_run_fails_the_init_with_its_cause(proxies, tmp_path):
     proxy = proxies(env={"OW_COMPILER": str(tmp_path / "missing")})
     response = proxy.init(PY_SOURCE)
@@ -3296,6 +3304,7 @@ BAD_TARS = {
     "link target past PATH_MAX": ({"exec": "x", "link": ("->", "a/" * 4000)},
                                   "has a target longer than PATH_MAX"),
     "huge extended header": ({"x" * (2 * MIB): "x"}, "the archive has an extended header of"),
+    "the same file twice": ({"exec": "x", "./exec": "y"}, "cannot extract './exec'"),
 }
 
 
@@ -3472,3 +3481,10 @@ def test_binding_looks_up_no_name(monkeypatch):
         assert server.server_name == "127.0.0.1" and server.server_port > 0
     finally:
         server.server_close()
+
+
+def test_the_entry_count_limit_of_a_tar_gz(tmp_path, monkeypatch):
+    monkeypatch.setattr(owproxy, "MAX_ARCHIVE_ENTRIES", 3)
+    data = base64.b64decode(make_tar({"exec": "x", "a": "a", "b": "b", "c": "c"}))
+    with pytest.raises(owproxy.InitError, match="more entries than the limit of 3"):
+        owproxy.extract_tar(data, str(tmp_path), 1024)
