@@ -864,6 +864,8 @@ def unpack(data, dest, max_total, name):
         extract_zip(data, dest, max_total)
     elif data[:3] == b"\x1f\x8b\x08":
         extract_tar(data, dest, max_total)
+    elif name.startswith(os.pardir):  # a runner whose binary lies outside its archive's folder
+        raise InitError("the code is neither a zip nor a tar.gz archive")
     else:
         write_member(os.path.join(dest, name), io.BytesIO(data), 0o755)
 

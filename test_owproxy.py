@@ -3012,7 +3012,7 @@ BAD_COMPILERS = {
     "exits silently": (bash("exit 3"), "exit status 3"),
     "makes no exec": (bash("mkdir -p \"$3\""), "cannot compile"),
     "hangs": (bash("echo $$ > \"$PIDFILE\"; sleep 600"),
-              "the compiler did not finish within 1 seconds"),
+              "the compiler did not finish within 3 seconds"),
 }
 
 PY_SOURCE = '''
@@ -3080,7 +3080,7 @@ def test_a_compile_script_turns_python_source_into_the_images_actionloop_launche
 def test_a_failed_compile_answers_as_the_go_proxy_and_keeps_the_previous_action(
         proxies, tmp_path, compiler, log_init_error):
     script, cause = BAD_COMPILERS[compiler]
-    env = {"PROXY_ALLOW_REINIT": "1", "OWPROXY_COMPILE_TIMEOUT": "1"}
+    env = {"PROXY_ALLOW_REINIT": "1", "OWPROXY_COMPILE_TIMEOUT": "3"}
     if not log_init_error:
         env["OW_LOG_INIT_ERROR"] = ""
     proxy = runtime_proxy(proxies, tmp_path, script, env=env)
@@ -3488,3 +3488,11 @@ def test_the_entry_count_limit_of_a_tar_gz(tmp_path, monkeypatch):
     data = base64.b64decode(make_tar({"exec": "x", "a": "a", "b": "b", "c": "c"}))
     with pytest.raises(owproxy.InitError, match="more entries than the limit of 3"):
         owproxy.extract_tar(data, str(tmp_path), 1024)
+
+
+def test_a_plain_binary_is_never_written_outside_the_stage(tmp_path):
+    stage = tmp_path / "stage"
+    stage.mkdir()
+    with pytest.raises(owproxy.InitError, match="neither a zip nor a tar.gz archive"):
+        owproxy.unpack(b"\x7fELF...", str(stage), 1024, os.path.join(os.pardir, "exec"))
+    assert os.listdir(tmp_path) == ["stage"] and os.listdir(stage) == []
