@@ -1355,10 +1355,10 @@ class Pump:
 
 
 def request_line(message):
-    """An ActionLoop request line: the request's text kept as it came, in UTF-8 (a
-    launcher that reads with ``read line`` would lose the backslash of an escape);
-    JSON escapes the newlines inside.  Only a lone surrogate, which UTF-8 cannot
-    carry, is escaped."""
+    """An ActionLoop request line, its text as the request had it: non-ASCII as
+    UTF-8, not escaped (a launcher that reads with ``read line`` would lose the
+    backslash of an escape), and no newline but the last (JSON escapes those
+    inside strings).  Only a lone surrogate, which UTF-8 cannot carry, is escaped."""
     try:
         return json.dumps(message, ensure_ascii=False).encode("utf-8") + b"\n"
     except UnicodeEncodeError:

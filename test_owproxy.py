@@ -3036,11 +3036,11 @@ def compiler_file(tmp_path, script, name="compile"):
     return str(path)
 
 
-def runtime_proxy(proxies, tmp_path, script=COMPILE_SCRIPT, *args, env=None):
+def runtime_proxy(proxies, tmp_path, script=COMPILE_SCRIPT, env=None):
     """A --loop proxy set up as a runtime image sets up the Go proxy."""
     settings = dict(RUNTIME_IMAGE_ENV, OW_COMPILER=compiler_file(tmp_path, script))
     settings.update(env or {})
-    return proxies("--loop", *args, env=settings)
+    return proxies("--loop", env=settings)
 
 
 def action_files(proxy):
