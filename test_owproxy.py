@@ -3329,12 +3329,18 @@ def test_an_unsafe_or_corrupt_archive_is_refused_with_its_cause(proxies, tmp_pat
     assert not (tmp_path / "evil").exists()
 
 
-@pytest.mark.parametrize("log_init_error", ["1", ""])
-def test_a_loop_init_failure_names_its_cause_unless_the_image_logs_it(proxies, log_init_error):
-    proxy = proxies("--loop", env={"OW_LOG_INIT_ERROR": log_init_error})
+@pytest.mark.parametrize("args,env,logged", [
+    ((), {"OW_LOG_INIT_ERROR": "1"}, True),
+    ((), {"OW_LOG_INIT_ERROR": "0"}, True),  # any value at all, as the Go proxy reads it
+    (("--log-init-error",), {}, True),
+    ((), {"OW_LOG_INIT_ERROR": ""}, False),
+    ((), {}, False),
+])
+def test_a_loop_init_failure_names_its_cause_unless_the_image_logs_it(proxies, args, env, logged):
+    proxy = proxies("--loop", *args, env=env)
     response = proxy.init(base64.b64encode(b"PK\x03\x04broken").decode(), binary=True)
     assert response.status == 502
-    if log_init_error:
+    if logged:
         assert response.json == INIT_FAILED
     else:
         assert response.json["error"].startswith("the code is not a zip archive (")
