@@ -1958,8 +1958,9 @@ class ActionRunner:
                     + list(self.function), env, cwd, self.logs, self.processes)
             else:
                 process = WarmProcess([self.binary], env, cwd, self.logs, self.processes)
-        except OSError as error:
-            raise StartError("cannot start the action: %s" % error)
+        except OSError as error:  # not an executable, say; the Go proxy's text, and why
+            self.logs.note("cannot start the action: %s" % error)
+            raise StartError(COMMAND_EXITED)
         return process.start(self.kind == "function" or "__OW_WAIT_FOR_ACK" in env)
 
     def close(self, grace):

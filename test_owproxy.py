@@ -3165,6 +3165,15 @@ def test_an_action_without_the_exec_env_the_image_expects_does_not_start(proxies
     assert not (proxy.action_dir / "exec").exists()
 
 
+@pytest.mark.parametrize("code", ["\n", "package main\n\nfunc main() {}\n"])
+def test_a_loop_binary_that_is_no_executable_is_the_go_proxys_command_exited(proxies, code):
+    proxy = proxies("--loop")
+    response = proxy.init(base64.b64encode(code.encode()).decode(), binary=True)
+    assert (response.status, response.json) == (502, {"error": "cannot start action: "
+                                                                "command exited"})
+    assert "cannot start the action: [Errno 8] Exec format error" in check_streams(proxy)[1]
+
+
 def test_a_compiler_that_cannot_run_fails_the_init_with_its_cause(proxies, tmp_path):
     proxy = proxies(env={"OW_COMPILER": str(tmp_path / "missing")})
     response = proxy.init(PY_SOURCE)
