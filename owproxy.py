@@ -3,7 +3,7 @@
 
 Copy this file into any image that has a ``python3`` (3.8 or newer), start it
 with ``python3 owproxy.py``, and the image is an OpenWhisk action container: the
-invoker's ``POST /init`` installs an executable, a script or a zip into the
+invoker's ``POST /init`` installs an executable, a script or an archive into the
 action directory (``/action``), and every ``POST /run`` starts ``/action/exec``
 with the activation's parameters, streams its logs and answers with the last
 line it printed.  It needs nothing but the Python standard library.
@@ -14,7 +14,9 @@ and without its faults: every activation gets its own environment, a deadline
 stops a runaway action, background children cannot hold an answer back, and a
 bad request or a broken action never takes the proxy down.  It also keeps
 actions warm: ActionLoop executables (``--loop``) and Python ``main(args)``
-functions, and it speaks Knative.
+functions, it speaks Knative, and with ``--loop`` it stands in for the Go
+ActionLoop proxy of OpenWhisk's runtime images, their compile scripts, launchers
+and settings (``OW_COMPILER`` ...) unchanged.
 
 The file reads top to bottom, after a check that this Python can run it:
 
@@ -22,8 +24,9 @@ The file reads top to bottom, after a check that this Python can run it:
 2. Logs            the action's log streams and the end-of-activation sentinels
 3. HTTP layer      the server and where it listens, a thin request handler, JSON
                    bodies and errors
-4. Init            installing code: source, zip archives, atomic replacement,
-                   scratch space
+4. Init            installing code: source, zip and tar.gz archives, binaries,
+                   runtime images' compile scripts, atomic replacement, scratch
+                   space; ``--compile``, the same at an image's build time
 5. Execution       processes and their pump; warm processes (ActionLoop, Python
                    functions); ActionRunner, the subclassable runner
 6. Platforms       the OpenWhisk and Knative routes, health endpoints
@@ -37,9 +40,9 @@ import sys
 # Pythons (Debian's python3-minimal) lack some.
 STANDARD_MODULES = (
     "argparse", "ast", "base64", "binascii", "contextlib", "functools", "glob", "http",
-    "importlib", "io", "json", "os", "re", "selectors", "shutil", "signal", "site", "socket",
-    "socketserver", "stat", "subprocess", "tempfile", "threading", "time", "traceback",
-    "urllib", "uuid", "zipfile")
+    "importlib", "io", "itertools", "json", "os", "re", "selectors", "shutil", "signal",
+    "site", "socket", "socketserver", "stat", "subprocess", "tarfile", "tempfile",
+    "threading", "time", "traceback", "urllib", "uuid", "zipfile", "zlib")
 
 
 def unusable_python(missing=None):
@@ -69,6 +72,7 @@ if sys.version_info < (3, 8):
 try:
     import contextlib
     import functools
+    import itertools
     import json
     import os
     import selectors
@@ -100,6 +104,14 @@ MAX_ARCHIVE_ENTRIES = 250000
 # The exact texts the invoker, the upstream tests and users already know.
 INIT_TWICE = "Cannot initialize the action more than once."
 INIT_FAILED = "The action failed to generate or locate a binary. See logs for details."
+# The Go ActionLoop proxy's own texts, which --loop speaks (the README's table says where).
+INIT_NO_CODE = "Missing main/no code to execute."
+INIT_START_FAILED = "Cannot start action. Check logs for details."
+INIT_START_CAUSE = "cannot start action: {}"
+START_EXITED = "Command exited abruptly during initialization."
+COMMAND_EXITED = "command exited"
+START_BAD_ACK = "The action did not initialize properly."
+EXEC_ENV_MISMATCH = "Execution environment version mismatch. See logs for details."
 RUN_NO_BINARY = "The action failed to locate a binary. See logs for details."
 RUN_BAD_ARGUMENT = "The action did not receive a dictionary or array as an argument."
 RUN_BAD_RESULT = "The action did not return a dictionary or array."
@@ -149,6 +161,11 @@ def parse_size(text):
     return size
 
 
+def parse_set(text):
+    """An image setting that is on when it has any value at all, as the Go proxy reads it."""
+    return text != ""
+
+
 def parse_platform(text):
     platform = text.strip().lower() or "openwhisk"
     if platform not in ("openwhisk", "knative"):
@@ -191,7 +208,9 @@ class Setting:
             return "%dM" % (self.default // MIB)
         if isinstance(self.default, tuple):
             return ",".join(self.default)
-        return str(self.default).lower() if isinstance(self.default, bool) else str(self.default)
+        if isinstance(self.default, bool):
+            return str(self.default).lower()
+        return str(self.default) or "none"
 
 
 SETTINGS = (
@@ -215,7 +234,15 @@ SETTINGS = (
     Setting("max_body", "--max-body", "OWPROXY_MAX_BODY", 80 * MIB, parse_size,
             "largest request body accepted (K, M, G suffixes)"),
     Setting("max_archive", "--max-archive", "OWPROXY_MAX_ARCHIVE", 1024 * MIB, parse_size,
-            "largest total size a zip may expand to"),
+            "largest total size a zip or tar.gz may expand to"),
+    Setting("compiler", "--compiler", "OW_COMPILER", "", str,
+            "compile script of a runtime image, run as COMPILER MAIN SRC BIN at /init"),
+    Setting("compile_timeout", "--compile-timeout", "OWPROXY_COMPILE_TIMEOUT", 600.0,
+            parse_seconds, "seconds a compile may take before the init fails"),
+    Setting("execution_env", "--execution-env", "OW_EXECUTION_ENV", "", str,
+            "the value the compiled action's exec.env must hold"),
+    Setting("log_init_error", "--log-init-error", "OW_LOG_INIT_ERROR", False, parse_set,
+            "with --loop: a failed init answers the generic text, its cause in the logs"),
     Setting("grace", "--grace", "OWPROXY_GRACE", 8.0, parse_seconds,
             "seconds in-flight activations get to finish on SIGTERM"),
     Setting("verbose", "--verbose", "OWPROXY_VERBOSE", False, parse_flag,
@@ -240,7 +267,7 @@ def settings_parser():
     for setting in SETTINGS:
         text = "%s [env %s, default %s]" % (setting.help, " else ".join(setting.envs),
                                              setting.shown())
-        if setting.parse is parse_flag:
+        if setting.parse in (parse_flag, parse_set):
             parser.add_argument(setting.flag, dest=setting.name, action="store_const",
                                 const=True, default=None, help=text)
         else:
@@ -797,6 +824,10 @@ class InitError(Exception):
     """Why an /init failed; written to stderr for the user to read."""
 
 
+class StartError(InitError):
+    """The code was installed, but the action would not start (or not in this image)."""
+
+
 def scratch_dir(near):
     """A fresh private directory for the proxy's own work on the directory ``near``
     (staging, unpacking): in ``near``'s parent when that is writable, else under
@@ -837,6 +868,10 @@ def check_writable(folder):
 
 def is_directory(path):
     return os.path.isdir(path) and not os.path.islink(path)
+
+
+def is_executable(path):
+    return os.path.isfile(path) and os.access(path, os.X_OK)
 
 
 def remove_tree(path):
@@ -935,6 +970,20 @@ def archive_path(name):
     return parts
 
 
+def unpack(data, dest, max_total, name):
+    """Installs ``binary`` code into the empty directory ``dest``: a zip, a tar.gz,
+    or anything else as the executable ``name`` itself (a script or a binary)."""
+    import io
+    if data[:2] == b"PK":
+        extract_zip(data, dest, max_total)
+    elif data[:3] == b"\x1f\x8b\x08":
+        extract_tar(data, dest, max_total)
+    elif name.startswith(os.pardir):  # a runner whose binary lies outside its archive's folder
+        raise InitError("the code is neither a zip nor a tar.gz archive")
+    else:
+        write_member(os.path.join(dest, name), io.BytesIO(data), 0o755)
+
+
 def extract_zip(data, dest, max_total):
     """Extracts a zip archive into the empty directory ``dest``.
 
@@ -942,7 +991,8 @@ def extract_zip(data, dest, max_total):
     symbolic links are created last and no other entry may lie below one, and
     every file is created afresh (O_EXCL, O_NOFOLLOW).  The sizes the archive
     declares are checked before anything is written; zipfile never inflates an
-    entry past its declared size.
+    entry past its declared size, and every entry, a link's target included, is
+    read in bounded chunks.
     """
     import io
     import zipfile
@@ -959,46 +1009,232 @@ def extract_zip(data, dest, max_total):
         if total > max_total:
             raise InitError("the archive expands to %d bytes, more than the limit of %d"
                             % (total, max_total))
-        entries = [(member, archive_path(member.filename)) for member in members]
-        links = []
-        for member, parts in entries:
-            if parts:
-                links.extend(extract_member(archive, member, os.path.join(dest, *parts)))
-        link_parts = set(tuple(parts) for parts, _, _ in links)
-        for member, parts in entries:
-            for depth in range(1, len(parts)):
-                if tuple(parts[:depth]) in link_parts:
-                    raise InitError("the archive entry %r lies below the symbolic link %r"
-                                    % (member.filename, "/".join(parts[:depth])))
-        for parts, path, target in links:
-            try:
-                os.makedirs(os.path.dirname(path), exist_ok=True)
-                os.symlink(target, path)
-            except OSError as error:
-                raise InitError("cannot create the link %r: %s" % ("/".join(parts), error))
+        extract_entries(((member.filename, member) for member in members), dest,
+                        functools.partial(extract_member, archive))
 
 
 def extract_member(archive, member, path):
-    """Writes one file or directory; a symbolic link is returned to be made last."""
-    import shutil
+    """Writes one file or directory; a symbolic link's target is returned, to be made last."""
     import stat
     mode = member.external_attr >> 16
     try:
         if stat.S_ISLNK(mode):
-            parts = archive_path(member.filename)
-            return [(parts, path, archive.read(member).decode("utf-8"))]
+            with archive.open(member) as source:
+                return link_target(member.filename, source.read(path_max() + 1))
         if member.is_dir():
             os.makedirs(path, exist_ok=True)
-            return []
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
-        permissions = (mode & 0o777 | 0o600) if mode & 0o777 else 0o644
-        with archive.open(member) as source, \
-                os.fdopen(os.open(path, flags, permissions), "wb") as target:
-            shutil.copyfileobj(source, target, MIB)
-        return []
+            return None
+        with archive.open(member) as source:
+            write_member(path, source, mode)
+        return None
+    except InitError:
+        raise
     except Exception as error:
         raise InitError("cannot extract %r from the archive: %s" % (member.filename, error))
+
+
+def extract_tar(data, dest, max_total):
+    """Extracts a tar.gz archive into the empty directory ``dest`` under the rules
+    of ``extract_zip``.  gzip declares no sizes, so they are counted as the
+    archive streams by, and an extended header (a long name) is bounded too."""
+    import io
+    import tarfile
+    import zlib
+
+    class Header(tarfile.TarInfo):
+        def _proc_member(self, tarfile_):
+            if self.type in EXTENDED_HEADERS and self.size > MIB:
+                raise InitError("the archive has an extended header of %d bytes" % self.size)
+            return tarfile.TarInfo._proc_member(self, tarfile_)
+
+    EXTENDED_HEADERS = (tarfile.GNUTYPE_LONGNAME, tarfile.GNUTYPE_LONGLINK, tarfile.XHDTYPE,
+                        tarfile.XGLTYPE, tarfile.SOLARIS_XHDTYPE)
+    try:
+        with tarfile.open(fileobj=io.BytesIO(data), mode="r|gz", tarinfo=Header) as archive:
+            extract_entries(counted(archive, max_total), dest,
+                            functools.partial(extract_tar_member, archive))
+    except (tarfile.TarError, EOFError, OSError, zlib.error) as error:
+        raise InitError("the code is not a tar.gz archive (%s)" % error)
+
+
+def counted(archive, max_total):
+    """The (name, member) pairs of a tar archive, stopped at the limits as they pass."""
+    total = 0
+    for count in itertools.count(1):
+        member = archive.next()
+        if member is None:
+            return
+        archive.members.clear()  # a stream needs no index of the entries gone by
+        total += member.size
+        if count > MAX_ARCHIVE_ENTRIES:
+            raise InitError("the archive has more entries than the limit of %d"
+                            % MAX_ARCHIVE_ENTRIES)
+        if total > max_total:
+            raise InitError("the archive expands to more than the limit of %d bytes"
+                            % max_total)
+        yield member.name, member
+
+
+def extract_entries(entries, dest, extract):
+    """Extracts (name, entry) pairs into ``dest`` with ``extract(entry, path)``, which
+    returns a link's target instead of making the link: links come last."""
+    names, links = [], []
+    for name, entry in entries:
+        parts = archive_path(name)
+        if not parts:
+            continue  # the archive's own folder, "./"
+        names.append(parts)
+        target = extract(entry, os.path.join(dest, *parts))
+        if target is not None:
+            links.append((parts, target))
+    make_links(dest, names, links)
+
+
+def extract_tar_member(archive, member, path):
+    """``extract_member`` for a tar entry; only files, folders and links are taken."""
+    if member.issym():
+        return link_target(member.name, os.fsencode(member.linkname))
+    try:
+        if member.isdir():
+            os.makedirs(path, exist_ok=True)
+        elif member.isfile():
+            write_member(path, archive.extractfile(member), member.mode)
+        else:
+            raise InitError("the archive entry %r is not a file, folder or symbolic link"
+                            % member.name)
+    except OSError as error:
+        raise InitError("cannot extract %r from the archive: %s" % (member.name, error))
+    return None
+
+
+def write_member(path, source, mode):
+    """Writes a file afresh (never through a link) from ``source``, in bounded chunks."""
+    import shutil
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
+    permissions = (mode & 0o777 | 0o600) if mode & 0o777 else 0o644
+    with os.fdopen(os.open(path, flags, permissions), "wb") as target:
+        shutil.copyfileobj(source, target, MIB)
+
+
+def path_max():
+    """The longest path the system takes (PATH_MAX), so the longest link target made."""
+    try:
+        return os.pathconf("/", "PC_PATH_MAX")
+    except (OSError, ValueError):
+        return 4096
+
+
+def link_target(name, target):
+    """A link's target from its bytes (read up to one past PATH_MAX, never more)."""
+    if len(target) > path_max():
+        raise InitError("the symbolic link %r has a target longer than PATH_MAX (%d bytes)"
+                        % (name, path_max()))
+    try:
+        return target.decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise InitError("the symbolic link %r has a target that is not UTF-8 (%s)"
+                        % (name, error))
+
+
+def make_links(dest, names, links):
+    """Creates an archive's symbolic links, last, once no other entry lies below one."""
+    linked = set(tuple(parts) for parts, _ in links)
+    for parts in names:
+        for depth in range(1, len(parts)):
+            if tuple(parts[:depth]) in linked:
+                raise InitError("the archive entry %r lies below the symbolic link %r"
+                                % ("/".join(parts), "/".join(parts[:depth])))
+    for parts, target in links:
+        path = os.path.join(dest, *parts)
+        try:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            os.symlink(target, path)
+        except OSError as error:
+            raise InitError("cannot create the link %r: %s" % ("/".join(parts), error))
+
+
+# -- runtime images' compile scripts, and compiling at build time -----------------
+
+def runnable(path):
+    """Code that runs as it is, not compiled: a script (``#!``) or an ELF binary."""
+    try:
+        with open(path, "rb") as file:
+            return file.read(4).startswith((b"#!", b"\x7fELF"))
+    except OSError:
+        return False
+
+
+def compile_action(compiler, main, src, bin, env, timeout):
+    """Runs a runtime image's compile script as the Go proxy does, ``COMPILER MAIN SRC
+    BIN``: whatever it prints, even with exit status 0, is why it failed."""
+    try:
+        process = subprocess.Popen([compiler, main, src, bin], env=env,
+                                   stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                   stderr=subprocess.STDOUT, start_new_session=True)
+    except OSError as error:
+        raise InitError("cannot run the compiler %s: %s" % (compiler, error.strerror))
+    try:
+        output = process.communicate(timeout=timeout)[0]
+    except subprocess.TimeoutExpired:
+        raise InitError("the compiler did not finish within %g seconds" % timeout)
+    finally:
+        kill_group(process)  # and whatever it left running
+        process.stdout.close()
+        process.wait()
+    if output:
+        raise InitError(output.decode("utf-8", "replace"))
+    if process.returncode:
+        raise InitError("exit status %d" % process.returncode)
+
+
+def compile_command(args):
+    """``--compile MAIN`` (the Go proxy's ``-compile MAIN``), at an image's build
+    time: the code on stdin unpacked and compiled as /init would, a zip of the
+    result on stdout, exit status 0; or the cause on stderr, 1.  An /init of that
+    zip compiles nothing again: its ``exec`` runs as it is."""
+    import base64
+    import tempfile
+    if len(args) > 1:
+        sys.stderr.write("owproxy: usage: owproxy.py --compile [MAIN] <CODE >ZIP\n")
+        return 2
+    main = args[0] if args else "main"
+    data = sys.stdin.buffer.read()
+    message = {"code": base64.b64encode(data).decode(), "binary": True, "main": main}
+    if not data.startswith((b"PK", b"\x1f\x8b\x08")):
+        with contextlib.suppress(UnicodeDecodeError):
+            message = {"code": data.decode("utf-8"), "main": main}  # source, as /init takes it
+    folder = tempfile.mkdtemp(prefix="owproxy-compile-")
+    try:
+        runner = ActionRunner()
+        runner.configure(resolve_settings(["--action-dir", folder], os.environ),
+                         Logs(out_fd=2), Processes())  # stdout is the zip's
+        zip_tree(runner.install(message).stage, sys.stdout.buffer)
+        return 0
+    except (InitError, ConfigError, OSError) as error:
+        sys.stderr.write("owproxy: %s\n" % str(error).rstrip("\n"))
+        return 1
+    finally:
+        remove_tree(folder)
+
+
+def zip_tree(folder, out):
+    """Writes a zip of ``folder`` to the file ``out``, in bounded chunks: files with
+    their modes, folders, and links as links (``extract_zip`` makes them again)."""
+    import stat
+    import zipfile
+    with zipfile.ZipFile(out, "w", zipfile.ZIP_DEFLATED) as archive:
+        for root, folders, files in os.walk(folder):
+            folders.sort()
+            for name in sorted(folders + files):
+                path = os.path.join(root, name)
+                entry = os.path.relpath(path, folder)
+                if os.path.islink(path):
+                    info = zipfile.ZipInfo(entry)
+                    info.external_attr = (stat.S_IFLNK | 0o777) << 16
+                    archive.writestr(info, os.readlink(path))
+                else:
+                    archive.write(path, entry)
 
 
 # ============================================================================
@@ -1232,6 +1468,17 @@ class Pump:
             os.close(self.exit_fd)
 
 
+def request_line(message):
+    """An ActionLoop request line, its text as the request had it: non-ASCII as
+    UTF-8, not escaped (a launcher that reads with ``read line`` would lose the
+    backslash of an escape), and no newline but the last (JSON escapes those
+    inside strings).  Only a lone surrogate, which UTF-8 cannot carry, is escaped."""
+    try:
+        return json.dumps(message, ensure_ascii=False).encode("utf-8") + b"\n"
+    except UnicodeEncodeError:
+        return json.dumps(message).encode() + b"\n"
+
+
 def pidfd_for(pid):
     """A descriptor that becomes readable when ``pid`` exits (Linux 5.3, Python 3.9)."""
     try:
@@ -1331,13 +1578,14 @@ class WarmProcess:
             ack = parse_result(self.results.lines.pop(0)) if ending == "finished" else None
             if ending == "finished" and not (isinstance(ack, dict) and ack.get("ok") is True):
                 self.stop()
-                raise InitError("the action did not initialize properly: it acknowledged "
-                                "with something other than {\"ok\": true}")
+                raise StartError(START_BAD_ACK + " It acknowledged with something other "
+                                 "than {\"ok\": true}.")
         else:
             ending = self.pump.serve(time.monotonic() + 0.05)
         self.pump.drain()
         if ending == "exited":
-            raise InitError("the action did not start: %s" % self.stop())
+            self.logs.note(self.stop())
+            raise StartError(START_EXITED if wait_for_ack else COMMAND_EXITED)
         return self
 
     def alive(self):
@@ -1350,7 +1598,7 @@ class WarmProcess:
         if stale:
             self.logs.note("dropped %d result line(s) the action wrote outside an activation"
                            % stale)
-        self.pump.send(json.dumps(message).encode() + b"\n")
+        self.pump.send(request_line(message))
         ending = self.pump.serve(deadline, lambda: self.results.lines)
         self.pump.drain()
         if ending == "finished":
@@ -1360,10 +1608,16 @@ class WarmProcess:
             self.logs.note("the action was stopped at its deadline")
             return 502, {"error": RUN_TIMED_OUT}
         self.logs.note(self.stop())
-        return 502, {"error": RUN_EXITED}
+        return self.exited()
 
     def answer(self, line):
-        return result_answer(line, self.logs)
+        """The Go proxy's answer: a result line that is not JSON stays out of the logs."""
+        result = parse_result(line)
+        return (502, {"error": RUN_BAD_RESULT}) if result is None else (200, result)
+
+    def exited(self):
+        """The answer when the process died during an activation (the Go proxy's)."""
+        return 400, {"error": COMMAND_EXITED}
 
     def stop(self):
         """Kills the process group; says how the process ended."""
@@ -1384,6 +1638,9 @@ class FunctionProcess(WarmProcess):
     def answer(self, line):
         status, payload = json.loads(line)
         return status, payload
+
+    def exited(self):
+        return 502, {"error": RUN_EXITED}
 
 
 class WarmPool:
@@ -1574,6 +1831,7 @@ class ActionRunner:
         self.logs = Logs()
         self.processes = Processes()
         self.init_env = {}
+        self.failure = None  # why the last init failed
         self.kind = None  # decided by init, or from the action directory at the first run
         self.function = None  # (file, function name) of a Python action
         self.pool = None  # the warm processes of a "loop" or "function" action
@@ -1596,6 +1854,7 @@ class ActionRunner:
     def init(self, message):
         """Installs the code of an /init ``value``; True if the action is ready to run."""
         previous = self.kind, self.function, self.pool
+        self.failure = None
         try:
             env = self.init_environment(message)
             with self.install(message):
@@ -1606,25 +1865,40 @@ class ActionRunner:
                     raise InitError(self.unverified(message))
                 self.pool = self.warm_up(env)
         except Exception as error:
-            self.logs.note(str(error) if isinstance(error, InitError)
+            self.logs.note(str(error).rstrip("\n") if isinstance(error, InitError)
                            else "the action could not be initialized: %s" % error)
             self.kind, self.function, self.pool = previous
+            self.failure = error
             return False
         if previous[2] is not None:
             previous[2].close(0.0)
         self.init_env = env
         return True
 
+    def init_failure(self):
+        """The ``error`` of a failed /init: the dockerskeleton's text, or with --loop
+        the Go proxy's, which OW_LOG_INIT_ERROR chooses (see the README)."""
+        error = self.failure
+        if not self.settings.loop or error is None:
+            return INIT_FAILED
+        started = isinstance(error, StartError)
+        if self.settings.log_init_error:
+            return INIT_START_FAILED if started else INIT_FAILED
+        return INIT_START_CAUSE.format(error) if started else str(error)
+
     def init_environment(self, message):
+        """The init ``env``, after the image's execution environment."""
         env = message.get("env")
-        if env is None:
-            return {}
-        if not isinstance(env, dict):
+        if env is not None and not isinstance(env, dict):
             raise InitError("env must be a JSON object, not %s" % json_type(env))
+        entries = {}
+        if self.settings.execution_env:
+            entries["__OW_EXECUTION_ENV"] = self.settings.execution_env
         try:
-            return exported(env.items())
+            entries.update(exported((env or {}).items()))
         except ValueError as error:
             raise InitError("env: %s" % error)
+        return entries
 
     def install(self, message):
         """Stages the code of the message and returns the Installation that moves it
@@ -1641,15 +1915,21 @@ class ActionRunner:
             return contextlib.nullcontext()  # keep what the action directory holds
         if not isinstance(code, str):
             raise InitError("code must be a string, not %s" % json_type(code))
+        if not code and not is_executable(self.binary):  # the dockerskeleton without its stub
+            raise InitError("the code is empty and there is no executable %s to keep"
+                            % self.binary)
         data = decode_base64(code) if binary else None
         folder = self.zipdest if binary else os.path.dirname(self.source)
         check_writable(folder)
         stage = stage_dir(folder)
         try:
             if binary:
-                extract_zip(data, stage, self.settings.max_archive)
+                unpack(data, stage, self.settings.max_archive,
+                       os.path.relpath(self.binary, folder))
             else:
                 self.write_source(stage, code)
+            stage = self.compile(message, stage, folder, main)
+            self.check_execution_env(stage, folder)
             self.decide_kind(stage, main)
             if binary:
                 self.prepare_archive(stage)
@@ -1657,6 +1937,51 @@ class ActionRunner:
             remove_tree(stage)
             raise
         return Installation(stage, folder, self.displaced(stage, folder))
+
+    def compile(self, message, src, folder, main):
+        """The staged code compiled by the image's OW_COMPILER into a new stage, which
+        it returns, unless it runs as it is or there is no compiler."""
+        name = os.path.relpath(self.binary, folder)
+        if not self.settings.compiler or runnable(os.path.join(src, name)):
+            return src
+        bin = stage_dir(folder)
+        try:
+            compile_action(self.settings.compiler, main, src, bin, self.compiler_env(message),
+                           self.settings.compile_timeout)
+            if not os.path.isfile(os.path.join(bin, name)):
+                raise InitError("cannot compile")
+            os.chmod(os.path.join(bin, name), 0o755)
+        except BaseException:
+            remove_tree(bin)
+            raise
+        finally:
+            remove_tree(src)
+        return bin
+
+    def compiler_env(self, message):
+        """The compiler's environment, as the Go proxy gives it: PATH, the container's
+        ``__OW_*`` variables, the execution environment and the init ``env``."""
+        env = {key: value for key, value in os.environ.items() if key.startswith("__OW_")}
+        env["PATH"] = os.environ.get("PATH", os.defpath)
+        env.update(self.init_environment(message))
+        return env
+
+    def check_execution_env(self, stage, folder):
+        """With OW_EXECUTION_ENV, the action's ``exec.env`` (its compile script wrote it)
+        must hold the same value: else it was built for another image."""
+        expected = self.settings.execution_env
+        if not expected:
+            return
+        try:
+            with open(os.path.join(stage, os.path.relpath(self.binary, folder)) + ".env",
+                      "rb") as file:
+                actual = file.read(MIB).decode("utf-8", "replace")
+        except OSError as error:
+            raise StartError("cannot read exec.env: %s" % error.strerror)
+        if actual.strip() != expected:
+            self.logs.out(("Expected exec.env should start with %s\nActual value: %s\n"
+                           % (expected, actual)).encode("utf-8"))
+            raise StartError(EXEC_ENV_MISMATCH)
 
     def displaced(self, stage, folder):
         """The old executable goes when the new code does not replace it (a Python
@@ -1669,7 +1994,8 @@ class ActionRunner:
 
     def write_source(self, stage, code):
         """The source as the source file, or as ``__main__.py`` if it is a Python function."""
-        python = self.source == self.binary and looks_like_python(code)
+        python = (not self.settings.compiler and self.source == self.binary
+                  and looks_like_python(code))
         path = os.path.join(stage, "__main__.py" if python else os.path.basename(self.source))
         with open(path, "w", encoding="utf-8", errors="surrogateescape") as source:
             source.write(code)
@@ -1677,10 +2003,11 @@ class ActionRunner:
 
     def decide_kind(self, folder, main="main"):
         """An ``exec`` runs as a process ("exec", or "loop" with --loop); without
-        one, a ``__main__.py`` is a Python function."""
+        one, and without OW_COMPILER (the image decides then), a ``__main__.py``
+        is a Python function."""
         script = os.path.join(folder, "__main__.py")
         binary = os.path.join(folder, os.path.basename(self.binary))
-        if not os.path.lexists(binary) and os.path.isfile(script):
+        if not (self.settings.compiler or os.path.lexists(binary)) and os.path.isfile(script):
             self.kind = "function"
             self.function = (os.path.join(os.path.dirname(self.binary), "__main__.py"), main)
         else:
@@ -1712,7 +2039,7 @@ class ActionRunner:
     def verify(self):
         if self.current_kind() == "function":
             return os.path.isfile(self.function[0])
-        return os.path.isfile(self.binary) and os.access(self.binary, os.X_OK)
+        return is_executable(self.binary)
 
     def current_kind(self):
         """The kind decided by the last init, else by what the action directory holds."""
@@ -1738,7 +2065,7 @@ class ActionRunner:
         return WarmPool(self.start_warm, env)
 
     def start_warm(self, env):
-        """A new warm process for this action (InitError when it does not come up)."""
+        """A new warm process for this action (StartError when it does not come up)."""
         cwd = os.path.dirname(self.binary)
         try:
             if self.kind == "function":
@@ -1747,8 +2074,9 @@ class ActionRunner:
                     + list(self.function), env, cwd, self.logs, self.processes)
             else:
                 process = WarmProcess([self.binary], env, cwd, self.logs, self.processes)
-        except OSError as error:
-            raise InitError("cannot start the action: %s" % error)
+        except OSError as error:  # not an executable, say; the Go proxy's text, and why
+            self.logs.note("cannot start the action: %s" % error)
+            raise StartError(COMMAND_EXITED)
         return process.start(self.kind == "function" or "__OW_WAIT_FOR_ACK" in env)
 
     def close(self, grace):
@@ -1845,13 +2173,17 @@ class OpenWhisk:
         return 403, {"error": INIT_TWICE}
 
     def initialize(self, value):
+        if self.settings.loop and not value.get("code"):
+            if not self.runner.verify():
+                return 403, {"error": INIT_NO_CODE}  # as the Go proxy
+            value = dict(value, code=None)  # what the image holds, as in exec mode
         try:
             ready = self.runner.init(value)
         except Exception as error:  # a runner whose own init raises
             self.logs.note("the action could not be initialized: %s" % error)
-            ready = False
-        if not ready:
             return 502, {"error": INIT_FAILED}
+        if not ready:
+            return 502, {"error": self.runner.init_failure()}
         self.initialized = True
         return 200, {"ok": True}
 
@@ -2442,6 +2774,8 @@ def run_command(argv):
     """The proxy, or the command ``argv`` names; returns the exit status."""
     if argv[:1] == ["function-worker"]:
         return function_worker(*argv[1:])
+    if argv[:1] in (["--compile"], ["-compile"]):
+        return compile_command(argv[1:])
     if argv[:1] and argv[0] in CLIENT_COMMANDS:
         args = client_parser().parse_args(argv)
         try:

@@ -34,6 +34,7 @@ PYTHON = os.environ.get("OWPROXY_PYTHON") or sys.executable
 SENTINEL = "XXX_THE_END_OF_A_WHISK_ACTIVATION_XXX"
 RUN_TIMED_OUT = {"error": "The action exceeded its time limit and was stopped at its deadline."}
 RUN_EXITED = {"error": "The action exited before it returned a result. See logs for details."}
+GO_START_FAILED = {"error": "Cannot start action. Check logs for details."}
 BAD_RESULT = {"error": "The action did not return a dictionary or array."}
 INIT_FAILED = {"error": "The action failed to generate or locate a binary. See logs for details."}
 
@@ -482,6 +483,7 @@ WEB_BAD = {"error": "The action returned a web response with an invalid statusCo
 # ---------------------------------------------------------------------------
 
 def test_init_with_empty_code_then_run_fails_with_error_in_stdout(proxy):
+    dockerfile_stub(proxy.action_dir)  # upstream's image has it
     assert proxy.init("").status == 200
     assert (proxy.action_dir / "exec").read_text() == ""
     response = proxy.post("/run", b"null")
@@ -712,8 +714,8 @@ BAD_INITS = {
                          "the archive has no exec file (or __main__.py) at its top level"),
     "invalid base64": (lambda out: {"code": "not base64 at all!", "binary": True},
                        "the code is not valid base64"),
-    "not a zip": (lambda out: {"code": base64.b64encode(b"hello, not a zip").decode(),
-                               "binary": True}, "the code is not a zip archive"),
+    "corrupt zip": (lambda out: {"code": base64.b64encode(b"PK\x03\x04, broken").decode(),
+                                 "binary": True}, "the code is not a zip archive"),
     "code not a string": (lambda out: {"code": 42}, "code must be a string, not a number"),
     "binary not a boolean": (lambda out: {"code": "x", "binary": "yes"},
                              "binary must be true or false, not a string"),
@@ -1774,20 +1776,10 @@ def test_a_loop_executable_acks_on_fd3_when_asked(proxies):
     assert proxy.run({}).json["count"] == 1
 
 
-@pytest.mark.parametrize("env", [{}, {"OW_WAIT_FOR_ACK": "1"}])
-def test_a_loop_executable_that_exits_at_once_fails_init(proxies, env):
-    proxy = proxies("--loop", env=env)
-    response = proxy.init(bash("echo 'starting'\nexit 4"))
-    assert (response.status, response.json) == (502, INIT_FAILED)
-    out, err = check_streams(proxy)
-    assert out == "starting"
-    assert "the action did not start: the action exited with status 4" in err
-
-
-def test_a_loop_process_that_dies_during_a_run_is_replaced(loop_proxy):
+def test_a_loop_process_that_dies_during_a_run_is_the_go_proxys_400_then_replaced(loop_proxy):
     pid = loop_proxy.run({}).json["pid"]
     response = loop_proxy.run({"die": True})
-    assert (response.status, response.json) == (502, RUN_EXITED)
+    assert (response.status, response.json) == (400, {"error": "command exited"})
     after = loop_proxy.run({}).json
     assert after["pid"] != pid and after["count"] == 1
     _, err = check_streams(loop_proxy, sentinels=3)
@@ -1810,7 +1802,7 @@ def test_a_loop_result_that_is_not_json_is_the_exact_502_and_the_process_serves_
     assert (response.status, response.json) == (502, BAD_RESULT)
     after = loop_proxy.run({}).json
     assert (after["pid"], after["count"]) == (pid, 3)
-    assert "not json" in check_streams(loop_proxy, sentinels=3)[0]
+    assert "not json" not in check_streams(loop_proxy, sentinels=3)[0]  # as the Go proxy
 
 
 def test_a_loop_process_past_its_deadline_is_killed_and_replaced(loop_proxy):
@@ -1902,12 +1894,12 @@ def test_ow_wait_for_ack_makes_the_proxy_ask_for_the_ack_and_wait_for_it(proxies
 
 
 def test_an_ack_other_than_ok_true_fails_init_with_the_exact_502(proxies):
-    proxy = proxies("--loop", env={"OW_WAIT_FOR_ACK": "1"})
+    proxy = proxies("--loop", env={"OW_WAIT_FOR_ACK": "1", "OW_LOG_INIT_ERROR": "1"})
     response = proxy.init(ACK_IF_ASKED, env={"ACK": '{"ok": false}'})
-    assert (response.status, response.json) == (502, INIT_FAILED)
+    assert (response.status, response.json) == (502, GO_START_FAILED)
     out, err = check_streams(proxy)
     assert out == ""
-    assert err.startswith("owproxy: the action did not initialize properly"), err
+    assert err.startswith("owproxy: The action did not initialize properly."), err
 
 
 KEYS_LOOP = python_script(r'''
@@ -2983,11 +2975,14 @@ def test_a_read_only_action_dir_serves_its_baked_action_as_a_non_root_user(
     code = {"exec": ECHO_BASH, "function": "def main(args):\n    return {}\n",
             "loop": LOOP_ACTION}[kind]
     response = proxy.init(code)
-    assert (response.status, response.json) == (502, INIT_FAILED)
+    cause = ("the action directory %s is read-only, so /init cannot install code there: "
+             "bake the action into the image, or point --action-dir (OWPROXY_ACTION_DIR) "
+             "at a writable directory" % read_only)
+    # --loop answers as the Go proxy does without OW_LOG_INIT_ERROR: with the cause itself.
+    expected = {"error": cause} if kind == "loop" else INIT_FAILED
+    assert (response.status, response.json) == (502, expected)
     err = proxy.logs()[1]
-    assert ("owproxy: the action directory %s is read-only, so /init cannot install code "
-            "there: bake the action into the image, or point --action-dir "
-            "(OWPROXY_ACTION_DIR) at a writable directory\n" % read_only) in err, err
+    assert "owproxy: %s\n" % cause in err, err
     assert proxy.init().status == 200  # /init without code keeps what the image has
     for count in (1, 2):
         response = proxy.run()
@@ -3528,6 +3523,499 @@ def test_the_kubernetes_deployment_serves_a_baked_action_read_only_behind_a_serv
                       action_dir=baked, preexec_fn=as_nobody())
     assert proxy.init().status == 200
     check_a_run_still_works(proxy)
+# runtime: a drop-in for the Go ActionLoop proxy inside the runtime images
+# ---------------------------------------------------------------------------
+
+GO_INIT_NO_CODE = {"error": "Missing main/no code to execute."}
+EXEC_ENV_MISMATCH = "Execution environment version mismatch. See logs for details."
+
+# A compile script and launcher under the runtime images' contract, modelled on
+# openwhisk-runtime-python's compile and launcher.py: ``compile MAIN SRC BIN``
+# turns a main(args) source (sent as exec) or a zip (__main__.py) into BIN/exec,
+# a launcher that serves ActionLoop lines, plus BIN/exec.env.
+LAUNCHER = r'''
+import json, os, sys, traceback
+from main__ import MAIN as main
+results = os.fdopen(3, "wb")
+if os.environ.get("__OW_WAIT_FOR_ACK"):
+    results.write(b'{"ok": true}\n'); results.flush()
+for line in sys.stdin.buffer:
+    request = json.loads(line)
+    value = request.pop("value", {})
+    for key, field in request.items():
+        os.environ["__OW_" + key.upper()] = str(field)
+    try:
+        result = main(value)
+    except Exception as error:
+        traceback.print_exc()
+        result = {"error": str(error)}
+    sys.stdout.flush(); sys.stderr.flush()
+    results.write(json.dumps(result, ensure_ascii=False).encode("utf-8") + b"\n")
+    results.flush()
+'''
+
+COMPILE_SCRIPT = python_script(r'''
+import json, os, shutil, sys
+main, src, bin = sys.argv[1:]
+launcher = %r
+for name in ("exec", "__main__.py"):
+    if os.path.exists(os.path.join(src, name)):
+        os.rename(os.path.join(src, name), os.path.join(src, "main__.py"))
+with open(os.path.join(src, "exec__.py"), "w") as file:
+    file.write(launcher.replace("MAIN", main))
+with open(os.path.join(src, "compiler_env.json"), "w") as file:
+    json.dump(dict(os.environ, cwd=os.getcwd()), file)
+shutil.rmtree(bin)
+shutil.move(src, bin)
+with open(os.path.join(bin, "exec"), "w") as file:
+    file.write('#!/bin/bash\ncd "$(dirname $0)"\nexec %s -u exec__.py "$@"\n')
+if os.environ.get("__OW_EXECUTION_ENV"):
+    with open(os.path.join(bin, "exec.env"), "w") as file:
+        file.write(os.environ["__OW_EXECUTION_ENV"] + "\n")
+''' % (LAUNCHER, PYTHON))
+
+BAD_COMPILERS = {
+    "warns": (bash("echo 'warning: this compiler always complains'"),
+              "warning: this compiler always complains\n"),
+    "exits silently": (bash("exit 3"), "exit status 3"),
+    "makes no exec": (bash("mkdir -p \"$3\""), "cannot compile"),
+    "hangs": (bash("echo $$ > \"$PIDFILE\"; sleep 600"),
+              "the compiler did not finish within 3 seconds"),
+}
+
+PY_SOURCE = '''
+import os
+def hello(args):
+    return {"greeting": "hello " + args.get("name", "stranger"),
+            "execution_env": os.environ.get("__OW_EXECUTION_ENV"),
+            "api_host": os.environ.get("__OW_API_HOST"),
+            "activation": os.environ.get("__OW_ACTIVATION_ID"),
+            "init_env": os.environ.get("FROM_INIT")}
+'''
+
+RUNTIME_IMAGE_ENV = {"OW_WAIT_FOR_ACK": "1", "OW_EXECUTION_ENV": "test/python-v1",
+                     "OW_LOG_INIT_ERROR": "1", "__OW_API_HOST": "https://whisk.example"}
+
+
+def compiler_file(tmp_path, script, name="compile"):
+    path = tmp_path / name
+    path.write_text(script)
+    path.chmod(0o755)
+    return str(path)
+
+
+def runtime_proxy(proxies, tmp_path, script=COMPILE_SCRIPT, env=None):
+    """A --loop proxy set up as a runtime image sets up the Go proxy."""
+    settings = dict(RUNTIME_IMAGE_ENV, OW_COMPILER=compiler_file(tmp_path, script))
+    settings.update(env or {})
+    return proxies("--loop", env=settings)
+
+
+def action_files(proxy):
+    return sorted((str(path.relative_to(proxy.action_dir)), path.read_bytes())
+                  for path in proxy.action_dir.rglob("*") if path.is_file())
+
+
+@pytest.mark.parametrize("form", ["source", "zip"])
+def test_a_compile_script_turns_python_source_into_the_images_actionloop_launcher(
+        proxies, tmp_path, form):
+    proxy = runtime_proxy(proxies, tmp_path)
+    if form == "source":
+        response = proxy.init(PY_SOURCE, main="hello", env={"FROM_INIT": "yes"})
+    else:
+        response = proxy.init_zip({"__main__.py": PY_SOURCE}, main="hello",
+                                  env={"FROM_INIT": "yes"})
+    assert response.status == 200, proxy.logs()
+    first = proxy.run({"name": "world"}, activation_id="a1").json
+    assert first == {"greeting": "hello world", "execution_env": "test/python-v1",
+                     "api_host": "https://whisk.example", "activation": "a1", "init_env": "yes"}
+    assert proxy.run({"name": "\u2744"}).json["greeting"] == "hello \u2744"
+    # the image's launcher, not owproxy's own function runner, serves it
+    assert (proxy.action_dir / "exec.env").read_text() == "test/python-v1\n"
+    assert (proxy.action_dir / "exec").read_text().startswith("#!/bin/bash")
+    assert not (proxy.action_dir / "__main__.py").exists()
+    seen = json.loads((proxy.action_dir / "compiler_env.json").read_text())
+    assert (seen["__OW_API_HOST"], seen["__OW_EXECUTION_ENV"], seen["FROM_INIT"]) == (
+        "https://whisk.example", "test/python-v1", "yes")
+    assert "OW_COMPILER" not in seen and seen["PATH"] == os.environ["PATH"]
+    assert seen["cwd"] == str(proxy.action_dir)
+    assert [name for name in os.listdir(proxy.action_dir) if name.startswith(".")] == []
+    check_streams(proxy, sentinels=2)
+
+
+@pytest.mark.parametrize("log_init_error", [True, False])
+@pytest.mark.parametrize("compiler", sorted(BAD_COMPILERS))
+def test_a_failed_compile_answers_as_the_go_proxy_and_keeps_the_previous_action(
+        proxies, tmp_path, compiler, log_init_error):
+    script, cause = BAD_COMPILERS[compiler]
+    env = {"PROXY_ALLOW_REINIT": "1", "OWPROXY_COMPILE_TIMEOUT": "3"}
+    if not log_init_error:
+        env["OW_LOG_INIT_ERROR"] = ""
+    proxy = runtime_proxy(proxies, tmp_path, script, env=env)
+    good = make_zip({"exec": python_script(LAUNCHER.replace("from main__ import MAIN as main",
+                                                            "main = lambda args: {'v': 1}")),
+                     "exec.env": "test/python-v1"})
+    assert proxy.init(good, binary=True).status == 200
+    before = action_files(proxy)
+    pidfile = tmp_path / "compiler.pid"
+    response = proxy.init(PY_SOURCE, main="hello", env={"PIDFILE": str(pidfile)})
+    expected = INIT_FAILED if log_init_error else {"error": cause}
+    assert (response.status, response.json) == (502, expected)
+    assert action_files(proxy) == before
+    assert proxy.run({}).json == {"v": 1}
+    assert cause.strip() in check_streams(proxy, sentinels=2)[1]
+    if compiler == "hangs":
+        assert gone_or_zombie(int(pidfile.read_text()))
+
+
+SH_COMPILER = bash("""
+printf '#!/bin/sh\\n' > "$3/exec"
+cat "$2/exec" >> "$3/exec"
+""")
+
+
+def test_in_exec_mode_a_compile_script_builds_the_exec_of_every_run(proxies, tmp_path):
+    proxy = proxies(env={"OW_COMPILER": compiler_file(tmp_path, SH_COMPILER)})
+    assert proxy.init("echo '{\"compiled\": true}'\n").status == 200
+    assert (proxy.action_dir / "exec").read_text().startswith("#!/bin/sh\n")
+    assert proxy.run({}).json == {"compiled": True}
+    assert proxy.run({}).json == {"compiled": True}
+
+
+def test_in_exec_mode_a_failed_compile_keeps_the_dockerskeleton_text(proxies, tmp_path):
+    compiler = compiler_file(tmp_path, BAD_COMPILERS["warns"][0])
+    proxy = proxies(env={"OW_COMPILER": compiler})
+    response = proxy.init(PY_SOURCE)
+    assert (response.status, response.json) == (502, INIT_FAILED)
+    assert "warning: this compiler always complains" in check_streams(proxy)[1]
+    assert not (proxy.action_dir / "exec").exists()
+    # code that runs as it is (#!) is never compiled
+    assert proxy.init(ECHO_BASH).status == 200
+    assert proxy.run({"a": 1}).json == {"a": 1}
+
+
+def test_compile_round_trip_and_exec_env_match_and_mismatch(proxies, tmp_path):
+    env = proxy_env(dict(RUNTIME_IMAGE_ENV,
+                         OW_COMPILER=compiler_file(tmp_path, COMPILE_SCRIPT)))
+    for spelling in ("--compile", "-compile"):
+        done = subprocess.run(proxy_command(spelling, "hello"), input=PY_SOURCE.encode(),
+                              env=env, capture_output=True, timeout=60)
+        assert (done.returncode, done.stderr) == (0, b"")
+        with zipfile.ZipFile(io.BytesIO(done.stdout)) as archive:
+            names = set(archive.namelist())
+            mode = archive.getinfo("exec").external_attr >> 16
+        assert {"exec", "exec.env", "exec__.py", "main__.py"} <= names
+        assert mode & 0o111
+    compiled = base64.b64encode(done.stdout).decode()
+    # an image whose compiler would fail: the compiled zip skips it (its exec runs as it is)
+    warns = compiler_file(tmp_path, BAD_COMPILERS["warns"][0], "warns")
+    proxy = proxies("--loop", env=dict(RUNTIME_IMAGE_ENV, OW_COMPILER=warns))
+    assert proxy.init(compiled, binary=True).status == 200
+    assert proxy.run({"name": "zip"}).json["greeting"] == "hello zip"
+    for log_init_error, expected in (("1", GO_START_FAILED),
+                                     ("", {"error": "cannot start action: " + EXEC_ENV_MISMATCH})):
+        other = proxies("--loop", env=dict(RUNTIME_IMAGE_ENV, OW_EXECUTION_ENV="test/python-v2",
+                                           OW_LOG_INIT_ERROR=log_init_error))
+        response = other.init(compiled, binary=True)
+        assert (response.status, response.json) == (502, expected)
+        out, err = check_streams(other)
+        assert out == "Expected exec.env should start with test/python-v2\nActual value: " \
+                      "test/python-v1"
+        assert EXEC_ENV_MISMATCH in err
+        assert not (other.action_dir / "exec").exists()
+
+
+def test_an_action_without_the_exec_env_the_image_expects_does_not_start(proxies):
+    proxy = proxies("--loop", env={"OW_EXECUTION_ENV": "test/python-v1"})
+    response = proxy.init(READ_LINE_LOOP)
+    assert (response.status, response.json) == (
+        502, {"error": "cannot start action: cannot read exec.env: No such file or directory"})
+    assert not (proxy.action_dir / "exec").exists()
+
+
+@pytest.mark.parametrize("code", ["\n", "package main\n\nfunc main() {}\n"])
+def test_a_loop_binary_that_is_no_executable_is_the_go_proxys_command_exited(proxies, code):
+    proxy = proxies("--loop")
+    response = proxy.init(base64.b64encode(code.encode()).decode(), binary=True)
+    assert (response.status, response.json) == (502, {"error": "cannot start action: "
+                                                                "command exited"})
+    assert "cannot start the action: [Errno 8] Exec format error" in check_streams(proxy)[1]
+
+
+def test_a_compiler_that_cannot_run_fails_the_init_with_its_cause(proxies, tmp_path):
+    proxy = proxies(env={"OW_COMPILER": str(tmp_path / "missing")})
+    response = proxy.init(PY_SOURCE)
+    assert (response.status, response.json) == (502, INIT_FAILED)
+    assert "cannot run the compiler %s: No such file" % (tmp_path / "missing") in \
+        check_streams(proxy)[1]
+
+
+def test_compile_reports_a_failure_with_exit_status_1(tmp_path):
+    env = proxy_env({"OW_COMPILER": compiler_file(tmp_path, BAD_COMPILERS["warns"][0])})
+    done = subprocess.run(proxy_command("--compile", "main"), input=PY_SOURCE.encode(),
+                          env=env, capture_output=True, timeout=60)
+    assert (done.returncode, done.stdout) == (1, b"")
+    assert b"warning: this compiler always complains" in done.stderr
+    corrupt = subprocess.run(proxy_command("-compile", "main"), input=b"PK\x03\x04broken",
+                             env=proxy_env(), capture_output=True, timeout=60)
+    assert corrupt.returncode == 1 and b"the code is not a zip archive" in corrupt.stderr
+    usage = subprocess.run(proxy_command("--compile", "main", "extra"), input=b"",
+                           env=proxy_env(), capture_output=True, timeout=60)
+    assert (usage.returncode, usage.stdout) == (2, b"") and b"usage:" in usage.stderr
+
+
+def test_compile_without_a_compiler_zips_the_code_as_init_would_install_it(proxies):
+    tree = make_zip({"exec": ECHO_BASH, "lib/data.txt": "data", "link": ("->", "lib/data.txt")})
+    done = subprocess.run(proxy_command("--compile"), input=base64.b64decode(tree),
+                          env=proxy_env(), capture_output=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    proxy = proxies()
+    assert proxy.init(base64.b64encode(done.stdout).decode(), binary=True).status == 200
+    assert os.readlink(proxy.action_dir / "link") == "lib/data.txt"
+    assert proxy.run({"b": 2}).json == {"b": 2}
+
+
+READ_LINE_LOOP = bash("""
+while read line; do
+  echo "$line" >&3
+done
+""")
+
+
+@pytest.mark.parametrize("binary", [False, True])
+def test_utf8_parameters_reach_a_read_line_loop_as_utf8(proxies, binary):
+    proxy = proxies("--loop")
+    code = base64.b64encode(READ_LINE_LOOP.encode()).decode() if binary else READ_LINE_LOOP
+    assert proxy.init(code, binary=binary).status == 200
+    params = {"snow": "\u2744", "caf\u00e9": "cr\u00e8me", "line": "a\nb"}
+    response = proxy.run(params, activation_id="\u00e9t\u00e9")
+    assert response.json["value"] == {"snow": "\u2744", "caf\u00e9": "cr\u00e8me", "line": "anb"}
+    assert response.json["activation_id"] == "\u00e9t\u00e9"
+
+
+C_ACTIONLOOP = r'''
+#include <stdio.h>
+#include <string.h>
+int main(int argc, char **argv) {
+    static char line[1 << 16];
+    if (argc > 1) { printf("{\"exec\": %s}\n", argv[1]); return 0; }
+    FILE *results = fdopen(3, "w");
+    while (fgets(line, sizeof line, stdin)) {
+        line[strcspn(line, "\n")] = 0;
+        fprintf(results, "{\"loop\": %s}\n", line);
+        fflush(results);
+    }
+    return 0;
+}
+'''
+
+
+@pytest.mark.skipif(not shutil.which("cc"), reason="no C compiler on this machine")
+@pytest.mark.parametrize("mode", ["exec", "loop"])
+def test_a_compiled_c_executable_sent_base64_is_the_action(proxies, tmp_path, mode):
+    source, binary = tmp_path / "action.c", tmp_path / "action"
+    source.write_text(C_ACTIONLOOP)
+    subprocess.run(["cc", "-O2", "-o", str(binary), str(source)], check=True)
+    proxy = proxies(*(["--loop"] if mode == "loop" else []))
+    response = proxy.init(base64.b64encode(binary.read_bytes()).decode(), binary=True)
+    assert response.status == 200
+    assert (proxy.action_dir / "exec").read_bytes() == binary.read_bytes()
+    result = proxy.run({"snow": "\u2744"}).json
+    if mode == "loop":
+        assert result == {"loop": {"value": {"snow": "\u2744"}}}
+    else:
+        assert result == {"exec": {"snow": "\u2744"}}
+
+
+def make_tar(files, mode="w:gz"):
+    """A base64 tar.gz from {name: text or ("->", target) or ("dir",) or ("fifo",)}."""
+    import tarfile
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode=mode) as archive:
+        for name, content in files.items():
+            info = tarfile.TarInfo(name)
+            if isinstance(content, tuple) and content[0] == "->":
+                info.type, info.linkname = tarfile.SYMTYPE, content[1]
+            elif content == ("dir",):
+                info.type, info.mode = tarfile.DIRTYPE, 0o755
+            elif content == ("fifo",):
+                info.type = tarfile.FIFOTYPE
+            else:
+                data = content.encode() if isinstance(content, str) else content
+                info.size, info.mode = len(data), 0o755 if name.endswith("exec") else 0o644
+                archive.addfile(info, io.BytesIO(data))
+                continue
+            archive.addfile(info)
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
+TAR_ACTION = bash("""
+echo "$(cat lib/data.txt) $(cat linked)" >&2
+echo '{"from": "tar"}'
+""")
+
+
+@pytest.mark.parametrize("mode", ["exec", "loop"])
+def test_a_tar_gz_archive_is_unpacked_like_a_zip(proxies, mode):
+    proxy = proxies(*(["--loop"] if mode == "loop" else []))
+    action = TAR_ACTION if mode == "exec" else READ_LINE_LOOP
+    code = make_tar({"./": ("dir",), "./exec": action, "./lib/": ("dir",),
+                     "./lib/data.txt": "tar data", "./linked": ("->", "lib/data.txt")})
+    assert proxy.init(code, binary=True).status == 200
+    assert os.readlink(proxy.action_dir / "linked") == "lib/data.txt"
+    assert (proxy.action_dir / "lib" / "data.txt").read_text() == "tar data"
+    if mode == "exec":
+        assert proxy.run({}).json == {"from": "tar"}
+        assert "tar data tar data" in check_streams(proxy)[1]
+    else:
+        assert proxy.run({"x": 1}).json["value"] == {"x": 1}
+
+
+BAD_TARS = {
+    "dot-dot entry": ({"exec": "x", "../evil": "x"}, "points outside the action directory"),
+    "absolute entry": ({"exec": "x", "/tmp/evil": "x"}, "has an absolute path"),
+    "entry below a link": ({"exec": "x", "link": ("->", "/tmp"), "link/evil": "x"},
+                           "lies below the symbolic link 'link'"),
+    "a fifo": ({"exec": "x", "pipe": ("fifo",)}, "'pipe' is not a file, folder or symbolic link"),
+    "too big": ({"exec": "#" * 5000}, "the archive expands to more than the limit of 4096"),
+    "link target past PATH_MAX": ({"exec": "x", "link": ("->", "a/" * 4000)},
+                                  "has a target longer than PATH_MAX"),
+    "huge extended header": ({"x" * (2 * MIB): "x"}, "the archive has an extended header of"),
+    "the same file twice": ({"exec": "x", "./exec": "y"}, "cannot extract './exec'"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_TARS) + ["corrupt tar.gz", "corrupt zip",
+                                                     "zip link not UTF-8"])
+def test_an_unsafe_or_corrupt_archive_is_refused_with_its_cause(proxies, tmp_path, case):
+    proxy = proxies("--max-archive", "4K")
+    if case == "corrupt tar.gz":
+        code, cause = base64.b64encode(b"\x1f\x8b\x08broken").decode(), "not a tar.gz archive"
+    elif case == "corrupt zip":
+        code, cause = base64.b64encode(b"PK\x03\x04broken").decode(), "not a zip archive"
+    elif case == "zip link not UTF-8":
+        code = make_zip({"exec": "x", "link": ("->", b"\xff\xfe")})
+        cause = "the symbolic link 'link' has a target that is not UTF-8"
+    else:
+        files, cause = BAD_TARS[case]
+        code = make_tar(files)
+    response = proxy.init(code, binary=True)
+    assert (response.status, response.json) == (502, INIT_FAILED)
+    assert cause in check_streams(proxy)[1]
+    assert os.listdir(proxy.action_dir) == []
+    assert not (tmp_path / "evil").exists()
+
+
+@pytest.mark.parametrize("args,env,logged", [
+    ((), {"OW_LOG_INIT_ERROR": "1"}, True),
+    ((), {"OW_LOG_INIT_ERROR": "0"}, True),  # any value at all, as the Go proxy reads it
+    (("--log-init-error",), {}, True),
+    ((), {"OW_LOG_INIT_ERROR": ""}, False),
+    ((), {}, False),
+])
+def test_a_loop_init_failure_names_its_cause_unless_the_image_logs_it(proxies, args, env, logged):
+    proxy = proxies("--loop", *args, env=env)
+    response = proxy.init(base64.b64encode(b"PK\x03\x04broken").decode(), binary=True)
+    assert response.status == 502
+    if logged:
+        assert response.json == INIT_FAILED
+    else:
+        assert response.json["error"].startswith("the code is not a zip archive (")
+    assert "the code is not a zip archive" in check_streams(proxy)[1]
+
+
+@pytest.mark.parametrize("body", [{"value": {"code": ""}}, {"value": {"code": None}}, {}])
+def test_empty_code_in_loop_mode_is_the_go_proxys_403(proxies, body):
+    proxy = proxies("--loop")
+    response = proxy.post("/init", body)
+    assert (response.status, response.json) == (403, GO_INIT_NO_CODE)
+    assert proxy.logs() == ("", "")
+    assert os.listdir(str(proxy.action_dir)) == []
+
+
+@pytest.mark.parametrize("body", [{"value": {"code": ""}}, {"value": {"code": None}}, {}])
+def test_empty_code_in_loop_mode_keeps_an_image_s_own_executable(proxies, body):
+    """Where the Go proxy would refuse, owproxy serves what the image baked in."""
+    proxy = proxies("--loop")
+    (proxy.action_dir / "exec").write_text(READ_LINE_LOOP)
+    (proxy.action_dir / "exec").chmod(0o755)
+    assert proxy.post("/init", body).status == 200
+    assert (proxy.action_dir / "exec").read_text() == READ_LINE_LOOP
+    assert proxy.run({"name": "Ada"}).status == 200
+
+
+@pytest.mark.parametrize("code", ["", None])
+def test_empty_code_in_exec_mode_without_an_executable_is_the_dockerskeletons_502(proxy, code):
+    response = proxy.init(code)
+    assert (response.status, response.json) == (502, INIT_FAILED)
+    assert os.listdir(proxy.action_dir) == []
+    response = proxy.run()
+    assert (response.status, response.json) == (502, {"error": "The action failed to locate a "
+                                                                "binary. See logs for details."})
+
+
+@pytest.mark.parametrize("ack,log_init_error,expected,cause", [
+    ("1", "1", GO_START_FAILED, "Command exited abruptly during initialization."),
+    ("", "1", GO_START_FAILED, "command exited"),
+    ("1", "", {"error": "cannot start action: Command exited abruptly during initialization."},
+     "Command exited abruptly during initialization."),
+    ("", "", {"error": "cannot start action: command exited"}, "command exited"),
+])
+def test_a_loop_executable_that_exits_at_start_gets_the_go_proxys_texts(
+        proxies, ack, log_init_error, expected, cause):
+    proxy = proxies("--loop", env={"OW_WAIT_FOR_ACK": ack, "OW_LOG_INIT_ERROR": log_init_error})
+    response = proxy.init(bash("echo 'starting'\nexit 4"))
+    assert (response.status, response.json) == (502, expected)
+    out, err = check_streams(proxy)
+    assert out == "starting"
+    assert cause in err and "the action exited with status 4" in err
+
+
+def test_the_runtime_image_example_replaces_the_go_proxy_and_keeps_the_images_settings():
+    dockerfile = (EXAMPLES / "runtime-python" / "Dockerfile").read_text()
+    assert "\nFROM openwhisk/action-python-v3" in dockerfile
+    assert "\nCOPY owproxy.py /owproxy.py\n" in dockerfile
+    assert "\nENV OWPROXY_LOOP=true\n" in dockerfile
+    assert '\nENTRYPOINT ["python3", "/owproxy.py"]\n' in dockerfile
+    assert "OW_COMPILER" not in dockerfile.split("FROM", 1)[1]  # the image's own settings
+    readme = (HERE / "README.md").read_text()
+    recipe = readme.split("## In an official runtime image")[1].split("```dockerfile\n")[1]
+    for line in recipe.split("```")[0].splitlines():
+        assert "\n%s\n" % line in dockerfile
+
+
+@pytest.fixture
+def memory_flood_zip(tmp_path_factory):
+    """A zip of about 400 KB whose one symbolic link entry inflates to 400 MB."""
+    path = tmp_path_factory.mktemp("flood") / "flood.zip"
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED, compresslevel=9) as archive:
+        archive.writestr(zipfile.ZipInfo("exec"), "#!/bin/sh\necho '{}'\n")
+        info = zipfile.ZipInfo("link")
+        info.external_attr = (stat.S_IFLNK | 0o777) << 16
+        info.compress_type = zipfile.ZIP_DEFLATED
+        with archive.open(info, "w", force_zip64=True) as target:
+            block = b"a" * MIB
+            for _ in range(400):
+                target.write(block)
+    return path
+
+
+def vm_hwm_kib(pid):
+    with open("/proc/%d/status" % pid) as status:
+        return next(int(line.split()[1]) for line in status if line.startswith("VmHWM:"))
+
+
+def test_a_symlink_entry_that_inflates_to_400_mb_is_refused_in_bounded_memory(
+        proxies, memory_flood_zip):
+    assert memory_flood_zip.stat().st_size < MIB
+    proxy = proxies()
+    before = vm_hwm_kib(proxy.process.pid)
+    response = proxy.post("/init", {"value": {
+        "code": base64.b64encode(memory_flood_zip.read_bytes()).decode(), "binary": True}})
+    assert (response.status, response.json) == (502, INIT_FAILED)
+    grown = vm_hwm_kib(proxy.process.pid) - before
+    assert grown < 32 * 1024, "peak memory grew by %d KiB" % grown
+    assert "'link' has a target longer than PATH_MAX" in check_streams(proxy)[1]
 
 
 # ---------------------------------------------------------------------------
@@ -3600,3 +4088,16 @@ def test_listening_address_of_every_kind_of_host(monkeypatch):
     assert owproxy.listening_address("::", 80) == (socket.AF_INET, ("0.0.0.0", 80))
     assert owproxy.url_host("::") == "[::]" and owproxy.url_host("[::1]") == "[::1]"
     assert owproxy.url_host("0.0.0.0") == "0.0.0.0"
+def test_the_entry_count_limit_of_a_tar_gz(tmp_path, monkeypatch):
+    monkeypatch.setattr(owproxy, "MAX_ARCHIVE_ENTRIES", 3)
+    data = base64.b64decode(make_tar({"exec": "x", "a": "a", "b": "b", "c": "c"}))
+    with pytest.raises(owproxy.InitError, match="more entries than the limit of 3"):
+        owproxy.extract_tar(data, str(tmp_path), 1024)
+
+
+def test_a_plain_binary_is_never_written_outside_the_stage(tmp_path):
+    stage = tmp_path / "stage"
+    stage.mkdir()
+    with pytest.raises(owproxy.InitError, match="neither a zip nor a tar.gz archive"):
+        owproxy.unpack(b"\x7fELF...", str(stage), 1024, os.path.join(os.pardir, "exec"))
+    assert os.listdir(tmp_path) == ["stage"] and os.listdir(stage) == []

@@ -38,6 +38,10 @@ memory          VmRSS of the proxy idle after /init, started from the source
                 after an action wrote 300 MB of 100-byte log lines (floor: the
                 idle RSS).  Each repeat is a fresh proxy, so VmHWM is that
                 proxy's own peak.
+archive         VmHWM of a fresh proxy after an /init of a ~400 KB zip whose
+                symbolic link entry inflates to 400 MB (refused: its target is
+                longer than PATH_MAX).  Floor: its VmHWM before.  Target: less
+                than 32 MiB over it.
 soak            20,000 runs of a tiny action from 8 clients: failures, RSS
                 growth from after a 500-run warm-up to the end, processes left
                 (parent or process group is the proxy) and descriptors left.
@@ -740,6 +744,44 @@ def idle_rss_mib(proxy):
     return proxy.status_kib("VmRSS") / 1024
 
 
+LINK_FLOOD_BYTES = 400 * MIB
+
+
+def link_flood_zip():
+    """A zip of about 400 KB whose one symbolic link entry inflates to 400 MB."""
+    import io
+    import stat
+    import zipfile
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED, compresslevel=9) as archive:
+        archive.writestr("exec", "#!/bin/sh\necho '{}'\n")
+        info = zipfile.ZipInfo("link")
+        info.external_attr = (stat.S_IFLNK | 0o777) << 16
+        info.compress_type = zipfile.ZIP_DEFLATED
+        with archive.open(info, "w", force_zip64=True) as target:
+            for _ in range(LINK_FLOOD_BYTES // MIB):
+                target.write(b"a" * MIB)
+    return buffer.getvalue()
+
+
+def measure_archive(bench):
+    """Peak memory of an /init whose zip's link entry would inflate to 400 MB: the
+    proxy reads a link's target only up to PATH_MAX and refuses it."""
+    import base64
+    data = link_flood_zip()
+    with Proxy(bench.action_dir()) as proxy:
+        proxy.connect(10.0, 10.0).close()
+        before = proxy.status_kib("VmHWM") / 1024
+        status, body = proxy.init({"code": base64.b64encode(data).decode(), "binary": True})
+        if status != 502:
+            raise ProxyError("the link flood /init answered %d %s" % (status, body[:200]))
+        peak = proxy.status_kib("VmHWM") / 1024
+    return [Figure("archive_link_flood_peak", "proxy peak (VmHWM), zip with a 400 MB link",
+                   peak, "MiB", before, "before", target=lambda value, vs: vs < 32,
+                   target_label="< before + 32 MiB",
+                   note="an /init of %d KB, refused" % (len(data) // 1024))]
+
+
 def interpreter_rss_mib(modules):
     """VmRSS of an interpreter that has imported ``modules`` and waits."""
     code = "%s; print('ready', flush=True); sys.stdin.read()" % import_statement(
@@ -808,6 +850,7 @@ MEASUREMENTS = [
     ("warm", measure_warm_runs),
     ("throughput", measure_throughput),
     ("memory", measure_memory),
+    ("archive", measure_archive),
     ("soak", measure_soak),
     ("payload", measure_payload),
 ]
