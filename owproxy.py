@@ -57,6 +57,11 @@ MAX_ARG_STRLEN = 131071
 # An archive with more entries than this is refused whatever their size.
 MAX_ARCHIVE_ENTRIES = 250000
 
+# The environment variable that marks every process of one activation (or warm
+# process), and prctl()'s option that makes orphaned descendants the proxy's.
+ACTIVATION_MARKER = "OWPROXY_ACTIVATION"
+PR_SET_CHILD_SUBREAPER = 36
+
 # The exact texts the invoker, the upstream tests and users already know.
 INIT_TWICE = "Cannot initialize the action more than once."
 INIT_FAILED = "The action failed to generate or locate a binary. See logs for details."
@@ -891,65 +896,153 @@ def extract_member(archive, member, path):
 # ============================================================================
 
 class Processes:
-    """Every action process alive, so that shutdown can stop them all.
+    """Every action process, and everything it starts, until it is killed and reaped.
 
-    It also reaps orphans when the proxy is PID 1, as it is when it is a
-    container's CMD: the kernel hands whatever an action leaves behind (children
-    killed with its process group) to PID 1, and nobody else would collect them.
+    Each process the proxy spawns carries a marker in its environment, unique to
+    it (so to its activation, or to its warm process), which whatever it starts
+    inherits.  The proxy is a child subreaper: what an action leaves orphaned,
+    even in a session or process group of its own, becomes the proxy's child
+    rather than init's, so that at the end of its activation the proxy finds it
+    among its descendants by that marker, kills it and reaps it.  Where that is
+    not available, killing the action's process group is what is left.
+
+    It reaps every zombie child that no ``subprocess.Popen`` waits for: orphans
+    a subreaper inherits, and, when the proxy is PID 1 (a container's CMD), those
+    the kernel hands it from anywhere in the container.
     """
 
-    reap_interval = 0.5  # seconds between two scans of /proc
+    reap_interval = 0.5  # seconds between two looks for zombie children
+    kill_rounds = 20  # scans for processes forked while their activation's were killed
 
-    def __init__(self):
+    def __init__(self, logs=None):
+        self.logs = logs or Logs()
         self.lock = threading.Lock()
         self.alive = set()
-        self.reaper = os.getpid() == 1
+        self.spawned = 0
+        self.subreaper = None  # decided at the first spawn
         self.reaped_at = 0.0
 
     def spawn(self, argv, env, cwd, **options):
         """Starts an action process in a session (and process group) of its own, its
-        pipes to the proxy; under the lock, so the reaper never sees it unknown."""
+        pipes to the proxy, its marker in its environment."""
         with self.lock:
+            if self.subreaper is None:
+                self.subreaper = become_subreaper(self.logs)
+            self.spawned += 1
+            marker = "%d-%d" % (os.getpid(), self.spawned)
             process = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                       stderr=subprocess.PIPE, cwd=cwd, env=env,
+                                       stderr=subprocess.PIPE, cwd=cwd,
+                                       env=dict(env, **{ACTIVATION_MARKER: marker}),
                                        start_new_session=True, **options)
+            process.marker = marker
             self.alive.add(process)
         return process
+
+    def end(self, process):
+        """Kills the process's group and every process that carries its marker."""
+        kill_group(process)
+        self.kill_marked(process.marker)
 
     def discard(self, process):
         with self.lock:
             self.alive.discard(process)
+        self.reap_orphans(force=True)
 
     def kill_all(self):
+        """At shutdown: every action process, whatever its activation."""
         with self.lock:
             for process in self.alive:
                 kill_group(process)
+        self.kill_marked("%d-" % os.getpid(), whole=False)
+        self.reap_orphans(force=True)
 
-    def reap_orphans(self):
-        """Collects the exit status of dead orphans: children of the proxy that it
-        did not start itself, in another session than its own and not leading one
-        (so never a process a runner's hooks started, even in a session of its
-        own, and will wait for)."""
-        if not self.reaper or time.monotonic() - self.reaped_at < self.reap_interval:
+    def kill_marked(self, marker, whole=True):
+        """Kills the descendants whose marker is ``marker`` (or begins so, unless
+        ``whole``), again and again while some are found: one may fork meanwhile."""
+        if not self.subreaper:
+            return
+        wanted = ("\0%s=%s%s" % (ACTIVATION_MARKER, marker, "\0" if whole else "")).encode()
+        for _ in range(self.kill_rounds):
+            found = [pid for pid in descendants(os.getpid()) if wanted in environ_of(pid)]
+            if not found:
+                return
+            for pid in found:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except OSError:
+                    pass  # gone already
+
+    def reap_orphans(self, force=False):
+        """Collects the exit status of zombie children no Popen object waits for."""
+        if not (self.subreaper or os.getpid() == 1):
+            return
+        if not force and time.monotonic() - self.reaped_at < self.reap_interval:
             return
         self.reaped_at = time.monotonic()
-        with self.lock:
-            known = {process.pid for process in self.alive}
-            own_session = os.getsid(0)
-            for name in os.listdir("/proc"):
-                if name.isdigit() and int(name) not in known:
-                    reap_if_orphan(int(name), own_session)
+        zombies = [pid for pid in children_of(os.getpid()) if process_state(pid) == b"Z"]
+        if zombies:
+            import gc
+            waited = {process.pid for process in gc.get_objects()
+                      if isinstance(process, subprocess.Popen) and process.returncode is None}
+            for pid in set(zombies) - waited:
+                try:
+                    os.waitpid(pid, os.WNOHANG)
+                except ChildProcessError:
+                    pass  # a Popen that was just polled took it
 
 
-def reap_if_orphan(pid, own_session):
+def become_subreaper(logs):
+    """Makes orphans of the proxy's descendants its children (Linux 3.4); True if it could."""
+    try:
+        import ctypes
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0 and os.path.isdir(
+                "/proc/self/task"):
+            return True
+        reason = os.strerror(ctypes.get_errno())
+    except (ImportError, OSError, AttributeError) as error:
+        reason = str(error)
+    logs.note("cannot become a child subreaper (%s): what an action moves out of its "
+              "process group may outlive its activation" % reason)
+    return False
+
+
+def children_of(pid):
+    """The pids of ``pid``'s children (those of each of its threads)."""
+    found = []
+    try:
+        for task in os.listdir("/proc/%d/task" % pid):
+            with open("/proc/%d/task/%s/children" % (pid, task), "rb") as children:
+                found.extend(int(child) for child in children.read().split())
+    except OSError:
+        pass  # it is gone, or a thread of it is
+    return found
+
+
+def descendants(pid):
+    found, parents = [], [pid]
+    while parents:
+        children = children_of(parents.pop())
+        found.extend(children)
+        parents.extend(children)
+    return found
+
+
+def environ_of(pid):
+    """The environment ``pid`` started with, each entry between NULs; empty if unknown."""
+    try:
+        with open("/proc/%d/environ" % pid, "rb") as environ:
+            return b"\0" + environ.read()
+    except OSError:
+        return b""
+
+
+def process_state(pid):
     try:
         with open("/proc/%d/stat" % pid, "rb") as stat:
-            fields = stat.read().rpartition(b")")[2].split()
-        state, parent, session = fields[0], int(fields[1]), int(fields[3])
-        if state == b"Z" and parent == 1 and session not in (own_session, pid):
-            os.waitpid(pid, os.WNOHANG)
-    except (OSError, IndexError, ValueError):
-        pass  # gone already, or not ours
+            return stat.read().rpartition(b")")[2].split()[0]
+    except (OSError, IndexError):
+        return None
 
 
 def kill_group(process):
@@ -1167,7 +1260,7 @@ def run_once(argv, data, env, cwd, logs, processes):
     try:
         pump.send(data, close=True)
         ending = pump.serve(deadline_of(env))
-        kill_group(process)
+        processes.end(process)
         pump.drain()
         returncode = process.wait()
     finally:
@@ -1251,8 +1344,8 @@ class WarmProcess:
         return result_answer(line, self.logs)
 
     def stop(self):
-        """Kills the process group; says how the process ended."""
-        kill_group(self.process)
+        """Kills the process and all it started; says how the process ended."""
+        self.processes.end(self.process)
         returncode = self.process.wait()
         if not self.result_pipe.closed:
             self.pump.drain()
@@ -1456,7 +1549,7 @@ class ActionRunner:
         self.source, self.binary, self.zipdest = source, binary, zipdest
         self.settings = Settings()
         self.logs = Logs()
-        self.processes = Processes()
+        self.processes = Processes(self.logs)
         self.init_env = {}
         self.kind = None  # decided by init, or from the action directory at the first run
         self.function = None  # (file, function name) of a Python action
@@ -2276,7 +2369,8 @@ def setRunner(runner):
 
 def serve(settings, runner):
     """Serves until SIGTERM or SIGINT, then lets activations finish; returns the exit status."""
-    logs, processes = Logs(), Processes()
+    logs = Logs()
+    processes = Processes(logs)
     runner.configure(settings, logs, processes)
     if settings.platform == "knative":
         platform = Knative(settings, runner, logs, os.environ)

@@ -2963,6 +2963,118 @@ def test_invoke_a_directory_with_a_broken_link_is_a_one_line_error(tmp_path):
 
 
 # ---------------------------------------------------------------------------
+# actions: what an action starts, sends or breaks stays the action's
+# ---------------------------------------------------------------------------
+
+def processes_with(marker):
+    """The pids whose command line holds ``marker`` (a zombie's has none)."""
+    found = []
+    for name in os.listdir("/proc"):
+        try:
+            with open("/proc/%s/cmdline" % name, "rb") as cmdline:
+                if marker.encode() in cmdline.read():
+                    found.append(int(name))
+        except (OSError, ValueError):
+            continue
+    return found
+
+
+def unique_sleep():
+    """A ``sleep`` argument no other process on the machine has."""
+    return "77.%d%d" % (os.getpid(), int.from_bytes(os.urandom(4), "big"))
+
+
+ESCAPES = {
+    "setsid": "setsid sleep {seconds} </dev/null >/dev/null 2>&1 &",
+    "double fork": "( (sleep {seconds} </dev/null >/dev/null 2>&1 &) & )",
+    "own group": "set -m; sleep {seconds} </dev/null >/dev/null 2>&1 &",
+}
+
+
+@pytest.mark.parametrize("escape", sorted(ESCAPES))
+def test_nothing_an_activation_starts_survives_its_answer(proxy, escape):
+    seconds = unique_sleep()
+    assert proxy.init(bash(ESCAPES[escape].format(seconds=seconds) + """
+sleep 0.3
+echo '{"ok": true}'
+""")).status == 200
+    assert proxy.run().json == {"ok": True}
+    assert wait_for(lambda: not processes_with(seconds)), "the %s process escaped" % escape
+    assert "subreaper" not in check_streams(proxy)[1]
+
+
+def test_an_escaped_process_dies_at_the_deadline_and_at_shutdown(proxy):
+    at_deadline, at_shutdown = unique_sleep(), unique_sleep()
+    assert proxy.init(bash("""
+setsid sleep $(echo "$1" | sed 's/.*"s": "\\([^"]*\\)".*/\\1/') </dev/null >/dev/null 2>&1 &
+sleep 60
+""")).status == 200
+    deadline = str(int((time.time() + 1.5) * 1000))
+    assert proxy.run({"s": at_deadline}, deadline=deadline).json == RUN_TIMED_OUT
+    assert wait_for(lambda: not processes_with(at_deadline))
+    runner = threading.Thread(target=lambda: proxy.run({"s": at_shutdown}))
+    runner.start()
+    assert wait_for(lambda: processes_with(at_shutdown))
+    proxy.process.send_signal(signal.SIGTERM)
+    proxy.process.send_signal(signal.SIGTERM)  # the second cuts the grace short
+    assert proxy.process.wait(30) == 0
+    runner.join(30)
+    assert wait_for(lambda: not processes_with(at_shutdown))
+
+
+def test_one_activations_cleanup_spares_another_activations_processes(proxies, tmp_path):
+    proxy = proxies(env={"__OW_ALLOW_CONCURRENT": "true"})
+    slow, quick = unique_sleep(), unique_sleep()
+    go = tmp_path / "go"
+    assert proxy.init(bash("""
+case "$1" in
+  *slow*) setsid sleep %s </dev/null >/dev/null 2>&1 &
+          while [ ! -e %s ]; do sleep 0.05; done ;;
+  *) setsid sleep %s </dev/null >/dev/null 2>&1 & ;;
+esac
+echo '{"ok": true}'
+""" % (slow, go, quick))).status == 200
+    answers = []
+    runner = threading.Thread(target=lambda: answers.append(proxy.run({"slow": 1})))
+    runner.start()
+    assert wait_for(lambda: processes_with(slow))
+    assert proxy.run({"quick": 1}).json == {"ok": True}
+    assert wait_for(lambda: not processes_with(quick))
+    assert processes_with(slow), "the other activation's process was killed"
+    go.touch()
+    runner.join(30)
+    assert answers[0].json == {"ok": True}
+    assert wait_for(lambda: not processes_with(slow))
+
+
+def test_an_escaped_process_of_a_warm_action_dies_with_its_worker_not_before(proxies):
+    proxy = proxies("--loop", env={"PROXY_ALLOW_REINIT": "1"})
+    seconds = unique_sleep()
+    assert proxy.init(bash("""
+setsid sleep %s </dev/null >/dev/null 2>&1 &
+while read line; do echo '{"ok": true}' >&3; done
+""" % seconds)).status == 200
+    assert proxy.run().json == {"ok": True}
+    assert processes_with(seconds), "the warm worker's own process was killed"
+    assert proxy.init(bash("while read line; do echo '[]' >&3; done")).status == 200
+    assert wait_for(lambda: not processes_with(seconds)), "it outlived its worker"
+    assert proxy.run().json == []
+
+
+def test_the_proxy_reaps_the_orphans_it_inherits(proxy):
+    assert proxy.init(bash("""
+(setsid sh -c 'exit 0' &)
+(sleep 0.01 &)
+sleep 0.2
+echo '{"ok": true}'
+""")).status == 200
+    for _ in range(3):
+        assert proxy.run().json == {"ok": True}
+    assert wait_for(lambda: "Z" not in children(proxy.process.pid).values()), \
+        children(proxy.process.pid)
+
+
+# ---------------------------------------------------------------------------
 # Inner functions
 # ---------------------------------------------------------------------------
 
