@@ -43,6 +43,8 @@ import time
 
 __version__ = "1.0.0"
 OWPROXY_FILE = os.path.abspath(__file__)
+# Frames of the proxy and of the json module, left out of an action's tracebacks.
+PROXY_FRAMES = (OWPROXY_FILE, os.path.dirname(json.__file__) + os.sep, "<frozen")
 
 
 # ============================================================================
@@ -71,6 +73,10 @@ RUN_BAD_RESULT = "The action did not return a dictionary or array."
 RUN_TIMED_OUT = "The action exceeded its time limit and was stopped at its deadline."
 RUN_EXITED = "The action exited before it returned a result. See logs for details."
 RUN_UNENCODABLE = "The action returned a {} that JSON cannot encode: {}"
+RUN_TOO_LARGE = "The action returned a result of {} bytes, larger than the limit of {} bytes."
+RUN_TOO_DEEP = "The action's {} is nested too deeply to be encoded as JSON."
+RUN_BROKEN_CHANNEL = ("The action wrote on its Python worker's result channel, which is the "
+                      "proxy's: {}")
 DEDICATED = "Cannot initialize a runtime with a dedicated function."
 WEB_BAD_RESULT = ("The action returned a web response with an invalid statusCode, headers "
                   "or image body.")
@@ -80,6 +86,8 @@ READINESS_PATH = "/readyz"
 INTERNAL_ERROR = "Internal error. {}"
 
 MIB = 1024 * 1024
+DEFAULT_MAX_RESULT = 16 * MIB
+LINE_HEAD = 1024  # bytes of an overlong line that the logs show
 HEX_DIGITS = frozenset(b"0123456789abcdefABCDEF")
 HTTP_METHODS = ("GET", "POST", "PUT", "DELETE", "PATCH", "HEAD", "OPTIONS")
 
@@ -178,6 +186,8 @@ SETTINGS = (
             "largest request body accepted (K, M, G suffixes)"),
     Setting("max_archive", "--max-archive", "OWPROXY_MAX_ARCHIVE", 1024 * MIB, parse_size,
             "largest total size a zip may expand to"),
+    Setting("max_result", "--max-result", "OWPROXY_MAX_RESULT", DEFAULT_MAX_RESULT, parse_size,
+            "longest result line, and longest log line before it is split"),
     Setting("grace", "--grace", "OWPROXY_GRACE", 8.0, parse_seconds,
             "seconds in-flight activations get to finish on SIGTERM"),
     Setting("verbose", "--verbose", "OWPROXY_VERBOSE", False, parse_flag,
@@ -325,68 +335,161 @@ def clean_utf8(data):
 
 
 class LineForwarder:
-    """Forwards a child's output to a log stream, whole lines at a time."""
+    """Forwards a child's output to a log stream, whole lines at a time; a line
+    longer than ``max_line`` goes in pieces of that size, so that no line is
+    ever held whole in memory however long it grows."""
 
-    max_line = 16 * MIB  # a longer line is forwarded in pieces
-
-    def __init__(self, write):
-        self.write = write
+    def __init__(self, write, max_line=DEFAULT_MAX_RESULT):
+        self.write, self.max_line = write, max_line
         self.partial = []
         self.partial_size = 0
+        self.cut = None  # [head, size] of an overlong line skipped to its end
 
     def feed(self, chunk):
+        if self.cut is not None:
+            skipped, newline, chunk = chunk.partition(b"\n")
+            self.cut[1] += len(skipped)
+            if not newline:
+                return
+            self.end_cut()
         head, newline, tail = chunk.rpartition(b"\n")
         if newline:
-            self.lines(b"".join(self.partial) + head + newline)
+            data = b"".join(self.partial) + head + newline
             self.partial, self.partial_size = [], 0
+            if len(data) > self.max_line:
+                self.forward_long(data)
+            else:
+                self.forward(data)
             chunk = tail
         if chunk:
             self.partial.append(chunk)
             self.partial_size += len(chunk)
             if self.partial_size > self.max_line:
-                self.lines(b"".join(self.partial) + b"\n")
+                data = b"".join(self.partial)
                 self.partial, self.partial_size = [], 0
+                self.overflow(data)
+
+    def forward_long(self, data):
+        """Complete lines of which some may be longer than ``max_line``."""
+        lines = data.split(b"\n")[:-1]
+        short = []
+        for line in lines:
+            if len(line) <= self.max_line:
+                short.append(line + b"\n")
+                continue
+            if short:
+                self.forward(b"".join(short))
+                short = []
+            self.overflow(line)
+            if self.cut is not None:
+                self.end_cut()
+        if short:
+            self.forward(b"".join(short))
+
+    def overflow(self, data):
+        """A line grew beyond ``max_line``: a log line goes out in pieces of that
+        size.  A subclass may ``skip`` the rest of it instead."""
+        for start in range(0, len(data), self.max_line):
+            self.forward(data[start:start + self.max_line] + b"\n")
+
+    def skip(self, data):
+        """Keeps the head and the size of the overlong line ``data`` begins, dropping the rest."""
+        self.cut = [data[:LINE_HEAD], len(data)]
+
+    def end_cut(self):
+        head, size = self.cut
+        self.cut = None
+        self.overlong(Overlong(head, size))
 
     def close(self):
+        if self.cut is not None:
+            self.end_cut()
         if self.partial:
-            self.lines(b"".join(self.partial) + b"\n")
-            self.partial = []
+            self.forward(b"".join(self.partial) + b"\n")
+            self.partial, self.partial_size = [], 0
 
-    def lines(self, data):
+    def forward(self, data):
+        """Takes complete lines."""
         self.write(clean_utf8(data))
 
 
+class Overlong:
+    """A line longer than the limit, kept as its first bytes and its size."""
+
+    def __init__(self, head, size):
+        self.head, self.size = head, size
+
+    def log(self, logs, limit):
+        logs.out(clean_utf8(self.head) + b"\n")
+        logs.note("that line had %d bytes, more than the limit of %d: only its first %d "
+                  "are shown" % (self.size, limit, len(self.head)))
+
+
+def could_be_result(line):
+    """True for a line whose first non-blank character opens a JSON object or array."""
+    return line.lstrip()[:1] in (b"{", b"[")
+
+
 class ResultForwarder(LineForwarder):
-    """Forwards stdout but holds back its last non-empty line: the action's result."""
+    """Forwards stdout as it comes, but holds back the latest line that could be
+    the action's result (see ``could_be_result``) until a later non-blank line
+    shows it was a log: any other line is a log whatever follows, and goes out at
+    once.  Such a line longer than the limit is kept as its head and its size."""
 
-    def __init__(self, write):
-        LineForwarder.__init__(self, write)
-        self.held = []  # the latest non-empty line, then the blank lines after it
+    def __init__(self, write, max_line=DEFAULT_MAX_RESULT, logs=None):
+        LineForwarder.__init__(self, write, max_line)
+        self.logs = logs
+        self.held = []  # the latest line that could be the result, then blank lines
+        self.held_overlong = None  # or such a line that was too long to hold
 
-    def lines(self, data):
+    def forward(self, data):
         end = len(data) - 1
         while True:
             start = data.rfind(b"\n", 0, end) + 1
             if data[start:end].strip():
                 break
-            if start == 0:
-                self.held.append(data)
+            if start == 0:  # blank lines only: they go with what they follow
+                if self.held or self.held_overlong:
+                    self.held.append(data)
+                else:
+                    LineForwarder.forward(self, data)
                 return
             end = start - 1
-        logs = b"".join(self.held) + data[:start]
-        self.held = [data[start:]]
-        if logs:
-            LineForwarder.lines(self, logs)
+        self.release()
+        if could_be_result(data[start:end]):
+            data, self.held = data[:start], [data[start:]]
+        if data:
+            LineForwarder.forward(self, data)
+
+    def overflow(self, data):
+        if not could_be_result(data):
+            return LineForwarder.overflow(self, data)
+        self.release()
+        self.skip(data)
+
+    def overlong(self, line):
+        self.held_overlong = line
+
+    def release(self):
+        """The held line turned out to be a log: it goes out, before what follows."""
+        if self.held_overlong is not None:
+            self.held_overlong.log(self.logs, self.max_line)
+            self.held_overlong = None
+        if self.held:
+            LineForwarder.forward(self, b"".join(self.held))
+            self.held = []
 
     def result(self):
-        """The result line, once the stream is closed; blank lines after it are logs."""
-        held = b"".join(self.held)
-        self.held = []
-        line, _, blanks = held.partition(b"\n")
-        if not line.strip():
-            line, blanks = None, held
-        if blanks:
-            LineForwarder.lines(self, blanks)
+        """Once the stream is closed, the result line (an Overlong if it was too
+        long), or None when the last non-blank line was a log; blank lines after
+        it are logs."""
+        line, self.held_overlong = self.held_overlong, None
+        held, self.held = b"".join(self.held), []
+        if line is None:
+            line, _, held = held.partition(b"\n")
+            line = line if line.strip() else None
+        if held:
+            LineForwarder.forward(self, held)
         return line
 
 
@@ -482,7 +585,10 @@ def encode_answer(status, payload):
         raise TypeError("the status %r is not an HTTP status" % (status,))
     if isinstance(payload, WebResponse):
         return status, payload.body, payload.headers
-    return status, json_bytes(payload), [("Content-Type", "application/json")]
+    try:
+        return status, json_bytes(payload), [("Content-Type", "application/json")]
+    except RecursionError:
+        raise HTTPError(502, RUN_TOO_DEEP.format("result"))
 
 
 class ProxyServer(ThreadingHTTPServer):
@@ -1078,29 +1184,29 @@ def exit_note(returncode):
     return "the action exited with status %d" % returncode
 
 
-class LineReader:
-    """Collects the lines a warm action writes on its result descriptor (fd 3)."""
+class LineReader(LineForwarder):
+    """Collects the lines a warm action writes on its result descriptor (fd 3); a
+    line longer than ``max_line`` is collected as an Overlong."""
 
-    def __init__(self):
-        self.partial = []  # the pieces of an unfinished line, joined once it ends
+    def __init__(self, max_line=DEFAULT_MAX_RESULT):
+        LineForwarder.__init__(self, None, max_line)
         self.lines = []
 
-    def feed(self, chunk):
-        *complete, rest = chunk.split(b"\n")
-        if complete:
-            complete[0] = b"".join(self.partial) + complete[0]
-            self.lines.extend(complete)
-            self.partial = []
-        if rest:
-            self.partial.append(rest)
+    def forward(self, data):
+        self.lines.extend(data.split(b"\n")[:-1])
+
+    overflow = LineForwarder.skip
+
+    def overlong(self, line):
+        self.lines.append(line)
 
     def close(self):
-        self.partial = []
+        self.partial, self.cut = [], None
 
     def take_stale(self):
         """Drops the lines no activation asked for; says how many there were."""
-        count = len(self.lines) + bool(self.partial)
-        self.lines, self.partial = [], []
+        count = len(self.lines) + bool(self.partial or self.cut)
+        self.lines, self.partial, self.partial_size, self.cut = [], [], 0, None
         return count
 
 
@@ -1220,7 +1326,7 @@ def pidfd_for(pid):
 
 def parse_result(line):
     """The action's result from its result line: a JSON object or array, else None."""
-    if line is None:
+    if not isinstance(line, bytes):
         return None
     try:
         result = json.loads(line.decode("utf-8", "replace"), parse_constant=reject_constant)
@@ -1233,30 +1339,36 @@ def reject_constant(name):
     raise ValueError("%s is not JSON" % name)
 
 
-def result_answer(line, logs):
+def result_answer(line, logs, limit):
     """200 with the result, or the exact 502 with the offending line in the logs."""
+    if isinstance(line, Overlong):
+        line.log(logs, limit)
+        return 502, {"error": RUN_TOO_LARGE.format(line.size, limit)}
     result = parse_result(line)
     if result is None:
-        log_line(line, logs)
+        log_line(line, logs, limit)
         return 502, {"error": RUN_BAD_RESULT}
     return 200, result
 
 
-def log_line(line, logs):
+def log_line(line, logs, limit):
     """A line held back as a possible result that turned out to be a log."""
-    if line is not None:
+    if isinstance(line, Overlong):
+        line.log(logs, limit)
+    elif line is not None:
         logs.out(clean_utf8(line) + b"\n")
 
 
-def run_once(argv, data, env, cwd, logs, processes):
-    """Runs an executable for one activation: ``data`` on stdin, the result its last line."""
+def run_once(argv, data, env, cwd, logs, processes, limit):
+    """Runs an executable for one activation: ``data`` on stdin, the result its last
+    line, at most ``limit`` bytes long."""
     try:
         process = processes.spawn(argv, env, cwd)
     except OSError as error:
         logs.out(("error: cannot start the action: %s\n" % error).encode())
         return 502, {"error": RUN_BAD_RESULT}
-    stdout = ResultForwarder(logs.out)
-    pump = Pump(process, stdout, LineForwarder(logs.err))
+    stdout = ResultForwarder(logs.out, limit, logs)
+    pump = Pump(process, stdout, LineForwarder(logs.err, limit))
     try:
         pump.send(data, close=True)
         ending = pump.serve(deadline_of(env))
@@ -1268,13 +1380,13 @@ def run_once(argv, data, env, cwd, logs, processes):
         processes.discard(process)
     line = stdout.result()
     if ending == "deadline":
-        log_line(line, logs)
+        log_line(line, logs, limit)
         logs.note("the action was stopped at its deadline")
         return 502, {"error": RUN_TIMED_OUT}
     note = exit_note(returncode)
     if note:
         logs.note(note)
-    return result_answer(line, logs)
+    return result_answer(line, logs, limit)
 
 
 class WarmProcess:
@@ -1282,8 +1394,8 @@ class WarmProcess:
     the ActionLoop protocol: a JSON line in on stdin, a result line out on fd 3.
     """
 
-    def __init__(self, argv, env, cwd, logs, processes):
-        self.logs, self.processes = logs, processes
+    def __init__(self, argv, env, cwd, logs, processes, limit=DEFAULT_MAX_RESULT):
+        self.logs, self.processes, self.limit = logs, processes, limit
         read_end, write_end = os.pipe()
         if write_end == 3:  # dup2(3, 3) would leave it close-on-exec
             write_end, old = os.dup(write_end), write_end
@@ -1297,9 +1409,9 @@ class WarmProcess:
         finally:
             os.close(write_end)
         self.result_pipe = os.fdopen(read_end, "rb", buffering=0)
-        self.results = LineReader()
-        self.pump = Pump(self.process, LineForwarder(logs.out), LineForwarder(logs.err),
-                         self.results, self.result_pipe)
+        self.results = LineReader(limit)
+        self.pump = Pump(self.process, LineForwarder(logs.out, limit),
+                         LineForwarder(logs.err, limit), self.results, self.result_pipe)
 
     def start(self, wait_for_ack):
         """Waits for the ack line, ``{"ok": true}``, or a moment to see that the
@@ -1328,7 +1440,7 @@ class WarmProcess:
         if stale:
             self.logs.note("dropped %d result line(s) the action wrote outside an activation"
                            % stale)
-        self.pump.send(json.dumps(message).encode() + b"\n")
+        self.pump.send(self.frame(message))
         ending = self.pump.serve(deadline, lambda: self.results.lines)
         self.pump.drain()
         if ending == "finished":
@@ -1340,8 +1452,12 @@ class WarmProcess:
         self.logs.note(self.stop())
         return 502, {"error": RUN_EXITED}
 
+    def frame(self, message):
+        """The line that asks for one activation."""
+        return json.dumps(message).encode() + b"\n"
+
     def answer(self, line):
-        return result_answer(line, self.logs)
+        return result_answer(line, self.logs, self.limit)
 
     def stop(self):
         """Kills the process and all it started; says how the process ended."""
@@ -1356,12 +1472,39 @@ class WarmProcess:
 
 
 class FunctionProcess(WarmProcess):
-    """A warm interpreter serving a Python ``main(args)``; its result lines are
-    ``[status, payload]`` pairs (see ``function_worker``)."""
+    """A warm interpreter serving a Python ``main(args)`` (see ``function_worker``):
+    each request carries a fresh token that its reply, ``TOKEN [status, payload]``,
+    must repeat.  Anything else on its result channel was written there by the
+    action's code: that activation gets a 502 and the next a fresh interpreter."""
+
+    token = b""
+
+    def frame(self, message):
+        self.token = os.urandom(8).hex().encode()
+        return self.token + b" " + WarmProcess.frame(self, message)
 
     def answer(self, line):
-        status, payload = json.loads(line)
-        return status, payload
+        reply = self.reply_of(line)
+        if reply is None:
+            head = line.head if isinstance(line, Overlong) else line[:80]
+            self.logs.note("the action wrote %r on its worker's result channel: a fresh "
+                           "interpreter serves the next activation" % head)
+            self.stop()
+            return 502, {"error": RUN_BROKEN_CHANNEL.format(repr(head[:80]))}
+        return reply
+
+    def reply_of(self, line):
+        """``(status, payload)`` from the worker's reply, or None if it is not one."""
+        token, _, reply = line.partition(b" ") if isinstance(line, bytes) else (b"", 0, b"")
+        if token != self.token:
+            return None
+        try:
+            status, payload = json.loads(reply)
+        except RecursionError:
+            return 502, {"error": RUN_TOO_DEEP.format("result")}
+        except (ValueError, TypeError):
+            return None
+        return (status, payload) if status in (200, 502) and type(status) is int else None
 
 
 class WarmPool:
@@ -1433,37 +1576,76 @@ def looks_like_python(code):
                          re.MULTILINE) is not None
 
 
-def function_worker(path, name):
+def function_worker(path, name, limit=str(DEFAULT_MAX_RESULT)):
     """The warm interpreter of a Python action (started with ``python3 -u``, so its
-    logs stream): imports ``path`` once, acks on fd 3, then for each JSON line on
-    stdin calls ``name(value)`` with that activation's ``__OW_*`` variables and
-    writes ``[status, payload]`` on fd 3.  The protocol's descriptors move out of
-    the action's way: its stdin and fd 3 are /dev/null."""
-    requests = os.fdopen(os.dup(0), "rb")
-    results = os.fdopen(os.dup(3), "wb")
+    logs stream): imports ``path`` once and acks, then for each request calls
+    ``name(value)`` with that activation's ``__OW_*`` variables and replies.
+
+    The protocol is the proxy's alone: its two descriptors move to numbers no one
+    expects, closed in any child, the request one non-blocking (the action's
+    stdin and fd 3 become /dev/null); each request carries a fresh token that
+    its reply, ``TOKEN [status, payload]`` on one line, must repeat."""
+    channel = WorkerChannel(0, 3)
     os.dup2(os.open(os.devnull, os.O_RDWR), 0)
     os.dup2(0, 3)
     sys.stdin = open(os.devnull)
     main = load_function(path, name)
-    reply(results, '{"ok": true}')
-    for line in requests:
-        reply(results, "[%d, %s]" % call_function(main, json.loads(line)))
+    channel.reply('{"ok": true}')
+    for token, line in channel:
+        try:
+            status, payload = call_function(main, json.loads(line), int(limit))
+        except Exception as error:  # the request itself: a value nested too deeply
+            status, payload = 502, json.dumps({"error": "The action could not receive its "
+                                                        "argument: %s" % describe(error)})
+        channel.reply("%s [%d, %s]" % (token, status, payload))
 
 
-def reply(results, line):
-    """Writes a line of the protocol after the logs that came before it."""
-    flush_python_streams()
-    results.write(line.encode("ascii") + b"\n")
-    results.flush()
+class WorkerChannel:
+    """The function worker's two protocol descriptors, moved out of the action's way."""
+
+    def __init__(self, request_fd, result_fd):
+        import fcntl
+        lowest = 100 + int.from_bytes(os.urandom(2), "big") % 800  # under a 1024-file limit
+        self.request_fd = fcntl.fcntl(request_fd, fcntl.F_DUPFD_CLOEXEC, lowest)
+        self.result_fd = fcntl.fcntl(result_fd, fcntl.F_DUPFD_CLOEXEC, self.request_fd + 1)
+        os.set_blocking(self.request_fd, False)
+        self.buffer = b""
+
+    def __iter__(self):
+        """Each request, ``TOKEN JSON``, as ``(token, json)``, until the proxy closes the channel."""
+        import select
+        while True:
+            line, newline, rest = self.buffer.partition(b"\n")
+            if newline:
+                self.buffer = rest
+                token, _, message = line.decode("utf-8", "surrogateescape").partition(" ")
+                yield token, message
+                continue
+            select.select([self.request_fd], [], [])
+            try:
+                chunk = os.read(self.request_fd, 65536)
+            except BlockingIOError:
+                continue  # the action's code read it first, or nothing came yet
+            if not chunk:
+                return
+            self.buffer += chunk
+
+    def reply(self, line):
+        """Writes a line of the protocol after the logs that came before it."""
+        flush_python_streams()
+        data = memoryview(line.encode("ascii") + b"\n")
+        while data:
+            data = data[os.write(self.result_fd, data):]
 
 
 def load_function(path, name):
     """The function ``name`` of the Python file ``path``, its folder and its
-    ``virtualenv/`` on the import path.  Exits with the traceback when it cannot."""
+    ``virtualenv/`` on the import path.  Exits saying why when it cannot."""
     import glob
     import importlib.util
     import site
     folder = os.path.dirname(path)
+    shown = os.path.relpath(path, folder)
     sys.path.insert(0, folder)
     for packages in glob.glob(os.path.join(folder, "virtualenv", "lib", "python3*",
                                            "site-packages")):
@@ -1475,25 +1657,41 @@ def load_function(path, name):
         spec.loader.exec_module(module)
     except BaseException as error:
         print_user_traceback(error)
+        worker_note("%s failed to load: %s" % (shown, describe(error)))
         sys.exit(1)
     function = getattr(module, name, None)
     if not callable(function):
-        sys.stderr.write("%s defines no function %r\n" % (path, name))
+        worker_note("%s defines no function %r" % (shown, name))
         sys.exit(1)
     return function
 
 
-def print_user_traceback(error):
-    """The traceback from the action's own code on: the proxy's frames are noise there."""
+def worker_note(text):
+    sys.stderr.write("owproxy: %s\n" % text)
+
+
+def describe(error):
+    """An exception as its type and message, as the last line of a traceback says it."""
     import traceback
-    frames = error.__traceback__
-    while frames and (frames.tb_frame.f_code.co_filename == OWPROXY_FILE
-                      or frames.tb_frame.f_code.co_filename.startswith("<frozen")):
+    return "".join(traceback.format_exception_only(type(error), error)).strip().splitlines()[-1]
+
+
+def print_user_traceback(error):
+    """The traceback of the action's own code, its files named from the action's
+    folder: the frames of the proxy and of the json module are noise there."""
+    import traceback
+    frames, kept = error.__traceback__, []
+    while frames:
+        if not frames.tb_frame.f_code.co_filename.startswith(PROXY_FRAMES):
+            kept.append(frames)
         frames = frames.tb_next
-    traceback.print_exception(type(error), error, frames)
+    for older, newer in zip(kept, kept[1:] + [None]):
+        older.tb_next = newer
+    text = "".join(traceback.format_exception(type(error), error, kept[0] if kept else None))
+    sys.stderr.write(text.replace(os.getcwd() + os.sep, ""))
 
 
-def call_function(main, message):
+def call_function(main, message, limit):
     """Calls ``main`` for one activation; returns ``(status, payload as JSON text)``."""
     fields = exported(((key.upper(), value) for key, value in message.items()
                        if key != "value"), prefix="__OW_")
@@ -1512,12 +1710,20 @@ def call_function(main, message):
                 os.environ[key] = value
     try:
         text = json.dumps(result, allow_nan=False)  # ASCII: lone surrogates travel too
-    except (TypeError, ValueError, RecursionError) as error:
-        message = RUN_UNENCODABLE.format(type(result).__name__, error)
+    except Exception as error:  # a TypeError, or whatever the result's own methods raise
+        print_user_traceback(error)
+        message = RUN_UNENCODABLE.format(type(result).__name__, describe(error))
         return 502, json.dumps({"error": message})
     if not isinstance(result, (dict, list)):
         print(text)
+        worker_note("%s returned %s, not a dictionary or an array" % (
+            main.__name__, "None" if result is None else "a " + type(result).__name__))
         return 502, json.dumps({"error": RUN_BAD_RESULT})
+    if len(text) > limit:
+        print(text[:LINE_HEAD])
+        worker_note("that result had %d bytes, more than the limit of %d: only its first %d "
+                    "are shown" % (len(text), limit, LINE_HEAD))
+        return 502, json.dumps({"error": RUN_TOO_LARGE.format(len(text), limit)})
     return 200, text
 
 
@@ -1720,9 +1926,11 @@ class ActionRunner:
             if self.kind == "function":
                 process = FunctionProcess(
                     [sys.executable, "-u", OWPROXY_FILE, "function-worker"]
-                    + list(self.function), env, cwd, self.logs, self.processes)
+                    + list(self.function) + [str(self.settings.max_result)],
+                    env, cwd, self.logs, self.processes, self.settings.max_result + 64)
             else:
-                process = WarmProcess([self.binary], env, cwd, self.logs, self.processes)
+                process = WarmProcess([self.binary], env, cwd, self.logs, self.processes,
+                                      self.settings.max_result)
         except OSError as error:
             raise InitError("cannot start the action: %s" % error)
         return process.start(self.kind == "function" or "__OW_WAIT_FOR_ACK" in env)
@@ -1750,10 +1958,13 @@ class ActionRunner:
     def run(self, args, env):
         """Runs one activation with ``args``; returns ``(status, result)``."""
         if self.current_kind() == "exec":
-            data = json.dumps(args)
+            try:
+                data = json.dumps(args)
+            except RecursionError:
+                return 502, {"error": RUN_TOO_DEEP.format("argument")}
             argv = [self.binary] if len(data) > MAX_ARG_STRLEN else [self.binary, data]
             return run_once(argv, data.encode(), env, os.path.dirname(self.binary),
-                            self.logs, self.processes)
+                            self.logs, self.processes, self.settings.max_result)
         with self.lock:
             self.pool = self.pool or self.warm_pool(self.init_env)
         pool = self.pool
@@ -1768,6 +1979,8 @@ class ActionRunner:
         message["value"] = args
         try:
             return process.request(message, deadline_of(env))
+        except RecursionError:  # encoding its line
+            return 502, {"error": RUN_TOO_DEEP.format("argument")}
         finally:
             pool.release(process)
 

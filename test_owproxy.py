@@ -894,8 +894,8 @@ def test_death_by_signal_is_reported_on_stderr(proxy):
 
 
 def test_logs_are_streamed_while_the_action_runs(proxy):
-    # the latest stdout line is held back: it may be the result
-    code = bash("echo early\necho held\necho early-err >&2\nsleep 2\necho '{}'")
+    # the latest stdout line that could be the result is held back
+    code = bash("echo early\necho '[held'\necho early-err >&2\nsleep 2\necho '{}'")
     assert proxy.init(code).status == 200
     done = threading.Event()
     seen = []
@@ -2050,7 +2050,7 @@ def test_an_exception_is_an_application_error_with_the_traceback_on_stderr(funct
     response = function_proxy.run({"fail": "bad input"})
     assert (response.status, response.json) == (200, {"error": "boom: bad input"})
     _, err = check_streams(function_proxy)
-    assert 'File "%s", line 9, in main' % (function_proxy.action_dir / "__main__.py") in err
+    assert 'File "__main__.py", line 9, in main' in err  # named from the action's folder
     assert "ValueError: boom: bad input" in err
     assert "owproxy.py" not in err
 
@@ -3072,6 +3072,101 @@ echo '{"ok": true}'
         assert proxy.run().json == {"ok": True}
     assert wait_for(lambda: "Z" not in children(proxy.process.pid).values()), \
         children(proxy.process.pid)
+
+
+def too_large(size, limit):
+    return {"error": "The action returned a result of %d bytes, larger than the limit of %d "
+                     "bytes." % (size, limit)}
+
+
+LONG_RESULT = '{"x": "%s"}' % ("y" * 3002)  # 3011 bytes
+
+
+@pytest.mark.parametrize("mode", ["exec", "loop"])
+def test_a_result_longer_than_the_limit_is_502_with_its_head_in_the_logs(proxies, mode):
+    if mode == "exec":
+        proxy, code = proxies(env={"OWPROXY_MAX_RESULT": "2K"}), bash("""
+echo 'a log line'
+echo '%s'
+""" % LONG_RESULT)
+    else:
+        proxy, code = proxies("--loop", "--max-result", "2K"), bash("""
+while read line; do echo 'a log line'; echo '%s' >&3; done
+""" % LONG_RESULT)
+    assert proxy.init(code).status == 200
+    response = proxy.run()
+    assert (response.status, response.json) == (502, too_large(len(LONG_RESULT), 2048))
+    out, err = check_streams(proxy)
+    assert out == "a log line\n" + LONG_RESULT[:1024]
+    assert "that line had 3011 bytes, more than the limit of 2048" in err
+
+
+def test_a_long_line_that_could_be_a_result_but_is_not_the_last_is_logged_cut(proxies):
+    proxy = proxies(env={"OWPROXY_MAX_RESULT": "2K"})
+    assert proxy.init(bash("echo '%s'; echo '{\"ok\": 1}'" % LONG_RESULT)).status == 200
+    assert proxy.run().json == {"ok": 1}
+    out, err = check_streams(proxy)
+    assert out == LONG_RESULT[:1024]
+    assert "that line had 3011 bytes" in err
+
+
+def test_a_log_line_longer_than_the_limit_goes_out_in_pieces(proxies):
+    proxy = proxies(env={"OWPROXY_MAX_RESULT": "1K"})
+    assert proxy.init(bash("""
+printf 'z%.0s' $(seq 2500); echo
+echo '{"ok": 1}'
+""")).status == 200
+    assert proxy.run().json == {"ok": 1}
+    pieces = check_streams(proxy)[0].splitlines()
+    assert pieces == ["z" * 1024, "z" * 1024, "z" * 452]
+
+
+def peak_memory_kib(pid):
+    with open("/proc/%d/status" % pid) as status:
+        return int(next(line for line in status if line.startswith("VmHWM")).split()[1])
+
+
+def test_a_300_mb_result_line_on_fd_3_keeps_the_proxys_memory_bounded(proxies):
+    proxy = proxies("--loop")
+    assert proxy.init(python_script("""
+import os, sys
+block = b"x" * (1 << 20)
+for line in sys.stdin:
+    for _ in range(300):
+        os.write(3, block)
+    os.write(3, b"\\n")
+""")).status == 200
+    before = peak_memory_kib(proxy.process.pid)
+    response = proxy.run(timeout=120)
+    assert (response.status, response.json) == (502, too_large(300 << 20, 16 << 20))
+    assert peak_memory_kib(proxy.process.pid) - before < 80 * 1024
+    assert len(proxy.logs()[0]) < 4096
+
+
+def test_a_log_line_goes_out_while_the_action_still_runs(proxy, tmp_path):
+    go = tmp_path / "go"
+    assert proxy.init(bash("""
+echo '[not a result, but it could be'
+echo starting
+while [ ! -e %s ]; do sleep 0.05; done
+echo '{"done": true}'
+""" % go)).status == 200
+    answers = []
+    runner = threading.Thread(target=lambda: answers.append(proxy.run()))
+    runner.start()
+    try:
+        assert wait_for(lambda: "starting\n" in proxy.logs()[0]), "the log line was held back"
+    finally:
+        go.touch()
+        runner.join(30)
+    assert answers[0].json == {"done": True}
+    assert check_streams(proxy)[0] == "[not a result, but it could be\nstarting"
+
+
+def test_a_last_line_that_cannot_be_a_result_is_logged_once(proxy):
+    assert proxy.init(bash("echo 'all done'")).status == 200
+    assert proxy.run().json == BAD_RESULT
+    assert check_streams(proxy)[0] == "all done"
 
 
 # ---------------------------------------------------------------------------
