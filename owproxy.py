@@ -1330,7 +1330,7 @@ def parse_result(line):
         return None
     try:
         result = json.loads(line.decode("utf-8", "replace"), parse_constant=reject_constant)
-    except (ValueError, RecursionError):
+    except ValueError:
         return None
     return result if isinstance(result, (dict, list)) else None
 
@@ -1344,7 +1344,10 @@ def result_answer(line, logs, limit):
     if isinstance(line, Overlong):
         line.log(logs, limit)
         return 502, {"error": RUN_TOO_LARGE.format(line.size, limit)}
-    result = parse_result(line)
+    try:
+        result = parse_result(line)
+    except RecursionError:
+        return 502, {"error": RUN_TOO_DEEP.format("result")}
     if result is None:
         log_line(line, logs, limit)
         return 502, {"error": RUN_BAD_RESULT}

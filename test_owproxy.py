@@ -3169,6 +3169,151 @@ def test_a_last_line_that_cannot_be_a_result_is_logged_once(proxy):
     assert check_streams(proxy)[0] == "all done"
 
 
+CHANNEL_ABUSER = """
+import os, json
+
+def pipes():
+    for name in os.listdir("/proc/self/fd"):
+        try:
+            if int(name) > 2 and os.readlink("/proc/self/fd/" + name).startswith("pipe:"):
+                yield int(name)
+        except OSError:
+            pass
+
+def main(args):
+    how = args.get("how")
+    if how == "fd 5":
+        os.write(5, b"garbage\\n")
+    for fd in pipes():
+        try:
+            if how == "garbage":
+                os.write(fd, b"garbage\\n")
+            elif how == "forged":
+                os.write(fd, b"[999, {}]\\n")
+            elif how == "read":
+                os.read(fd, 65536)
+        except OSError as error:
+            pass
+    return {"pid": os.getpid()}
+"""
+
+
+@pytest.mark.parametrize("how", ["garbage", "forged"])
+def test_what_a_function_writes_on_its_workers_channel_is_a_502_and_a_fresh_worker(proxy,
+                                                                                    how):
+    assert proxy.init(CHANNEL_ABUSER).status == 200
+    pid = proxy.run({}).json["pid"]
+    response = proxy.run({"how": how})
+    assert response.status == 502
+    assert response.json["error"].startswith(
+        "The action wrote on its Python worker's result channel, which is the proxy's: b'")
+    assert ("garbage" if how == "garbage" else "999") in response.json["error"]
+    after = proxy.run({})
+    assert after.status == 200 and after.json["pid"] != pid
+    assert "a fresh interpreter serves the next activation" in check_streams(proxy, 3)[1]
+
+
+def test_the_workers_channel_is_not_at_the_usual_descriptors_nor_readable_by_the_action(
+        proxy):
+    assert proxy.init(CHANNEL_ABUSER).status == 200
+    response = proxy.run({"how": "fd 5"})
+    assert (response.status, response.json) == (200, {"error": "[Errno 9] Bad file descriptor"})
+    pid = proxy.run({"how": "read"}).json["pid"]
+    for _ in range(3):  # no request was swallowed: the same worker answers each
+        assert proxy.run({}).json["pid"] == pid
+
+
+def nested_run_body(depth):
+    """A /run body whose value holds arrays ``depth`` deep (text: this process need not
+    be able to encode it)."""
+    return '{"value": {"deep": %s%s}}' % ("[" * depth, "]" * depth)
+
+
+NESTED_FUNCTION = """
+def main(args):
+    deep = []
+    for _ in range(args["depth"]):
+        deep = [deep]
+    return {"deep": deep}
+"""
+
+
+def test_deep_nesting_is_the_actions_502_and_the_worker_serves_on(proxies):
+    function = proxies()
+    assert function.init(NESTED_FUNCTION).status == 200
+    response = function.run({"depth": 5000})
+    assert response.json == {"error": "The action returned a dict that JSON cannot encode: "
+                                      "RecursionError: maximum recursion depth exceeded"
+                                      " while encoding a JSON object"}, response
+    assert response.status == 502
+    for depth in (960, 980, 995):
+        assert function.run({"depth": depth}).status in (200, 502)  # never 500
+    assert function.run({"depth": 2}).json == {"deep": [[[]]]}
+    executable = proxies(env={"PROXY_ALLOW_REINIT": "1"})
+    assert executable.init(python_script(
+        "print('{\"deep\": ' + '[' * 5000 + ']' * 5000 + '}')")).status == 200
+    response = executable.run()
+    assert (response.status, response.json) == (502, {
+        "error": "The action's result is nested too deeply to be encoded as JSON."})
+    assert executable.init(ECHO_RESULT).status == 200
+    for depth in (960, 980, 995):
+        response = executable.post("/run", nested_run_body(depth))
+        assert response.status in (200, 400, 502), response  # never 500
+        if response.status == 502:
+            assert response.json == {"error": "The action's argument is nested too deeply "
+                                              "to be encoded as JSON."}
+
+
+def test_a_result_whose_methods_raise_is_a_502_naming_it_and_the_worker_serves_on(proxy):
+    assert proxy.init("""
+import os
+class Sneaky(dict):
+    def items(self):
+        raise KeyError("sneaky")
+def main(args):
+    return Sneaky(a=1) if args.get("sneaky") else {"pid": os.getpid()}
+""").status == 200
+    pid = proxy.run({}).json["pid"]
+    response = proxy.run({"sneaky": True})
+    assert (response.status, response.json) == (502, {
+        "error": "The action returned a Sneaky that JSON cannot encode: KeyError: 'sneaky'"})
+    assert proxy.run({}).json["pid"] == pid
+    err = check_streams(proxy, 3)[1]
+    assert 'File "__main__.py", line 5, in items' in err
+    assert "owproxy" not in err.replace("owproxy: ", "") and "json" not in err
+
+
+def test_a_function_result_longer_than_the_limit_is_502(proxies):
+    proxy = proxies(env={"OWPROXY_MAX_RESULT": "2K"})
+    assert proxy.init("def main(args):\n    return {'x': 'y' * 3002}\n").status == 200
+    response = proxy.run()
+    assert (response.status, response.json) == (502, too_large(3011, 2048))
+    out, err = check_streams(proxy)
+    assert out == LONG_RESULT[:1024] and "that result had 3011 bytes" in err
+
+
+def test_a_function_returning_none_says_so(proxy):
+    assert proxy.init("def main(args):\n    pass\n").status == 200
+    assert proxy.run().json == BAD_RESULT
+    assert "owproxy: main returned None, not a dictionary or an array" in check_streams(proxy)[1]
+
+
+@pytest.mark.parametrize("code, note", [
+    ("def main(args)\n    return {}\n",
+     "__main__.py failed to load: SyntaxError: "),
+    ("import no_such_module_here\n", "__main__.py failed to load: ModuleNotFoundError: No module "
+                                     "named 'no_such_module_here'"),
+    ("def handler(args):\n    return {}\n", "__main__.py defines no function 'main'"),
+])
+def test_a_function_that_cannot_load_says_what_happened_from_the_actions_folder(proxy, code,
+                                                                                 note):
+    response = proxy.init(code)
+    assert (response.status, response.json) == (502, INIT_FAILED)
+    err = check_streams(proxy)[1]
+    assert "owproxy: " + note in err
+    assert str(proxy.action_dir) not in err
+
+
 # ---------------------------------------------------------------------------
 # Inner functions
 # ---------------------------------------------------------------------------
