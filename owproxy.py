@@ -1184,6 +1184,45 @@ def exit_note(returncode):
     return "the action exited with status %d" % returncode
 
 
+def not_runnable(path):
+    """Why ``path``, which the action needs, cannot run, and what to do."""
+    if not os.path.isfile(path):
+        return "%s is not an executable file: it does not exist" % path
+    return "%s is not an executable file: chmod +x it" % path
+
+
+def start_failure(path, error):
+    """What keeps the system from starting ``path`` (``error`` is exec's OSError),
+    and what to do about it, in one line; None when there is nothing to add."""
+    import errno
+    import re
+    try:
+        with open(path, "rb") as program:
+            head = program.read(4096)
+    except OSError:
+        head = b""
+    first = head.split(b"\n", 1)[0]
+    if error.errno == errno.ENOEXEC:
+        if head.startswith(b"\x7fELF"):
+            return "%s is an ELF binary for another machine: build it for this one" % path
+        if re.search(rb"^\s*#\s*include\s*[<\"]|\bint\s+main\s*\(", head, re.MULTILINE):
+            return ("%s is C source, not a program: compile it (cc -o exec main.c) and deploy "
+                    "the binary" % path)
+        if b"\0" not in head:
+            return ("%s is text without a #! line, and not an ELF binary: make its first line "
+                    "name its interpreter, e.g. #!/bin/sh" % path)
+        return "%s is neither a script with a #! line nor an ELF binary" % path
+    if first.startswith(b"#!") and first.endswith(b"\r"):
+        return ("the #! line of %s ends with a carriage return (Windows line endings): "
+                "convert the file to Unix line endings, e.g. with dos2unix" % path)
+    if error.errno == errno.ENOENT and first.startswith(b"#!"):
+        return ("%s names %s as its interpreter in its #! line, which is not in this image"
+                % (path, first[2:].strip().split(b" ")[0].decode("utf-8", "replace")))
+    if error.errno == errno.EACCES:
+        return "%s is not executable: chmod +x it, on a file system that allows programs" % path
+    return None
+
+
 class LineReader(LineForwarder):
     """Collects the lines a warm action writes on its result descriptor (fd 3); a
     line longer than ``max_line`` is collected as an Overlong."""
@@ -1362,6 +1401,17 @@ def log_line(line, logs, limit):
         logs.out(clean_utf8(line) + b"\n")
 
 
+class ErrorForwarder(LineForwarder):
+    """Forwards an action's stderr, noticing "Bad file descriptor": the error of an
+    ActionLoop program, which answers on fd 3, run once per activation."""
+
+    bad_descriptor = False
+
+    def forward(self, data):
+        self.bad_descriptor = self.bad_descriptor or b"Bad file descriptor" in data
+        LineForwarder.forward(self, data)
+
+
 def run_once(argv, data, env, cwd, logs, processes, limit):
     """Runs an executable for one activation: ``data`` on stdin, the result its last
     line, at most ``limit`` bytes long."""
@@ -1369,9 +1419,10 @@ def run_once(argv, data, env, cwd, logs, processes, limit):
         process = processes.spawn(argv, env, cwd)
     except OSError as error:
         logs.out(("error: cannot start the action: %s\n" % error).encode())
+        logs.note(start_failure(argv[0], error) or "the action never ran")
         return 502, {"error": RUN_BAD_RESULT}
-    stdout = ResultForwarder(logs.out, limit, logs)
-    pump = Pump(process, stdout, LineForwarder(logs.err, limit))
+    stdout, stderr = ResultForwarder(logs.out, limit, logs), ErrorForwarder(logs.err, limit)
+    pump = Pump(process, stdout, stderr)
     try:
         pump.send(data, close=True)
         ending = pump.serve(deadline_of(env))
@@ -1389,7 +1440,11 @@ def run_once(argv, data, env, cwd, logs, processes, limit):
     note = exit_note(returncode)
     if note:
         logs.note(note)
-    return result_answer(line, logs, limit)
+    status, payload = result_answer(line, logs, limit)
+    if status == 502 and stderr.bad_descriptor:
+        logs.note("the action met a closed file descriptor: if it is an ActionLoop program, "
+                  "which answers on fd 3, start the proxy with --loop")
+    return status, payload
 
 
 class WarmProcess:
@@ -1430,8 +1485,13 @@ class WarmProcess:
             ending = self.pump.serve(time.monotonic() + 0.05)
         self.pump.drain()
         if ending == "exited":
-            raise InitError("the action did not start: %s" % self.stop())
+            raise InitError(self.exited_at_start())
         return self
+
+    def exited_at_start(self):
+        return ("%s at start: maybe it is not an ActionLoop program, which reads one "
+                "request per line on stdin and answers each on fd 3; a program that runs "
+                "once per activation needs no --loop" % self.stop())
 
     def alive(self):
         return self.process.poll() is None
@@ -1481,6 +1541,9 @@ class FunctionProcess(WarmProcess):
     action's code: that activation gets a 502 and the next a fresh interpreter."""
 
     token = b""
+
+    def exited_at_start(self):
+        return "the Python function could not be loaded (%s)" % self.stop()
 
     def frame(self, message):
         self.token = os.urandom(8).hex().encode()
@@ -1886,7 +1949,7 @@ class ActionRunner:
         if message.get("binary") and message.get("code") is not None:
             return "the archive has no %s file (or __main__.py) at its top level" % (
                 os.path.relpath(self.binary, self.zipdest))
-        return "%s is not an executable file" % self.binary
+        return not_runnable(self.binary)
 
     def epilogue(self, message):
         return None
@@ -1935,7 +1998,8 @@ class ActionRunner:
                 process = WarmProcess([self.binary], env, cwd, self.logs, self.processes,
                                       self.settings.max_result)
         except OSError as error:
-            raise InitError("cannot start the action: %s" % error)
+            raise InitError("cannot start the action: %s" % (
+                start_failure(self.binary, error) or error))
         return process.start(self.kind == "function" or "__OW_WAIT_FOR_ACK" in env)
 
     def close(self, grace):
@@ -2059,7 +2123,7 @@ class OpenWhisk:
         if not isinstance(value, (dict, list)):
             return 404, {"error": RUN_BAD_ARGUMENT}
         if not self.runner.verify():
-            self.logs.note("%s is missing or not executable" % self.runner.binary)
+            self.logs.note(not_runnable(self.runner.binary))
             return 502, {"error": RUN_NO_BINARY}
         return self.runner.run(value, self.runner.env(message))
 

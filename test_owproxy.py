@@ -1790,7 +1790,8 @@ def test_a_loop_executable_that_exits_at_once_fails_init(proxies, env):
     assert (response.status, response.json) == (502, INIT_FAILED)
     out, err = check_streams(proxy)
     assert out == "starting"
-    assert "the action did not start: the action exited with status 4" in err
+    assert ("the action exited with status 4 at start: maybe it is not an ActionLoop "
+            "program" in err)
 
 
 def test_a_loop_process_that_dies_during_a_run_is_replaced(loop_proxy):
@@ -3312,6 +3313,51 @@ def test_a_function_that_cannot_load_says_what_happened_from_the_actions_folder(
     err = check_streams(proxy)[1]
     assert "owproxy: " + note in err
     assert str(proxy.action_dir) not in err
+
+
+@pytest.mark.parametrize("code, diagnosis", [
+    ("echo '{\"ok\": 1}'\n", "exec is text without a #! line, and not an ELF binary: make its "
+                            "first line name its interpreter, e.g. #!/bin/sh"),
+    ("#!/bin/sh\r\necho '{}'\r\n", "the #! line of %s ends with a carriage return (Windows line "
+                                   "endings): convert the file to Unix line endings"),
+    ("#include <stdio.h>\nint main(void) { puts(\"{}\"); return 0; }\n",
+     "exec is C source, not a program: compile it (cc -o exec main.c)"),
+    ("#!/no/such/interpreter -x\necho\n",
+     "names /no/such/interpreter as its interpreter in its #! line, which is not in this image"),
+    ("\x7fELF" + "\x00" * 60, "exec is an ELF binary for another machine"),
+])
+def test_an_exec_that_cannot_start_is_diagnosed_with_a_fix(proxy, code, diagnosis):
+    assert proxy.init(code).status == 200
+    response = proxy.run()
+    assert (response.status, response.json) == (502, BAD_RESULT)
+    out, err = check_streams(proxy)
+    assert "error: cannot start the action" in out
+    assert "owproxy: " in err and diagnosis.replace("%s", str(proxy.action_dir / "exec")) in err
+
+
+def test_an_exec_that_is_not_executable_is_diagnosed_with_a_fix(proxy):
+    (proxy.action_dir / "exec").write_text(ECHO_RESULT)
+    (proxy.action_dir / "exec").chmod(0o644)
+    assert proxy.run().json == {"error": "The action failed to locate a binary. See logs for "
+                                         "details."}
+    assert "exec is not an executable file: chmod +x it" in check_streams(proxy)[1]
+
+
+def test_a_plain_executable_under_loop_is_diagnosed(proxies):
+    proxy = proxies("--loop")
+    assert proxy.init(ECHO_RESULT).json == INIT_FAILED
+    assert ("the action exited at start: maybe it is not an ActionLoop program, which reads one "
+            "request per line on stdin and answers each on fd 3" in check_streams(proxy)[1])
+
+
+@pytest.mark.parametrize("program", ["bash", "python"])
+def test_an_actionloop_program_without_loop_is_diagnosed(proxy, program):
+    code = (bash("read line; echo '{\"ok\": 1}' >&3") if program == "bash"
+            else (HERE / "examples" / "loop.py").read_text())
+    assert proxy.init(code).status == 200
+    assert proxy.run().json == BAD_RESULT
+    assert ("the action met a closed file descriptor: if it is an ActionLoop program, which "
+            "answers on fd 3, start the proxy with --loop" in check_streams(proxy)[1])
 
 
 # ---------------------------------------------------------------------------
