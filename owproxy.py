@@ -1018,7 +1018,7 @@ class Processes:
     """
 
     reap_interval = 0.5  # seconds between two looks for zombie children
-    kill_rounds = 20  # scans for processes forked while their activation's were killed
+    kill_rounds = 200  # scans for processes forked, or still exiting, as theirs are killed
 
     def __init__(self, logs=None):
         self.logs = logs or Logs()
@@ -1047,7 +1047,7 @@ class Processes:
     def end(self, process):
         """Kills the process's group and every process that carries its marker."""
         kill_group(process)
-        self.kill_marked(process.marker)
+        self.kill_marked(process.marker, killed={process.pid})
 
     def discard(self, process):
         with self.lock:
@@ -1062,21 +1062,27 @@ class Processes:
         self.kill_marked("%d-" % os.getpid(), whole=False)
         self.reap_orphans(force=True)
 
-    def kill_marked(self, marker, whole=True):
+    def kill_marked(self, marker, whole=True, killed=()):
         """Kills the descendants whose marker is ``marker`` (or begins so, unless
-        ``whole``), again and again while some are found: one may fork meanwhile."""
+        ``whole``), again while some are found (one may fork meanwhile) or one that
+        was killed still exits: until it has, its children are not yet the proxy's."""
         if not self.subreaper:
             return
         wanted = ("\0%s=%s%s" % (ACTIVATION_MARKER, marker, "\0" if whole else "")).encode()
+        killed = set(killed)
         for _ in range(self.kill_rounds):
             found = [pid for pid in descendants(os.getpid()) if wanted in environ_of(pid)]
-            if not found:
+            exiting = [pid for pid in killed if process_state(pid) not in (None, b"Z", b"X")]
+            if not found and not exiting:
                 return
             for pid in found:
                 try:
                     os.kill(pid, signal.SIGKILL)
                 except OSError:
                     pass  # gone already
+            killed.update(found)
+            if not found:
+                time.sleep(0.002)
 
     def reap_orphans(self, force=False):
         """Collects the exit status of zombie children no Popen object waits for."""
