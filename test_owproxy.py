@@ -3062,6 +3062,28 @@ while read line; do echo '{"ok": true}' >&3; done
     assert proxy.run().json == []
 
 
+@pytest.mark.skipif(not pid_namespaces_work(), reason="no PID namespaces (unshare) here")
+def test_as_pid_1_the_proxy_reaps_session_leaders_too(proxies):
+    proxy = proxies(command=lambda port, action_dir: (
+        ["unshare", "--pid", "--fork", "--mount-proc", "--kill-child"]
+        + proxy_command("--host", "127.0.0.1", "--port", str(port), "--action-dir",
+                        action_dir), {}))
+    (pid_1,) = children(proxy.process.pid)
+    try:
+        assert proxy.init(bash("""
+setsid sh -c 'exit 0' &
+setsid sh -c 'sleep 0.3' &
+echo '{"ok": true}'
+""")).status == 200
+        for _ in range(3):
+            assert proxy.run().json == {"ok": True}
+        time.sleep(0.5)
+        assert wait_for(lambda: "Z" not in children(pid_1).values()), children(pid_1)
+    finally:
+        os.kill(pid_1, signal.SIGTERM)
+    assert proxy.process.wait(10) == 0
+
+
 def test_the_proxy_reaps_the_orphans_it_inherits(proxy):
     assert proxy.init(bash("""
 (setsid sh -c 'exit 0' &)
