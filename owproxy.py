@@ -1069,19 +1069,23 @@ class Processes:
         if not self.subreaper:
             return
         wanted = ("\0%s=%s%s" % (ACTIVATION_MARKER, marker, "\0" if whole else "")).encode()
-        killed = set(killed)
+        killed, clean = set(killed), 0
         for _ in range(self.kill_rounds):
-            found = [pid for pid in descendants(os.getpid()) if wanted in environ_of(pid)]
+            # Those dead before the scan begins have handed their children over.
             exiting = [pid for pid in killed if process_state(pid) not in (None, b"Z", b"X")]
-            if not found and not exiting:
-                return
+            found = [pid for pid in descendants(os.getpid()) if wanted in environ_of(pid)]
             for pid in found:
                 try:
                     os.kill(pid, signal.SIGKILL)
                 except OSError:
                     pass  # gone already
             killed.update(found)
-            if not found:
+            # Two clean scans in a row: a list of children read while another
+            # process exits may miss one.
+            clean = 0 if found or exiting else clean + 1
+            if clean == 2:
+                return
+            if exiting and not found:
                 time.sleep(0.002)
 
     def reap_orphans(self, force=False):
