@@ -22,8 +22,9 @@ The file reads top to bottom:
 2. Logs            the action's log streams and the end-of-activation sentinels
 3. HTTP layer      the server, a thin request handler, JSON bodies and errors
 4. Init            installing code: source, zip archives, atomic replacement
-5. Execution       processes and their pump; warm processes (ActionLoop, Python
-                   functions); ActionRunner, the subclassable runner
+5. Execution       processes, killed and reaped with all they start, and their
+                   pump; warm processes (ActionLoop, Python functions, their
+                   private channel); ActionRunner, the subclassable runner
 6. Platforms       the OpenWhisk and Knative routes, health endpoints
 7. Client          ``invoke`` an action locally; ``init`` and ``run`` a container
 8. CLI             ``main()``
@@ -1112,8 +1113,7 @@ def become_subreaper(logs):
     try:
         import ctypes
         libc = ctypes.CDLL(None, use_errno=True)
-        if libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0 and os.path.isdir(
-                "/proc/self/task"):
+        if libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0:
             return True
         reason = os.strerror(ctypes.get_errno())
     except (ImportError, OSError, AttributeError) as error:
@@ -1130,6 +1130,10 @@ def children_of(pid):
         for task in os.listdir("/proc/%d/task" % pid):
             with open("/proc/%d/task/%s/children" % (pid, task), "rb") as children:
                 found.extend(int(child) for child in children.read().split())
+    except FileNotFoundError:
+        if os.path.isdir("/proc/%d/task" % pid):  # a kernel without these lists
+            return [child for child in map(int, filter(str.isdigit, os.listdir("/proc")))
+                    if parent_of(child) == pid]
     except OSError:
         pass  # it is gone, or a thread of it is
     return found
@@ -1154,11 +1158,21 @@ def environ_of(pid):
 
 
 def process_state(pid):
+    return stat_fields(pid)[0]
+
+
+def parent_of(pid):
+    parent = stat_fields(pid)[1]
+    return None if parent is None else int(parent)
+
+
+def stat_fields(pid):
+    """The fields of /proc/PID/stat after the command name: state, parent, ..."""
     try:
         with open("/proc/%d/stat" % pid, "rb") as stat:
-            return stat.read().rpartition(b")")[2].split()[0]
-    except (OSError, IndexError):
-        return None
+            return stat.read().rpartition(b")")[2].split() or [None, None]
+    except OSError:
+        return [None, None]
 
 
 def kill_group(process):
