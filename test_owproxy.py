@@ -3084,6 +3084,20 @@ echo '{"ok": true}'
     assert proxy.process.wait(10) == 0
 
 
+def test_without_a_subreaper_the_process_group_is_killed_and_stderr_says_so_once(proxies,
+                                                                                  tmp_path):
+    (tmp_path / "sitecustomize.py").write_text("import sys\nsys.modules['ctypes'] = None\n")
+    proxy = proxies(env={"PYTHONPATH": str(tmp_path)})
+    seconds = unique_sleep()
+    assert proxy.init(bash("sleep %s &\necho '{\"ok\": true}'" % seconds)).status == 200
+    for _ in range(2):
+        assert proxy.run().json == {"ok": True}
+    assert wait_for(lambda: not processes_with(seconds))
+    err = check_streams(proxy, 2)[1]
+    assert err.count("owproxy: cannot become a child subreaper") == 1, err
+    assert "what an action moves out of its process group may outlive its activation" in err
+
+
 def test_the_proxy_reaps_the_orphans_it_inherits(proxy):
     assert proxy.init(bash("""
 (setsid sh -c 'exit 0' &)
