@@ -437,8 +437,8 @@ class ResultForwarder(LineForwarder):
     shows it was a log: any other line is a log whatever follows, and goes out at
     once.  Such a line longer than the limit is kept as its head and its size."""
 
-    def __init__(self, write, max_line=DEFAULT_MAX_RESULT, logs=None):
-        LineForwarder.__init__(self, write, max_line)
+    def __init__(self, logs, max_line=DEFAULT_MAX_RESULT):
+        LineForwarder.__init__(self, logs.out, max_line)
         self.logs = logs
         self.held = []  # the latest line that could be the result, then blank lines
         self.held_overlong = None  # or such a line that was too long to hold
@@ -1445,7 +1445,7 @@ def run_once(argv, data, env, cwd, logs, processes, limit):
         logs.out(("error: cannot start the action: %s\n" % error).encode())
         logs.note(start_failure(argv[0], error) or "the action never ran")
         return 502, {"error": RUN_BAD_RESULT}
-    stdout, stderr = ResultForwarder(logs.out, limit, logs), ErrorForwarder(logs.err, limit)
+    stdout, stderr = ResultForwarder(logs, limit), ErrorForwarder(logs.err, limit)
     pump = Pump(process, stdout, stderr)
     try:
         pump.send(data, close=True)

@@ -3414,8 +3414,9 @@ def test_parse_size_and_flag():
 
 
 def test_result_forwarder_holds_back_only_the_last_non_empty_line():
-    written = []
-    forwarder = owproxy.ResultForwarder(written.append)
+    written, logs = [], owproxy.Logs()
+    logs.out = written.append
+    forwarder = owproxy.ResultForwarder(logs)
     for chunk in (b"a\n{\"x\"", b": 1}\n\n", b"  \n"):
         forwarder.feed(chunk)
     forwarder.close()
@@ -3452,3 +3453,16 @@ def test_binding_looks_up_no_name(monkeypatch):
         assert server.server_name == "127.0.0.1" and server.server_port > 0
     finally:
         server.server_close()
+
+
+def test_result_forwarder_keeps_the_head_of_a_long_result_fed_in_pieces():
+    written, notes, logs = [], [], owproxy.Logs()
+    logs.out, logs.note = written.append, notes.append
+    forwarder = owproxy.ResultForwarder(logs, max_line=2048)
+    line = b'log\n{"x": "' + b"y" * 5000 + b'"}\n\n'
+    for start in range(0, len(line), 100):
+        forwarder.feed(line[start:start + 100])
+    forwarder.close()
+    result = forwarder.result()
+    assert (result.size, result.head) == (5009, line[4:4 + 1024])
+    assert b"".join(written) == b"log\n\n" and notes == []
