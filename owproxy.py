@@ -1695,7 +1695,10 @@ class WorkerChannel:
 
     def __init__(self, request_fd, result_fd):
         import fcntl
-        lowest = 100 + int.from_bytes(os.urandom(2), "big") % 800  # under a 1024-file limit
+        import resource
+        files = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        room = max(1, min(files, 1024) - 128)  # select() takes descriptors below 1024
+        lowest = 10 + int.from_bytes(os.urandom(2), "big") % room
         self.request_fd = fcntl.fcntl(request_fd, fcntl.F_DUPFD_CLOEXEC, lowest)
         self.result_fd = fcntl.fcntl(result_fd, fcntl.F_DUPFD_CLOEXEC, self.request_fd + 1)
         os.set_blocking(self.request_fd, False)

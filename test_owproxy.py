@@ -3285,6 +3285,7 @@ def test_deep_nesting_is_the_actions_502_and_the_worker_serves_on(proxies):
     assert response.status == 502
     for depth in (960, 980, 995):
         assert function.run({"depth": depth}).status in (200, 502)  # never 500
+        assert function.post("/run", nested_run_body(depth)).status in (200, 400, 502)
     assert function.run({"depth": 2}).json == {"deep": [[[]]]}
     executable = proxies(env={"PROXY_ALLOW_REINIT": "1"})
     assert executable.init(python_script(
