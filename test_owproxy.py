@@ -3278,7 +3278,7 @@ def main(args):
 def test_deep_nesting_is_the_actions_502_and_the_worker_serves_on(proxies):
     function = proxies()
     assert function.init(NESTED_FUNCTION).status == 200
-    response = function.run({"depth": 5000})
+    response = function.run({"depth": 100000})
     assert response.json == {"error": "The action returned a dict that JSON cannot encode: "
                                       "RecursionError: maximum recursion depth exceeded"
                                       " while encoding a JSON object"}, response
@@ -3289,7 +3289,7 @@ def test_deep_nesting_is_the_actions_502_and_the_worker_serves_on(proxies):
     assert function.run({"depth": 2}).json == {"deep": [[[]]]}
     executable = proxies(env={"PROXY_ALLOW_REINIT": "1"})
     assert executable.init(python_script(
-        "print('{\"deep\": ' + '[' * 5000 + ']' * 5000 + '}')")).status == 200
+        "print('{\"deep\": ' + '[' * 100000 + ']' * 100000 + '}')")).status == 200
     response = executable.run()
     assert (response.status, response.json) == (502, {
         "error": "The action's result is nested too deeply to be encoded as JSON."})
