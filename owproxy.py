@@ -1666,7 +1666,7 @@ def looks_like_python(code):
                          re.MULTILINE) is not None
 
 
-def function_worker(path, name, limit=str(DEFAULT_MAX_RESULT)):
+def function_worker(path, name, limit):
     """The warm interpreter of a Python action (started with ``python3 -u``, so its
     logs stream): imports ``path`` once and acks, then for each request calls
     ``name(value)`` with that activation's ``__OW_*`` variables and replies.
@@ -1702,26 +1702,27 @@ class WorkerChannel:
         self.request_fd = fcntl.fcntl(request_fd, fcntl.F_DUPFD_CLOEXEC, lowest)
         self.result_fd = fcntl.fcntl(result_fd, fcntl.F_DUPFD_CLOEXEC, self.request_fd + 1)
         os.set_blocking(self.request_fd, False)
-        self.buffer = b""
 
     def __iter__(self):
         """Each request, ``TOKEN JSON``, as ``(token, json)``, until the proxy closes the channel."""
         import select
+        pending = bytearray()
         while True:
-            line, newline, rest = self.buffer.partition(b"\n")
-            if newline:
-                self.buffer = rest
-                token, _, message = line.decode("utf-8", "surrogateescape").partition(" ")
-                yield token, message
-                continue
             select.select([self.request_fd], [], [])
             try:
-                chunk = os.read(self.request_fd, 65536)
+                chunk = os.read(self.request_fd, 1 << 20)
             except BlockingIOError:
                 continue  # the action's code read it first, or nothing came yet
             if not chunk:
                 return
-            self.buffer += chunk
+            pending += chunk
+            if b"\n" not in chunk:
+                continue
+            *lines, rest = pending.split(b"\n")
+            pending = bytearray(rest)
+            for line in lines:
+                token, _, message = line.decode("utf-8", "surrogateescape").partition(" ")
+                yield token, message
 
     def reply(self, line):
         """Writes a line of the protocol after the logs that came before it."""
