@@ -1096,7 +1096,10 @@ class Processes:
         if not force and time.monotonic() - self.reaped_at < self.reap_interval:
             return
         self.reaped_at = time.monotonic()
-        zombies = [pid for pid in children_of(os.getpid()) if process_state(pid) == b"Z"]
+        with self.lock:
+            own = {process.pid for process in self.alive}  # their threads wait for them
+        zombies = [pid for pid in children_of(os.getpid())
+                   if pid not in own and process_state(pid) == b"Z"]
         if zombies:
             import gc
             waited = {process.pid for process in gc.get_objects()
