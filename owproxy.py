@@ -27,8 +27,9 @@ The file reads top to bottom, after a check that this Python can run it:
 4. Init            installing code: source, zip and tar.gz archives, binaries,
                    runtime images' compile scripts, atomic replacement, scratch
                    space; ``--compile``, the same at an image's build time
-5. Execution       processes and their pump; warm processes (ActionLoop, Python
-                   functions); ActionRunner, the subclassable runner
+5. Execution       processes, killed and reaped with all they start, and their
+                   pump; warm processes (ActionLoop, Python functions, their
+                   private channel); ActionRunner, the subclassable runner
 6. Platforms       the OpenWhisk and Knative routes, health endpoints
 7. Client          ``invoke`` an action locally; ``init`` and ``run`` a container
 8. CLI             ``main()``
@@ -39,10 +40,11 @@ import sys
 # Every standard module the proxy imports, here or where it needs one; trimmed
 # Pythons (Debian's python3-minimal) lack some.
 STANDARD_MODULES = (
-    "argparse", "ast", "base64", "binascii", "contextlib", "functools", "glob", "http",
-    "importlib", "io", "itertools", "json", "os", "re", "selectors", "shutil", "signal",
-    "site", "socket", "socketserver", "stat", "subprocess", "tarfile", "tempfile",
-    "threading", "time", "traceback", "urllib", "uuid", "zipfile", "zlib")
+    "argparse", "ast", "base64", "binascii", "contextlib", "ctypes", "errno", "fcntl",
+    "functools", "gc", "glob", "http", "importlib", "io", "itertools", "json", "os", "re",
+    "resource", "select", "selectors", "shutil", "signal", "site", "socket", "socketserver",
+    "stat", "subprocess", "tarfile", "tempfile", "threading", "time", "traceback", "urllib",
+    "uuid", "zipfile", "zlib")
 
 
 def unusable_python(missing=None):
@@ -87,6 +89,11 @@ except ImportError as error:
 
 __version__ = "1.0.0"
 OWPROXY_FILE = os.path.abspath(__file__)
+# Frames of the proxy and of the json module, left out of an action's tracebacks.
+# Where a frame of a user's traceback is the proxy's own: this file (under the name
+# it was compiled from, the source's even when started from a .pyc), json, imports.
+PROXY_FRAMES = (unusable_python.__code__.co_filename, os.path.dirname(json.__file__) + os.sep,
+                "<frozen")
 
 
 # ============================================================================
@@ -100,6 +107,11 @@ MAX_ARG_STRLEN = 131071
 
 # An archive with more entries than this is refused whatever their size.
 MAX_ARCHIVE_ENTRIES = 250000
+
+# The environment variable that marks every process of one activation (or warm
+# process), and prctl()'s option that makes orphaned descendants the proxy's.
+ACTIVATION_MARKER = "OWPROXY_ACTIVATION"
+PR_SET_CHILD_SUBREAPER = 36
 
 # The exact texts the invoker, the upstream tests and users already know.
 INIT_TWICE = "Cannot initialize the action more than once."
@@ -118,6 +130,10 @@ RUN_BAD_RESULT = "The action did not return a dictionary or array."
 RUN_TIMED_OUT = "The action exceeded its time limit and was stopped at its deadline."
 RUN_EXITED = "The action exited before it returned a result. See logs for details."
 RUN_UNENCODABLE = "The action returned a {} that JSON cannot encode: {}"
+RUN_TOO_LARGE = "The action returned a result of {} bytes, larger than the limit of {} bytes."
+RUN_TOO_DEEP = "The action's {} is nested too deeply to be encoded as JSON."
+RUN_BROKEN_CHANNEL = ("The action wrote on its Python worker's result channel, which is the "
+                      "proxy's: {}")
 DEDICATED = "Cannot initialize a runtime with a dedicated function."
 WEB_BAD_RESULT = ("The action returned a web response with an invalid statusCode, headers "
                   "or image body.")
@@ -127,6 +143,8 @@ READINESS_PATH = "/readyz"
 INTERNAL_ERROR = "Internal error. {}"
 
 MIB = 1024 * 1024
+DEFAULT_MAX_RESULT = 16 * MIB
+LINE_HEAD = 1024  # bytes of an overlong line that the logs show
 HEX_DIGITS = frozenset(b"0123456789abcdefABCDEF")
 HTTP_METHODS = ("GET", "POST", "PUT", "DELETE", "PATCH", "HEAD", "OPTIONS")
 
@@ -243,6 +261,8 @@ SETTINGS = (
             "the value the compiled action's exec.env must hold"),
     Setting("log_init_error", "--log-init-error", "OW_LOG_INIT_ERROR", False, parse_set,
             "with --loop: a failed init answers the generic text, its cause in the logs"),
+    Setting("max_result", "--max-result", "OWPROXY_MAX_RESULT", DEFAULT_MAX_RESULT,
+            parse_size, "longest result line, and longest log line before it is split"),
     Setting("grace", "--grace", "OWPROXY_GRACE", 8.0, parse_seconds,
             "seconds in-flight activations get to finish on SIGTERM"),
     Setting("verbose", "--verbose", "OWPROXY_VERBOSE", False, parse_flag,
@@ -392,68 +412,161 @@ def clean_utf8(data):
 
 
 class LineForwarder:
-    """Forwards a child's output to a log stream, whole lines at a time."""
+    """Forwards a child's output to a log stream, whole lines at a time; a line
+    longer than ``max_line`` goes in pieces of that size, so that no line is
+    ever held whole in memory however long it grows."""
 
-    max_line = 16 * MIB  # a longer line is forwarded in pieces
-
-    def __init__(self, write):
-        self.write = write
+    def __init__(self, write, max_line=DEFAULT_MAX_RESULT):
+        self.write, self.max_line = write, max_line
         self.partial = []
         self.partial_size = 0
+        self.cut = None  # [head, size] of an overlong line skipped to its end
 
     def feed(self, chunk):
+        if self.cut is not None:
+            skipped, newline, chunk = chunk.partition(b"\n")
+            self.cut[1] += len(skipped)
+            if not newline:
+                return
+            self.end_cut()
         head, newline, tail = chunk.rpartition(b"\n")
         if newline:
-            self.lines(b"".join(self.partial) + head + newline)
+            data = b"".join(self.partial) + head + newline
             self.partial, self.partial_size = [], 0
+            if len(data) > self.max_line:
+                self.forward_long(data)
+            else:
+                self.forward(data)
             chunk = tail
         if chunk:
             self.partial.append(chunk)
             self.partial_size += len(chunk)
             if self.partial_size > self.max_line:
-                self.lines(b"".join(self.partial) + b"\n")
+                data = b"".join(self.partial)
                 self.partial, self.partial_size = [], 0
+                self.overflow(data)
+
+    def forward_long(self, data):
+        """Complete lines of which some may be longer than ``max_line``."""
+        lines = data.split(b"\n")[:-1]
+        short = []
+        for line in lines:
+            if len(line) <= self.max_line:
+                short.append(line + b"\n")
+                continue
+            if short:
+                self.forward(b"".join(short))
+                short = []
+            self.overflow(line)
+            if self.cut is not None:
+                self.end_cut()
+        if short:
+            self.forward(b"".join(short))
+
+    def overflow(self, data):
+        """A line grew beyond ``max_line``: a log line goes out in pieces of that
+        size.  A subclass may ``skip`` the rest of it instead."""
+        for start in range(0, len(data), self.max_line):
+            self.forward(data[start:start + self.max_line] + b"\n")
+
+    def skip(self, data):
+        """Keeps the head and the size of the overlong line ``data`` begins, dropping the rest."""
+        self.cut = [data[:LINE_HEAD], len(data)]
+
+    def end_cut(self):
+        head, size = self.cut
+        self.cut = None
+        self.overlong(Overlong(head, size))
 
     def close(self):
+        if self.cut is not None:
+            self.end_cut()
         if self.partial:
-            self.lines(b"".join(self.partial) + b"\n")
-            self.partial = []
+            self.forward(b"".join(self.partial) + b"\n")
+            self.partial, self.partial_size = [], 0
 
-    def lines(self, data):
+    def forward(self, data):
+        """Takes complete lines."""
         self.write(clean_utf8(data))
 
 
+class Overlong:
+    """A line longer than the limit, kept as its first bytes and its size."""
+
+    def __init__(self, head, size):
+        self.head, self.size = head, size
+
+    def log(self, logs, limit):
+        logs.out(clean_utf8(self.head) + b"\n")
+        logs.note("that line had %d bytes, more than the limit of %d: only its first %d "
+                  "are shown" % (self.size, limit, len(self.head)))
+
+
+def could_be_result(line):
+    """True for a line whose first non-blank character opens a JSON object or array."""
+    return line.lstrip()[:1] in (b"{", b"[")
+
+
 class ResultForwarder(LineForwarder):
-    """Forwards stdout but holds back its last non-empty line: the action's result."""
+    """Forwards stdout as it comes, but holds back the latest line that could be
+    the action's result (see ``could_be_result``) until a later non-blank line
+    shows it was a log: any other line is a log whatever follows, and goes out at
+    once.  Such a line longer than the limit is kept as its head and its size."""
 
-    def __init__(self, write):
-        LineForwarder.__init__(self, write)
-        self.held = []  # the latest non-empty line, then the blank lines after it
+    def __init__(self, logs, max_line=DEFAULT_MAX_RESULT):
+        LineForwarder.__init__(self, logs.out, max_line)
+        self.logs = logs
+        self.held = []  # the latest line that could be the result, then blank lines
+        self.held_overlong = None  # or such a line that was too long to hold
 
-    def lines(self, data):
+    def forward(self, data):
         end = len(data) - 1
         while True:
             start = data.rfind(b"\n", 0, end) + 1
             if data[start:end].strip():
                 break
-            if start == 0:
-                self.held.append(data)
+            if start == 0:  # blank lines only: they go with what they follow
+                if self.held or self.held_overlong:
+                    self.held.append(data)
+                else:
+                    LineForwarder.forward(self, data)
                 return
             end = start - 1
-        logs = b"".join(self.held) + data[:start]
-        self.held = [data[start:]]
-        if logs:
-            LineForwarder.lines(self, logs)
+        self.release()
+        if could_be_result(data[start:end]):
+            data, self.held = data[:start], [data[start:]]
+        if data:
+            LineForwarder.forward(self, data)
+
+    def overflow(self, data):
+        if not could_be_result(data):
+            return LineForwarder.overflow(self, data)
+        self.release()
+        self.skip(data)
+
+    def overlong(self, line):
+        self.held_overlong = line
+
+    def release(self):
+        """The held line turned out to be a log: it goes out, before what follows."""
+        if self.held_overlong is not None:
+            self.held_overlong.log(self.logs, self.max_line)
+            self.held_overlong = None
+        if self.held:
+            LineForwarder.forward(self, b"".join(self.held))
+            self.held = []
 
     def result(self):
-        """The result line, once the stream is closed; blank lines after it are logs."""
-        held = b"".join(self.held)
-        self.held = []
-        line, _, blanks = held.partition(b"\n")
-        if not line.strip():
-            line, blanks = None, held
-        if blanks:
-            LineForwarder.lines(self, blanks)
+        """Once the stream is closed, the result line (an Overlong if it was too
+        long), or None when the last non-blank line was a log; blank lines after
+        it are logs."""
+        line, self.held_overlong = self.held_overlong, None
+        held, self.held = b"".join(self.held), []
+        if line is None:
+            line, _, held = held.partition(b"\n")
+            line = line if line.strip() else None
+        if held:
+            LineForwarder.forward(self, held)
         return line
 
 
@@ -549,7 +662,10 @@ def encode_answer(status, payload):
         raise TypeError("the status %r is not an HTTP status" % (status,))
     if isinstance(payload, WebResponse):
         return status, payload.body, payload.headers
-    return status, json_bytes(payload), [("Content-Type", "application/json")]
+    try:
+        return status, json_bytes(payload), [("Content-Type", "application/json")]
+    except RecursionError:
+        raise HTTPError(502, RUN_TOO_DEEP.format("result"))
 
 
 class ProxyServer(ThreadingHTTPServer):
@@ -1242,65 +1358,179 @@ def zip_tree(folder, out):
 # ============================================================================
 
 class Processes:
-    """Every action process alive, so that shutdown can stop them all.
+    """Every action process, and everything it starts, until it is killed and reaped.
 
-    It also reaps orphans when the proxy is PID 1, as it is when it is a
-    container's CMD: the kernel hands whatever an action leaves behind (children
-    killed with its process group) to PID 1, and nobody else would collect them.
+    Each process the proxy spawns carries a marker in its environment, unique to
+    it (so to its activation, or to its warm process), which whatever it starts
+    inherits.  The proxy is a child subreaper: what an action leaves orphaned,
+    even in a session or process group of its own, becomes the proxy's child
+    rather than init's, so that at the end of its activation the proxy finds it
+    among its descendants by that marker, kills it and reaps it.  Where that is
+    not available, killing the action's process group is what is left.
+
+    It reaps every zombie child that no ``subprocess.Popen`` waits for: orphans
+    a subreaper inherits, and, when the proxy is PID 1 (a container's CMD), those
+    the kernel hands it from anywhere in the container.
     """
 
-    reap_interval = 0.5  # seconds between two scans of /proc
+    reap_interval = 0.5  # seconds between two looks for zombie children
+    kill_rounds = 200  # scans for processes forked, or still exiting, as theirs are killed
 
-    def __init__(self):
+    def __init__(self, logs=None):
+        self.logs = logs or Logs()
         self.lock = threading.Lock()
         self.alive = set()
-        self.reaper = os.getpid() == 1
+        self.spawned = 0
+        self.subreaper = None  # decided at the first spawn
         self.reaped_at = 0.0
 
     def spawn(self, argv, env, cwd, **options):
         """Starts an action process in a session (and process group) of its own, its
-        pipes to the proxy; under the lock, so the reaper never sees it unknown."""
+        pipes to the proxy, its marker in its environment."""
         with self.lock:
+            if self.subreaper is None:
+                self.subreaper = become_subreaper(self.logs)
+            self.spawned += 1
+            marker = "%d-%d" % (os.getpid(), self.spawned)
             process = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                       stderr=subprocess.PIPE, cwd=cwd, env=env,
+                                       stderr=subprocess.PIPE, cwd=cwd,
+                                       env=dict(env, **{ACTIVATION_MARKER: marker}),
                                        start_new_session=True, **options)
+            process.marker = marker
             self.alive.add(process)
         return process
+
+    def end(self, process):
+        """Kills the process's group and every process that carries its marker."""
+        kill_group(process)
+        self.kill_marked(process.marker, killed={process.pid})
 
     def discard(self, process):
         with self.lock:
             self.alive.discard(process)
+        self.reap_orphans(force=True)
 
     def kill_all(self):
+        """At shutdown: every action process, whatever its activation."""
         with self.lock:
             for process in self.alive:
                 kill_group(process)
+        self.kill_marked("%d-" % os.getpid(), whole=False)
+        self.reap_orphans(force=True)
 
-    def reap_orphans(self):
-        """Collects the exit status of dead orphans: children of the proxy that it
-        did not start itself, in another session than its own and not leading one
-        (so never a process a runner's hooks started, even in a session of its
-        own, and will wait for)."""
-        if not self.reaper or time.monotonic() - self.reaped_at < self.reap_interval:
+    def kill_marked(self, marker, whole=True, killed=()):
+        """Kills the descendants whose marker is ``marker`` (or begins so, unless
+        ``whole``), again while some are found (one may fork meanwhile) or one that
+        was killed still exits: until it has, its children are not yet the proxy's."""
+        if not self.subreaper:
+            return
+        wanted = ("\0%s=%s%s" % (ACTIVATION_MARKER, marker, "\0" if whole else "")).encode()
+        killed, clean = set(killed), 0
+        for _ in range(self.kill_rounds):
+            # Those dead before the scan begins have handed their children over.
+            exiting = [pid for pid in killed if process_state(pid) not in (None, b"Z", b"X")]
+            found = [pid for pid in descendants(os.getpid()) if wanted in environ_of(pid)]
+            for pid in found:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except OSError:
+                    pass  # gone already
+            killed.update(found)
+            # Two clean scans in a row: a list of children read while another
+            # process exits may miss one.
+            clean = 0 if found or exiting else clean + 1
+            if clean == 2:
+                return
+            if exiting and not found:
+                time.sleep(0.002)
+
+    def reap_orphans(self, force=False):
+        """Collects the exit status of zombie children no Popen object waits for."""
+        if not (self.subreaper or os.getpid() == 1):
+            return
+        if not force and time.monotonic() - self.reaped_at < self.reap_interval:
             return
         self.reaped_at = time.monotonic()
         with self.lock:
-            known = {process.pid for process in self.alive}
-            own_session = os.getsid(0)
-            for name in os.listdir("/proc"):
-                if name.isdigit() and int(name) not in known:
-                    reap_if_orphan(int(name), own_session)
+            own = {process.pid for process in self.alive}  # their threads wait for them
+        zombies = [pid for pid in children_of(os.getpid())
+                   if pid not in own and process_state(pid) == b"Z"]
+        if zombies:
+            import gc
+            waited = {process.pid for process in gc.get_objects()
+                      if isinstance(process, subprocess.Popen) and process.returncode is None}
+            for pid in set(zombies) - waited:
+                try:
+                    os.waitpid(pid, os.WNOHANG)
+                except ChildProcessError:
+                    pass  # a Popen that was just polled took it
 
 
-def reap_if_orphan(pid, own_session):
+def become_subreaper(logs):
+    """Makes orphans of the proxy's descendants its children (Linux 3.4); True if it could."""
+    try:
+        import ctypes
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0:
+            return True
+        reason = os.strerror(ctypes.get_errno())
+    except (ImportError, OSError, AttributeError) as error:
+        reason = str(error)
+    logs.note("cannot become a child subreaper (%s): what an action moves out of its "
+              "process group may outlive its activation" % reason)
+    return False
+
+
+def children_of(pid):
+    """The pids of ``pid``'s children (those of each of its threads)."""
+    found = []
+    try:
+        for task in os.listdir("/proc/%d/task" % pid):
+            with open("/proc/%d/task/%s/children" % (pid, task), "rb") as children:
+                found.extend(int(child) for child in children.read().split())
+    except FileNotFoundError:
+        if os.path.isdir("/proc/%d/task" % pid):  # a kernel without these lists
+            return [child for child in map(int, filter(str.isdigit, os.listdir("/proc")))
+                    if parent_of(child) == pid]
+    except OSError:
+        pass  # it is gone, or a thread of it is
+    return found
+
+
+def descendants(pid):
+    found, parents = [], [pid]
+    while parents:
+        children = children_of(parents.pop())
+        found.extend(children)
+        parents.extend(children)
+    return found
+
+
+def environ_of(pid):
+    """The environment ``pid`` started with, each entry between NULs; empty if unknown."""
+    try:
+        with open("/proc/%d/environ" % pid, "rb") as environ:
+            return b"\0" + environ.read()
+    except OSError:
+        return b""
+
+
+def process_state(pid):
+    return stat_fields(pid)[0]
+
+
+def parent_of(pid):
+    parent = stat_fields(pid)[1]
+    return None if parent is None else int(parent)
+
+
+def stat_fields(pid):
+    """The fields of /proc/PID/stat after the command name: state, parent, ..."""
     try:
         with open("/proc/%d/stat" % pid, "rb") as stat:
-            fields = stat.read().rpartition(b")")[2].split()
-        state, parent, session = fields[0], int(fields[1]), int(fields[3])
-        if state == b"Z" and parent == 1 and session not in (own_session, pid):
-            os.waitpid(pid, os.WNOHANG)
-    except (OSError, IndexError, ValueError):
-        pass  # gone already, or not ours
+            return stat.read().rpartition(b")")[2].split() or [None, None]
+    except OSError:
+        return [None, None]
 
 
 def kill_group(process):
@@ -1336,29 +1566,68 @@ def exit_note(returncode):
     return "the action exited with status %d" % returncode
 
 
-class LineReader:
-    """Collects the lines a warm action writes on its result descriptor (fd 3)."""
+def not_runnable(path):
+    """Why ``path``, which the action needs, cannot run, and what to do."""
+    if not os.path.isfile(path):
+        return "%s is not an executable file: it does not exist" % path
+    return "%s is not an executable file: chmod +x it" % path
 
-    def __init__(self):
-        self.partial = []  # the pieces of an unfinished line, joined once it ends
+
+def start_failure(path, error):
+    """What keeps the system from starting ``path`` (``error`` is exec's OSError),
+    and what to do about it, in one line; None when there is nothing to add."""
+    import errno
+    import re
+    try:
+        with open(path, "rb") as program:
+            head = program.read(4096)
+    except OSError:
+        head = b""
+    first = head.split(b"\n", 1)[0]
+    if error.errno == errno.ENOEXEC:
+        if head.startswith(b"\x7fELF"):
+            return "%s is an ELF binary for another machine: build it for this one" % path
+        if re.search(rb"^\s*#\s*include\s*[<\"]|\bint\s+main\s*\(", head, re.MULTILINE):
+            return ("%s is C source, not a program: compile it (cc -o exec main.c) and deploy "
+                    "the binary" % path)
+        if b"\0" not in head:
+            return ("%s is text without a #! line, and not an ELF binary: make its first line "
+                    "name its interpreter, e.g. #!/bin/sh" % path)
+        return "%s is neither a script with a #! line nor an ELF binary" % path
+    if first.startswith(b"#!") and first.endswith(b"\r"):
+        return ("the #! line of %s ends with a carriage return (Windows line endings): "
+                "convert the file to Unix line endings, e.g. with dos2unix" % path)
+    if error.errno == errno.ENOENT and first.startswith(b"#!"):
+        return ("%s names %s as its interpreter in its #! line, which is not in this image"
+                % (path, first[2:].strip().split(b" ")[0].decode("utf-8", "replace")))
+    if error.errno == errno.EACCES:
+        return "%s is not executable: chmod +x it, on a file system that allows programs" % path
+    return None
+
+
+class LineReader(LineForwarder):
+    """Collects the lines a warm action writes on its result descriptor (fd 3); a
+    line longer than ``max_line`` is collected as an Overlong."""
+
+    def __init__(self, max_line=DEFAULT_MAX_RESULT):
+        LineForwarder.__init__(self, None, max_line)
         self.lines = []
 
-    def feed(self, chunk):
-        *complete, rest = chunk.split(b"\n")
-        if complete:
-            complete[0] = b"".join(self.partial) + complete[0]
-            self.lines.extend(complete)
-            self.partial = []
-        if rest:
-            self.partial.append(rest)
+    def forward(self, data):
+        self.lines.extend(data.split(b"\n")[:-1])
+
+    overflow = LineForwarder.skip
+
+    def overlong(self, line):
+        self.lines.append(line)
 
     def close(self):
-        self.partial = []
+        self.partial, self.cut = [], None
 
     def take_stale(self):
         """Drops the lines no activation asked for; says how many there were."""
-        count = len(self.lines) + bool(self.partial)
-        self.lines, self.partial = [], []
+        count = len(self.lines) + bool(self.partial or self.cut)
+        self.lines, self.partial, self.partial_size, self.cut = [], [], 0, None
         return count
 
 
@@ -1489,11 +1758,11 @@ def pidfd_for(pid):
 
 def parse_result(line):
     """The action's result from its result line: a JSON object or array, else None."""
-    if line is None:
+    if not isinstance(line, bytes):
         return None
     try:
         result = json.loads(line.decode("utf-8", "replace"), parse_constant=reject_constant)
-    except (ValueError, RecursionError):
+    except ValueError:
         return None
     return result if isinstance(result, (dict, list)) else None
 
@@ -1502,34 +1771,57 @@ def reject_constant(name):
     raise ValueError("%s is not JSON" % name)
 
 
-def result_answer(line, logs):
-    """200 with the result, or the exact 502 with the offending line in the logs."""
-    result = parse_result(line)
+def result_answer(line, logs, limit, echo=True):
+    """200 with the result, or the exact 502 with the offending line in the logs
+    (unless not ``echo``)."""
+    if isinstance(line, Overlong):
+        line.log(logs, limit)
+        return 502, {"error": RUN_TOO_LARGE.format(line.size, limit)}
+    try:
+        result = parse_result(line)
+    except RecursionError:
+        return 502, {"error": RUN_TOO_DEEP.format("result")}
     if result is None:
-        log_line(line, logs)
+        if echo:
+            log_line(line, logs, limit)
         return 502, {"error": RUN_BAD_RESULT}
     return 200, result
 
 
-def log_line(line, logs):
+def log_line(line, logs, limit):
     """A line held back as a possible result that turned out to be a log."""
-    if line is not None:
+    if isinstance(line, Overlong):
+        line.log(logs, limit)
+    elif line is not None:
         logs.out(clean_utf8(line) + b"\n")
 
 
-def run_once(argv, data, env, cwd, logs, processes):
-    """Runs an executable for one activation: ``data`` on stdin, the result its last line."""
+class ErrorForwarder(LineForwarder):
+    """Forwards an action's stderr, noticing "Bad file descriptor": the error of an
+    ActionLoop program, which answers on fd 3, run once per activation."""
+
+    bad_descriptor = False
+
+    def forward(self, data):
+        self.bad_descriptor = self.bad_descriptor or b"Bad file descriptor" in data
+        LineForwarder.forward(self, data)
+
+
+def run_once(argv, data, env, cwd, logs, processes, limit):
+    """Runs an executable for one activation: ``data`` on stdin, the result its last
+    line, at most ``limit`` bytes long."""
     try:
         process = processes.spawn(argv, env, cwd)
     except OSError as error:
         logs.out(("error: cannot start the action: %s\n" % error).encode())
+        logs.note(start_failure(argv[0], error) or "the action never ran")
         return 502, {"error": RUN_BAD_RESULT}
-    stdout = ResultForwarder(logs.out)
-    pump = Pump(process, stdout, LineForwarder(logs.err))
+    stdout, stderr = ResultForwarder(logs, limit), ErrorForwarder(logs.err, limit)
+    pump = Pump(process, stdout, stderr)
     try:
         pump.send(data, close=True)
         ending = pump.serve(deadline_of(env))
-        kill_group(process)
+        processes.end(process)
         pump.drain()
         returncode = process.wait()
     finally:
@@ -1537,13 +1829,17 @@ def run_once(argv, data, env, cwd, logs, processes):
         processes.discard(process)
     line = stdout.result()
     if ending == "deadline":
-        log_line(line, logs)
+        log_line(line, logs, limit)
         logs.note("the action was stopped at its deadline")
         return 502, {"error": RUN_TIMED_OUT}
     note = exit_note(returncode)
     if note:
         logs.note(note)
-    return result_answer(line, logs)
+    status, payload = result_answer(line, logs, limit)
+    if status == 502 and stderr.bad_descriptor:
+        logs.note("the action met a closed file descriptor: if it is an ActionLoop program, "
+                  "which answers on fd 3, start the proxy with --loop")
+    return status, payload
 
 
 class WarmProcess:
@@ -1551,8 +1847,8 @@ class WarmProcess:
     the ActionLoop protocol: a JSON line in on stdin, a result line out on fd 3.
     """
 
-    def __init__(self, argv, env, cwd, logs, processes):
-        self.logs, self.processes = logs, processes
+    def __init__(self, argv, env, cwd, logs, processes, limit=DEFAULT_MAX_RESULT):
+        self.logs, self.processes, self.limit = logs, processes, limit
         read_end, write_end = os.pipe()
         if write_end == 3:  # dup2(3, 3) would leave it close-on-exec
             write_end, old = os.dup(write_end), write_end
@@ -1566,9 +1862,9 @@ class WarmProcess:
         finally:
             os.close(write_end)
         self.result_pipe = os.fdopen(read_end, "rb", buffering=0)
-        self.results = LineReader()
-        self.pump = Pump(self.process, LineForwarder(logs.out), LineForwarder(logs.err),
-                         self.results, self.result_pipe)
+        self.results = LineReader(limit)
+        self.pump = Pump(self.process, LineForwarder(logs.out, limit),
+                         LineForwarder(logs.err, limit), self.results, self.result_pipe)
 
     def start(self, wait_for_ack):
         """Waits for the ack line, ``{"ok": true}``, or a moment to see that the
@@ -1584,9 +1880,14 @@ class WarmProcess:
             ending = self.pump.serve(time.monotonic() + 0.05)
         self.pump.drain()
         if ending == "exited":
-            self.logs.note(self.stop())
+            self.logs.note(self.exited_at_start())
             raise StartError(START_EXITED if wait_for_ack else COMMAND_EXITED)
         return self
+
+    def exited_at_start(self):
+        return ("%s at start: maybe it is not an ActionLoop program, which reads one "
+                "request per line on stdin and answers each on fd 3; a program that runs "
+                "once per activation needs no --loop" % self.stop())
 
     def alive(self):
         return self.process.poll() is None
@@ -1598,7 +1899,7 @@ class WarmProcess:
         if stale:
             self.logs.note("dropped %d result line(s) the action wrote outside an activation"
                            % stale)
-        self.pump.send(request_line(message))
+        self.pump.send(self.frame(message))
         ending = self.pump.serve(deadline, lambda: self.results.lines)
         self.pump.drain()
         if ending == "finished":
@@ -1610,18 +1911,22 @@ class WarmProcess:
         self.logs.note(self.stop())
         return self.exited()
 
+    def frame(self, message):
+        """The line that asks for one activation."""
+        return request_line(message)
+
     def answer(self, line):
-        """The Go proxy's answer: a result line that is not JSON stays out of the logs."""
-        result = parse_result(line)
-        return (502, {"error": RUN_BAD_RESULT}) if result is None else (200, result)
+        """The Go proxy's answer: a result line that is no JSON object or array stays
+        out of the logs."""
+        return result_answer(line, self.logs, self.limit, echo=False)
 
     def exited(self):
         """The answer when the process died during an activation (the Go proxy's)."""
         return 400, {"error": COMMAND_EXITED}
 
     def stop(self):
-        """Kills the process group; says how the process ended."""
-        kill_group(self.process)
+        """Kills the process and all it started; says how the process ended."""
+        self.processes.end(self.process)
         returncode = self.process.wait()
         if not self.result_pipe.closed:
             self.pump.drain()
@@ -1632,12 +1937,42 @@ class WarmProcess:
 
 
 class FunctionProcess(WarmProcess):
-    """A warm interpreter serving a Python ``main(args)``; its result lines are
-    ``[status, payload]`` pairs (see ``function_worker``)."""
+    """A warm interpreter serving a Python ``main(args)`` (see ``function_worker``):
+    each request carries a fresh token that its reply, ``TOKEN [status, payload]``,
+    must repeat.  Anything else on its result channel was written there by the
+    action's code: that activation gets a 502 and the next a fresh interpreter."""
+
+    token = b""
+
+    def exited_at_start(self):
+        return "the Python function could not be loaded (%s)" % self.stop()
+
+    def frame(self, message):
+        self.token = os.urandom(8).hex().encode()
+        return self.token + b" " + WarmProcess.frame(self, message)
 
     def answer(self, line):
-        status, payload = json.loads(line)
-        return status, payload
+        reply = self.reply_of(line)
+        if reply is None:
+            head = line.head if isinstance(line, Overlong) else line[:80]
+            self.logs.note("the action wrote %r on its worker's result channel: a fresh "
+                           "interpreter serves the next activation" % head)
+            self.stop()
+            return 502, {"error": RUN_BROKEN_CHANNEL.format(repr(head[:80]))}
+        return reply
+
+    def reply_of(self, line):
+        """``(status, payload)`` from the worker's reply, or None if it is not one."""
+        token, _, reply = line.partition(b" ") if isinstance(line, bytes) else (b"", 0, b"")
+        if token != self.token:
+            return None
+        try:
+            status, payload = json.loads(reply)
+        except RecursionError:
+            return 502, {"error": RUN_TOO_DEEP.format("result")}
+        except (ValueError, TypeError):
+            return None
+        return (status, payload) if status in (200, 502) and type(status) is int else None
 
     def exited(self):
         return 502, {"error": RUN_EXITED}
@@ -1712,37 +2047,80 @@ def looks_like_python(code):
                          re.MULTILINE) is not None
 
 
-def function_worker(path, name):
+def function_worker(path, name, limit):
     """The warm interpreter of a Python action (started with ``python3 -u``, so its
-    logs stream): imports ``path`` once, acks on fd 3, then for each JSON line on
-    stdin calls ``name(value)`` with that activation's ``__OW_*`` variables and
-    writes ``[status, payload]`` on fd 3.  The protocol's descriptors move out of
-    the action's way: its stdin and fd 3 are /dev/null."""
-    requests = os.fdopen(os.dup(0), "rb")
-    results = os.fdopen(os.dup(3), "wb")
+    logs stream): imports ``path`` once and acks, then for each request calls
+    ``name(value)`` with that activation's ``__OW_*`` variables and replies.
+
+    The protocol is the proxy's alone: its two descriptors move to numbers no one
+    expects, closed in any child, the request one non-blocking (the action's
+    stdin and fd 3 become /dev/null); each request carries a fresh token that
+    its reply, ``TOKEN [status, payload]`` on one line, must repeat."""
+    channel = WorkerChannel(0, 3)
     os.dup2(os.open(os.devnull, os.O_RDWR), 0)
     os.dup2(0, 3)
     sys.stdin = open(os.devnull)
     main = load_function(path, name)
-    reply(results, '{"ok": true}')
-    for line in requests:
-        reply(results, "[%d, %s]" % call_function(main, json.loads(line)))
+    channel.reply('{"ok": true}')
+    for token, line in channel:
+        try:
+            status, payload = call_function(main, json.loads(line), int(limit))
+        except Exception as error:  # the request itself: a value nested too deeply
+            status, payload = 502, json.dumps({"error": "The action could not receive its "
+                                                        "argument: %s" % describe(error)})
+        channel.reply("%s [%d, %s]" % (token, status, payload))
 
 
-def reply(results, line):
-    """Writes a line of the protocol after the logs that came before it."""
-    flush_python_streams()
-    results.write(line.encode("ascii") + b"\n")
-    results.flush()
+class WorkerChannel:
+    """The function worker's two protocol descriptors, moved out of the action's way."""
+
+    def __init__(self, request_fd, result_fd):
+        import fcntl
+        import resource
+        files = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        room = max(1, min(files, 1024) - 128)  # select() takes descriptors below 1024
+        lowest = 10 + int.from_bytes(os.urandom(2), "big") % room
+        self.request_fd = fcntl.fcntl(request_fd, fcntl.F_DUPFD_CLOEXEC, lowest)
+        self.result_fd = fcntl.fcntl(result_fd, fcntl.F_DUPFD_CLOEXEC, self.request_fd + 1)
+        os.set_blocking(self.request_fd, False)
+
+    def __iter__(self):
+        """Each request, ``TOKEN JSON``, as ``(token, json)``, until the proxy closes the channel."""
+        import select
+        pending = bytearray()
+        while True:
+            select.select([self.request_fd], [], [])
+            try:
+                chunk = os.read(self.request_fd, 1 << 20)
+            except BlockingIOError:
+                continue  # the action's code read it first, or nothing came yet
+            if not chunk:
+                return
+            pending += chunk
+            if b"\n" not in chunk:
+                continue
+            *lines, rest = pending.split(b"\n")
+            pending = bytearray(rest)
+            for line in lines:
+                token, _, message = line.decode("utf-8", "surrogateescape").partition(" ")
+                yield token, message
+
+    def reply(self, line):
+        """Writes a line of the protocol after the logs that came before it."""
+        flush_python_streams()
+        data = memoryview(line.encode("ascii") + b"\n")
+        while data:
+            data = data[os.write(self.result_fd, data):]
 
 
 def load_function(path, name):
     """The function ``name`` of the Python file ``path``, its folder and its
-    ``virtualenv/`` on the import path.  Exits with the traceback when it cannot."""
+    ``virtualenv/`` on the import path.  Exits saying why when it cannot."""
     import glob
     import importlib.util
     import site
     folder = os.path.dirname(path)
+    shown = os.path.relpath(path, folder)
     sys.path.insert(0, folder)
     for packages in glob.glob(os.path.join(folder, "virtualenv", "lib", "python3*",
                                            "site-packages")):
@@ -1754,26 +2132,41 @@ def load_function(path, name):
         spec.loader.exec_module(module)
     except BaseException as error:
         print_user_traceback(error)
+        worker_note("%s failed to load: %s" % (shown, describe(error)))
         sys.exit(1)
     function = getattr(module, name, None)
     if not callable(function):
-        sys.stderr.write("%s defines no function %r\n" % (path, name))
+        worker_note("%s defines no function %r" % (shown, name))
         sys.exit(1)
     return function
 
 
-def print_user_traceback(error):
-    """The traceback from the action's own code on: the proxy's frames are noise there."""
+def worker_note(text):
+    sys.stderr.write("owproxy: %s\n" % text)
+
+
+def describe(error):
+    """An exception as its type and message, as the last line of a traceback says it."""
     import traceback
-    own = print_user_traceback.__code__.co_filename  # the source's name, even from a .pyc
-    frames = error.__traceback__
-    while frames and (frames.tb_frame.f_code.co_filename == own
-                      or frames.tb_frame.f_code.co_filename.startswith("<frozen")):
+    return "".join(traceback.format_exception_only(type(error), error)).strip().splitlines()[-1]
+
+
+def print_user_traceback(error):
+    """The traceback of the action's own code, its files named from the action's
+    folder: the frames of the proxy and of the json module are noise there."""
+    import traceback
+    frames, kept = error.__traceback__, []
+    while frames:
+        if not frames.tb_frame.f_code.co_filename.startswith(PROXY_FRAMES):
+            kept.append(frames)
         frames = frames.tb_next
-    traceback.print_exception(type(error), error, frames)
+    for older, newer in zip(kept, kept[1:] + [None]):
+        older.tb_next = newer
+    text = "".join(traceback.format_exception(type(error), error, kept[0] if kept else None))
+    sys.stderr.write(text.replace(os.getcwd() + os.sep, ""))
 
 
-def call_function(main, message):
+def call_function(main, message, limit):
     """Calls ``main`` for one activation; returns ``(status, payload as JSON text)``."""
     fields = exported(((key.upper(), value) for key, value in message.items()
                        if key != "value"), prefix="__OW_")
@@ -1792,12 +2185,20 @@ def call_function(main, message):
                 os.environ[key] = value
     try:
         text = json.dumps(result, allow_nan=False)  # ASCII: lone surrogates travel too
-    except (TypeError, ValueError, RecursionError) as error:
-        message = RUN_UNENCODABLE.format(type(result).__name__, error)
+    except Exception as error:  # a TypeError, or whatever the result's own methods raise
+        print_user_traceback(error)
+        message = RUN_UNENCODABLE.format(type(result).__name__, describe(error))
         return 502, json.dumps({"error": message})
     if not isinstance(result, (dict, list)):
         print(text)
+        worker_note("%s returned %s, not a dictionary or an array" % (
+            main.__name__, "None" if result is None else "a " + type(result).__name__))
         return 502, json.dumps({"error": RUN_BAD_RESULT})
+    if len(text) > limit:
+        print(text[:LINE_HEAD])
+        worker_note("that result had %d bytes, more than the limit of %d: only its first %d "
+                    "are shown" % (len(text), limit, LINE_HEAD))
+        return 502, json.dumps({"error": RUN_TOO_LARGE.format(len(text), limit)})
     return 200, text
 
 
@@ -1829,7 +2230,7 @@ class ActionRunner:
         self.source, self.binary, self.zipdest = source, binary, zipdest
         self.settings = Settings()
         self.logs = Logs()
-        self.processes = Processes()
+        self.processes = Processes(self.logs)
         self.init_env = {}
         self.failure = None  # why the last init failed
         self.kind = None  # decided by init, or from the action directory at the first run
@@ -2028,7 +2429,7 @@ class ActionRunner:
         if message.get("binary") and message.get("code") is not None:
             return "the archive has no %s file (or __main__.py) at its top level" % (
                 os.path.relpath(self.binary, self.zipdest))
-        return "%s is not an executable file" % self.binary
+        return not_runnable(self.binary)
 
     def epilogue(self, message):
         return None
@@ -2071,11 +2472,14 @@ class ActionRunner:
             if self.kind == "function":
                 process = FunctionProcess(
                     [sys.executable, "-u", OWPROXY_FILE, "function-worker"]
-                    + list(self.function), env, cwd, self.logs, self.processes)
+                    + list(self.function) + [str(self.settings.max_result)],
+                    env, cwd, self.logs, self.processes, self.settings.max_result + 64)
             else:
-                process = WarmProcess([self.binary], env, cwd, self.logs, self.processes)
+                process = WarmProcess([self.binary], env, cwd, self.logs, self.processes,
+                                      self.settings.max_result)
         except OSError as error:  # not an executable, say; the Go proxy's text, and why
-            self.logs.note("cannot start the action: %s" % error)
+            self.logs.note("cannot start the action: %s" % (
+                start_failure(self.binary, error) or error))
             raise StartError(COMMAND_EXITED)
         return process.start(self.kind == "function" or "__OW_WAIT_FOR_ACK" in env)
 
@@ -2102,10 +2506,13 @@ class ActionRunner:
     def run(self, args, env):
         """Runs one activation with ``args``; returns ``(status, result)``."""
         if self.current_kind() == "exec":
-            data = json.dumps(args)
+            try:
+                data = json.dumps(args)
+            except RecursionError:
+                return 502, {"error": RUN_TOO_DEEP.format("argument")}
             argv = [self.binary] if len(data) > MAX_ARG_STRLEN else [self.binary, data]
             return run_once(argv, data.encode(), env, os.path.dirname(self.binary),
-                            self.logs, self.processes)
+                            self.logs, self.processes, self.settings.max_result)
         with self.lock:
             self.pool = self.pool or self.warm_pool(self.init_env)
         pool = self.pool
@@ -2120,6 +2527,8 @@ class ActionRunner:
         message["value"] = args
         try:
             return process.request(message, deadline_of(env))
+        except RecursionError:  # encoding its line
+            return 502, {"error": RUN_TOO_DEEP.format("argument")}
         finally:
             pool.release(process)
 
@@ -2199,7 +2608,7 @@ class OpenWhisk:
         if not isinstance(value, (dict, list)):
             return 404, {"error": RUN_BAD_ARGUMENT}
         if not self.runner.verify():
-            self.logs.note("%s is missing or not executable" % self.runner.binary)
+            self.logs.note(not_runnable(self.runner.binary))
             return 502, {"error": RUN_NO_BINARY}
         return self.runner.run(value, self.runner.env(message))
 
@@ -2725,7 +3134,8 @@ def setRunner(runner):
 
 def serve(settings, runner):
     """Serves until SIGTERM or SIGINT, then lets activations finish; returns the exit status."""
-    logs, processes = Logs(), Processes()
+    logs = Logs()
+    processes = Processes(logs)
     runner.configure(settings, logs, processes)
     if settings.platform == "knative":
         platform = Knative(settings, runner, logs, os.environ)

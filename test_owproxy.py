@@ -896,8 +896,8 @@ def test_death_by_signal_is_reported_on_stderr(proxy):
 
 
 def test_logs_are_streamed_while_the_action_runs(proxy):
-    # the latest stdout line is held back: it may be the result
-    code = bash("echo early\necho held\necho early-err >&2\nsleep 2\necho '{}'")
+    # the latest stdout line that could be the result is held back
+    code = bash("echo early\necho '[held'\necho early-err >&2\nsleep 2\necho '{}'")
     assert proxy.init(code).status == 200
     done = threading.Event()
     seen = []
@@ -1776,6 +1776,17 @@ def test_a_loop_executable_acks_on_fd3_when_asked(proxies):
     assert proxy.run({}).json["count"] == 1
 
 
+@pytest.mark.parametrize("env", [{}, {"OW_WAIT_FOR_ACK": "1"}])
+def test_a_loop_executable_that_exits_at_once_fails_init(proxies, env):
+    proxy = proxies("--loop", env=env)
+    response = proxy.init(bash("echo 'starting'\nexit 4"))
+    assert response.status == 502  # its text is the Go proxy's (see the runtime tests)
+    out, err = check_streams(proxy)
+    assert out == "starting"
+    assert ("the action exited with status 4 at start: maybe it is not an ActionLoop "
+            "program" in err)
+
+
 def test_a_loop_process_that_dies_during_a_run_is_the_go_proxys_400_then_replaced(loop_proxy):
     pid = loop_proxy.run({}).json["pid"]
     response = loop_proxy.run({"die": True})
@@ -2033,7 +2044,7 @@ def test_an_exception_is_an_application_error_with_the_traceback_on_stderr(funct
     response = function_proxy.run({"fail": "bad input"})
     assert (response.status, response.json) == (200, {"error": "boom: bad input"})
     _, err = check_streams(function_proxy)
-    assert 'File "%s", line 9, in main' % (function_proxy.action_dir / "__main__.py") in err
+    assert 'File "__main__.py", line 9, in main' in err  # named from the action's folder
     assert "ValueError: boom: bad input" in err
     assert "owproxy.py" not in err
 
@@ -3739,7 +3750,8 @@ def test_a_loop_binary_that_is_no_executable_is_the_go_proxys_command_exited(pro
     response = proxy.init(base64.b64encode(code.encode()).decode(), binary=True)
     assert (response.status, response.json) == (502, {"error": "cannot start action: "
                                                                 "command exited"})
-    assert "cannot start the action: [Errno 8] Exec format error" in check_streams(proxy)[1]
+    assert ("cannot start the action: %s is text without a #! line, and not an ELF binary"
+            % (proxy.action_dir / "exec")) in check_streams(proxy)[1]
 
 
 def test_a_compiler_that_cannot_run_fails_the_init_with_its_cause(proxies, tmp_path):
@@ -4019,6 +4031,440 @@ def test_a_symlink_entry_that_inflates_to_400_mb_is_refused_in_bounded_memory(
 
 
 # ---------------------------------------------------------------------------
+# actions: what an action starts, sends or breaks stays the action's
+# ---------------------------------------------------------------------------
+
+def processes_with(marker):
+    """The pids whose command line holds ``marker`` (a zombie's has none)."""
+    found = []
+    for name in os.listdir("/proc"):
+        try:
+            with open("/proc/%s/cmdline" % name, "rb") as cmdline:
+                if marker.encode() in cmdline.read():
+                    found.append(int(name))
+        except (OSError, ValueError):
+            continue
+    return found
+
+
+def unique_sleep():
+    """A ``sleep`` argument no other process on the machine has."""
+    return "77.%d%d" % (os.getpid(), int.from_bytes(os.urandom(4), "big"))
+
+
+ESCAPES = {
+    "setsid": "setsid sleep {seconds} </dev/null >/dev/null 2>&1 &",
+    "double fork": "( (sleep {seconds} </dev/null >/dev/null 2>&1 &) & )",
+    "own group": "set -m; sleep {seconds} </dev/null >/dev/null 2>&1 &",
+}
+
+
+@pytest.mark.parametrize("escape", sorted(ESCAPES))
+def test_nothing_an_activation_starts_survives_its_answer(proxy, escape):
+    seconds = unique_sleep()
+    assert proxy.init(bash(ESCAPES[escape].format(seconds=seconds) + """
+sleep 0.3
+echo '{"ok": true}'
+""")).status == 200
+    assert proxy.run().json == {"ok": True}
+    assert wait_for(lambda: not processes_with(seconds)), "the %s process escaped" % escape
+    assert "subreaper" not in check_streams(proxy)[1]
+
+
+def test_an_escaped_process_dies_at_the_deadline_and_at_shutdown(proxy):
+    at_deadline, at_shutdown = unique_sleep(), unique_sleep()
+    assert proxy.init(bash("""
+setsid sleep $(echo "$1" | sed 's/.*"s": "\\([^"]*\\)".*/\\1/') </dev/null >/dev/null 2>&1 &
+sleep 60
+""")).status == 200
+    deadline = str(int((time.time() + 1.5) * 1000))
+    assert proxy.run({"s": at_deadline}, deadline=deadline).json == RUN_TIMED_OUT
+    assert wait_for(lambda: not processes_with(at_deadline))
+    runner = threading.Thread(target=lambda: proxy.run({"s": at_shutdown}))
+    runner.start()
+    assert wait_for(lambda: processes_with(at_shutdown))
+    proxy.process.send_signal(signal.SIGTERM)
+    proxy.process.send_signal(signal.SIGTERM)  # the second cuts the grace short
+    assert proxy.process.wait(30) == 0
+    runner.join(30)
+    assert wait_for(lambda: not processes_with(at_shutdown))
+
+
+def test_one_activations_cleanup_spares_another_activations_processes(proxies, tmp_path):
+    proxy = proxies(env={"__OW_ALLOW_CONCURRENT": "true"})
+    slow, quick = unique_sleep(), unique_sleep()
+    go = tmp_path / "go"
+    assert proxy.init(bash("""
+case "$1" in
+  *slow*) setsid sleep %s </dev/null >/dev/null 2>&1 &
+          while [ ! -e %s ]; do sleep 0.05; done ;;
+  *) setsid sleep %s </dev/null >/dev/null 2>&1 & ;;
+esac
+echo '{"ok": true}'
+""" % (slow, go, quick))).status == 200
+    answers = []
+    runner = threading.Thread(target=lambda: answers.append(proxy.run({"slow": 1})))
+    runner.start()
+    assert wait_for(lambda: processes_with(slow))
+    assert proxy.run({"quick": 1}).json == {"ok": True}
+    assert wait_for(lambda: not processes_with(quick))
+    assert processes_with(slow), "the other activation's process was killed"
+    go.touch()
+    runner.join(30)
+    assert answers[0].json == {"ok": True}
+    assert wait_for(lambda: not processes_with(slow))
+
+
+def test_an_escaped_process_of_a_warm_action_dies_with_its_worker_not_before(proxies):
+    proxy = proxies("--loop", env={"PROXY_ALLOW_REINIT": "1"})
+    seconds = unique_sleep()
+    assert proxy.init(bash("""
+setsid sleep %s </dev/null >/dev/null 2>&1 &
+while read line; do echo '{"ok": true}' >&3; done
+""" % seconds)).status == 200
+    assert proxy.run().json == {"ok": True}
+    assert processes_with(seconds), "the warm worker's own process was killed"
+    assert proxy.init(bash("while read line; do echo '[]' >&3; done")).status == 200
+    assert wait_for(lambda: not processes_with(seconds)), "it outlived its worker"
+    assert proxy.run().json == []
+
+
+@pytest.mark.skipif(not pid_namespaces_work(), reason="no PID namespaces (unshare) here")
+def test_as_pid_1_the_proxy_reaps_session_leaders_too(proxies):
+    proxy = proxies(command=lambda port, action_dir: (
+        ["unshare", "--pid", "--fork", "--mount-proc", "--kill-child"]
+        + proxy_command("--host", "127.0.0.1", "--port", str(port), "--action-dir",
+                        action_dir), {}))
+    (pid_1,) = children(proxy.process.pid)
+    try:
+        assert proxy.init(bash("""
+setsid sh -c 'exit 0' &
+setsid sh -c 'sleep 0.3' &
+echo '{"ok": true}'
+""")).status == 200
+        for _ in range(3):
+            assert proxy.run().json == {"ok": True}
+        time.sleep(0.5)
+        assert wait_for(lambda: "Z" not in children(pid_1).values()), children(pid_1)
+    finally:
+        os.kill(pid_1, signal.SIGTERM)
+    assert proxy.process.wait(10) == 0
+
+
+def test_without_a_subreaper_the_process_group_is_killed_and_stderr_says_so_once(proxies,
+                                                                                  tmp_path):
+    (tmp_path / "sitecustomize.py").write_text("import sys\nsys.modules['ctypes'] = None\n")
+    proxy = proxies(env={"PYTHONPATH": str(tmp_path)})
+    seconds = unique_sleep()
+    assert proxy.init(bash("sleep %s &\necho '{\"ok\": true}'" % seconds)).status == 200
+    for _ in range(2):
+        assert proxy.run().json == {"ok": True}
+    assert wait_for(lambda: not processes_with(seconds))
+    err = check_streams(proxy, 2)[1]
+    assert err.count("owproxy: cannot become a child subreaper") == 1, err
+    assert "what an action moves out of its process group may outlive its activation" in err
+
+
+def test_the_proxy_reaps_the_orphans_it_inherits(proxy):
+    assert proxy.init(bash("""
+(setsid sh -c 'exit 0' &)
+(sleep 0.01 &)
+sleep 0.2
+echo '{"ok": true}'
+""")).status == 200
+    for _ in range(3):
+        assert proxy.run().json == {"ok": True}
+    assert wait_for(lambda: "Z" not in children(proxy.process.pid).values()), \
+        children(proxy.process.pid)
+
+
+def too_large(size, limit):
+    return {"error": "The action returned a result of %d bytes, larger than the limit of %d "
+                     "bytes." % (size, limit)}
+
+
+LONG_RESULT = '{"x": "%s"}' % ("y" * 3002)  # 3011 bytes
+
+
+@pytest.mark.parametrize("mode", ["exec", "loop"])
+def test_a_result_longer_than_the_limit_is_502_with_its_head_in_the_logs(proxies, mode):
+    if mode == "exec":
+        proxy, code = proxies(env={"OWPROXY_MAX_RESULT": "2K"}), bash("""
+echo 'a log line'
+echo '%s'
+""" % LONG_RESULT)
+    else:
+        proxy, code = proxies("--loop", "--max-result", "2K"), bash("""
+while read line; do echo 'a log line'; echo '%s' >&3; done
+""" % LONG_RESULT)
+    assert proxy.init(code).status == 200
+    response = proxy.run()
+    assert (response.status, response.json) == (502, too_large(len(LONG_RESULT), 2048))
+    out, err = check_streams(proxy)
+    assert out == "a log line\n" + LONG_RESULT[:1024]
+    assert "that line had 3011 bytes, more than the limit of 2048" in err
+
+
+def test_a_long_line_that_could_be_a_result_but_is_not_the_last_is_logged_cut(proxies):
+    proxy = proxies(env={"OWPROXY_MAX_RESULT": "2K"})
+    assert proxy.init(bash("echo '%s'; echo '{\"ok\": 1}'" % LONG_RESULT)).status == 200
+    assert proxy.run().json == {"ok": 1}
+    out, err = check_streams(proxy)
+    assert out == LONG_RESULT[:1024]
+    assert "that line had 3011 bytes" in err
+
+
+def test_a_log_line_longer_than_the_limit_goes_out_in_pieces(proxies):
+    proxy = proxies(env={"OWPROXY_MAX_RESULT": "1K"})
+    assert proxy.init(bash("""
+printf 'z%.0s' $(seq 2500); echo
+echo '{"ok": 1}'
+""")).status == 200
+    assert proxy.run().json == {"ok": 1}
+    pieces = check_streams(proxy)[0].splitlines()
+    assert pieces == ["z" * 1024, "z" * 1024, "z" * 452]
+
+
+def peak_memory_kib(pid):
+    with open("/proc/%d/status" % pid) as status:
+        return int(next(line for line in status if line.startswith("VmHWM")).split()[1])
+
+
+def test_a_300_mb_result_line_on_fd_3_keeps_the_proxys_memory_bounded(proxies):
+    proxy = proxies("--loop")
+    assert proxy.init(python_script("""
+import os, sys
+block = b"x" * (1 << 20)
+for line in sys.stdin:
+    for _ in range(300):
+        os.write(3, block)
+    os.write(3, b"\\n")
+""")).status == 200
+    before = peak_memory_kib(proxy.process.pid)
+    response = proxy.run(timeout=120)
+    assert (response.status, response.json) == (502, too_large(300 << 20, 16 << 20))
+    assert peak_memory_kib(proxy.process.pid) - before < 80 * 1024
+    assert len(proxy.logs()[0]) < 4096
+
+
+def test_a_log_line_goes_out_while_the_action_still_runs(proxy, tmp_path):
+    go = tmp_path / "go"
+    assert proxy.init(bash("""
+echo '[not a result, but it could be'
+echo starting
+while [ ! -e %s ]; do sleep 0.05; done
+echo '{"done": true}'
+""" % go)).status == 200
+    answers = []
+    runner = threading.Thread(target=lambda: answers.append(proxy.run()))
+    runner.start()
+    try:
+        assert wait_for(lambda: "starting\n" in proxy.logs()[0]), "the log line was held back"
+    finally:
+        go.touch()
+        runner.join(30)
+    assert answers[0].json == {"done": True}
+    assert check_streams(proxy)[0] == "[not a result, but it could be\nstarting"
+
+
+def test_a_last_line_that_cannot_be_a_result_is_logged_once(proxy):
+    assert proxy.init(bash("echo 'all done'")).status == 200
+    assert proxy.run().json == BAD_RESULT
+    assert check_streams(proxy)[0] == "all done"
+
+
+CHANNEL_ABUSER = """
+import os, json
+
+def pipes():
+    for name in os.listdir("/proc/self/fd"):
+        try:
+            if int(name) > 2 and os.readlink("/proc/self/fd/" + name).startswith("pipe:"):
+                yield int(name)
+        except OSError:
+            pass
+
+def main(args):
+    how = args.get("how")
+    if how == "fd 5":
+        os.write(5, b"garbage\\n")
+    for fd in pipes():
+        try:
+            if how == "garbage":
+                os.write(fd, b"garbage\\n")
+            elif how == "forged":
+                os.write(fd, b"[999, {}]\\n")
+            elif how == "read":
+                os.read(fd, 65536)
+        except OSError as error:
+            pass
+    return {"pid": os.getpid()}
+"""
+
+
+@pytest.mark.parametrize("how", ["garbage", "forged"])
+def test_what_a_function_writes_on_its_workers_channel_is_a_502_and_a_fresh_worker(proxy,
+                                                                                    how):
+    assert proxy.init(CHANNEL_ABUSER).status == 200
+    pid = proxy.run({}).json["pid"]
+    response = proxy.run({"how": how})
+    assert response.status == 502
+    assert response.json["error"].startswith(
+        "The action wrote on its Python worker's result channel, which is the proxy's: b'")
+    assert ("garbage" if how == "garbage" else "999") in response.json["error"]
+    after = proxy.run({})
+    assert after.status == 200 and after.json["pid"] != pid
+    assert "a fresh interpreter serves the next activation" in check_streams(proxy, 3)[1]
+
+
+def test_the_workers_channel_is_not_at_the_usual_descriptors_nor_readable_by_the_action(
+        proxy):
+    assert proxy.init(CHANNEL_ABUSER).status == 200
+    response = proxy.run({"how": "fd 5"})
+    assert (response.status, response.json) == (200, {"error": "[Errno 9] Bad file descriptor"})
+    pid = proxy.run({"how": "read"}).json["pid"]
+    for _ in range(3):  # no request was swallowed: the same worker answers each
+        assert proxy.run({}).json["pid"] == pid
+
+
+def nested_run_body(depth):
+    """A /run body whose value holds arrays ``depth`` deep (text: this process need not
+    be able to encode it)."""
+    return '{"value": {"deep": %s%s}}' % ("[" * depth, "]" * depth)
+
+
+NESTED_FUNCTION = """
+def main(args):
+    deep = []
+    for _ in range(args["depth"]):
+        deep = [deep]
+    return {"deep": deep}
+"""
+
+
+def test_deep_nesting_is_the_actions_502_and_the_worker_serves_on(proxies):
+    function = proxies()
+    assert function.init(NESTED_FUNCTION).status == 200
+    response = function.run({"depth": 100000})
+    assert response.json == {"error": "The action returned a dict that JSON cannot encode: "
+                                      "RecursionError: maximum recursion depth exceeded"
+                                      " while encoding a JSON object"}, response
+    assert response.status == 502
+    for depth in (960, 980, 995):
+        assert function.run({"depth": depth}).status in (200, 502)  # never 500
+        assert function.post("/run", nested_run_body(depth)).status in (200, 400, 502)
+    assert function.run({"depth": 2}).json == {"deep": [[[]]]}
+    executable = proxies(env={"PROXY_ALLOW_REINIT": "1"})
+    assert executable.init(python_script(
+        "print('{\"deep\": ' + '[' * 100000 + ']' * 100000 + '}')")).status == 200
+    response = executable.run()
+    assert (response.status, response.json) == (502, {
+        "error": "The action's result is nested too deeply to be encoded as JSON."})
+    assert executable.init(ECHO_RESULT).status == 200
+    for depth in (960, 980, 995):
+        response = executable.post("/run", nested_run_body(depth))
+        assert response.status in (200, 400, 502), response  # never 500
+        if response.status == 502:
+            assert response.json == {"error": "The action's argument is nested too deeply "
+                                              "to be encoded as JSON."}
+
+
+def test_a_result_whose_methods_raise_is_a_502_naming_it_and_the_worker_serves_on(proxy):
+    assert proxy.init("""
+import os
+class Sneaky(dict):
+    def items(self):
+        raise KeyError("sneaky")
+def main(args):
+    return Sneaky(a=1) if args.get("sneaky") else {"pid": os.getpid()}
+""").status == 200
+    pid = proxy.run({}).json["pid"]
+    response = proxy.run({"sneaky": True})
+    assert (response.status, response.json) == (502, {
+        "error": "The action returned a Sneaky that JSON cannot encode: KeyError: 'sneaky'"})
+    assert proxy.run({}).json["pid"] == pid
+    err = check_streams(proxy, 3)[1]
+    assert 'File "__main__.py", line 5, in items' in err
+    assert "owproxy" not in err.replace("owproxy: ", "") and "json" not in err
+
+
+def test_a_function_result_longer_than_the_limit_is_502(proxies):
+    proxy = proxies(env={"OWPROXY_MAX_RESULT": "2K"})
+    assert proxy.init("def main(args):\n    return {'x': 'y' * 3002}\n").status == 200
+    response = proxy.run()
+    assert (response.status, response.json) == (502, too_large(3011, 2048))
+    out, err = check_streams(proxy)
+    assert out == LONG_RESULT[:1024] and "that result had 3011 bytes" in err
+
+
+def test_a_function_returning_none_says_so(proxy):
+    assert proxy.init("def main(args):\n    pass\n").status == 200
+    assert proxy.run().json == BAD_RESULT
+    assert "owproxy: main returned None, not a dictionary or an array" in check_streams(proxy)[1]
+
+
+@pytest.mark.parametrize("code, note", [
+    ("def main(args)\n    return {}\n",
+     "__main__.py failed to load: SyntaxError: "),
+    ("import no_such_module_here\n", "__main__.py failed to load: ModuleNotFoundError: No module "
+                                     "named 'no_such_module_here'"),
+    ("def handler(args):\n    return {}\n", "__main__.py defines no function 'main'"),
+])
+def test_a_function_that_cannot_load_says_what_happened_from_the_actions_folder(proxy, code,
+                                                                                 note):
+    response = proxy.init(code)
+    assert (response.status, response.json) == (502, INIT_FAILED)
+    err = check_streams(proxy)[1]
+    assert "owproxy: " + note in err
+    assert str(proxy.action_dir) not in err
+
+
+@pytest.mark.parametrize("code, diagnosis", [
+    ("echo '{\"ok\": 1}'\n", "exec is text without a #! line, and not an ELF binary: make its "
+                            "first line name its interpreter, e.g. #!/bin/sh"),
+    ("#!/bin/sh\r\necho '{}'\r\n", "the #! line of %s ends with a carriage return (Windows line "
+                                   "endings): convert the file to Unix line endings"),
+    ("#include <stdio.h>\nint main(void) { puts(\"{}\"); return 0; }\n",
+     "exec is C source, not a program: compile it (cc -o exec main.c)"),
+    ("#!/no/such/interpreter -x\necho\n",
+     "names /no/such/interpreter as its interpreter in its #! line, which is not in this image"),
+    ("\x7fELF" + "\x00" * 60, "exec is an ELF binary for another machine"),
+])
+def test_an_exec_that_cannot_start_is_diagnosed_with_a_fix(proxy, code, diagnosis):
+    assert proxy.init(code).status == 200
+    response = proxy.run()
+    assert (response.status, response.json) == (502, BAD_RESULT)
+    out, err = check_streams(proxy)
+    assert "error: cannot start the action" in out
+    assert "owproxy: " in err and diagnosis.replace("%s", str(proxy.action_dir / "exec")) in err
+
+
+def test_an_exec_that_is_not_executable_is_diagnosed_with_a_fix(proxy):
+    (proxy.action_dir / "exec").write_text(ECHO_RESULT)
+    (proxy.action_dir / "exec").chmod(0o644)
+    assert proxy.run().json == {"error": "The action failed to locate a binary. See logs for "
+                                         "details."}
+    assert "exec is not an executable file: chmod +x it" in check_streams(proxy)[1]
+
+
+def test_a_plain_executable_under_loop_is_diagnosed(proxies):
+    proxy = proxies("--loop")
+    assert proxy.init(ECHO_RESULT).json == {"error": "cannot start action: command exited"}
+    assert ("the action exited at start: maybe it is not an ActionLoop program, which reads one "
+            "request per line on stdin and answers each on fd 3" in check_streams(proxy)[1])
+
+
+@pytest.mark.parametrize("program", ["bash", "python"])
+def test_an_actionloop_program_without_loop_is_diagnosed(proxy, program):
+    code = (bash("read line; echo '{\"ok\": 1}' >&3") if program == "bash"
+            else (HERE / "examples" / "loop.py").read_text())
+    assert proxy.init(code).status == 200
+    assert proxy.run().json == BAD_RESULT
+    assert ("the action met a closed file descriptor: if it is an ActionLoop program, which "
+            "answers on fd 3, start the proxy with --loop" in check_streams(proxy)[1])
+
+
+# ---------------------------------------------------------------------------
 # Inner functions
 # ---------------------------------------------------------------------------
 
@@ -4036,8 +4482,9 @@ def test_parse_size_and_flag():
 
 
 def test_result_forwarder_holds_back_only_the_last_non_empty_line():
-    written = []
-    forwarder = owproxy.ResultForwarder(written.append)
+    written, logs = [], owproxy.Logs()
+    logs.out = written.append
+    forwarder = owproxy.ResultForwarder(logs)
     for chunk in (b"a\n{\"x\"", b": 1}\n\n", b"  \n"):
         forwarder.feed(chunk)
     forwarder.close()
@@ -4101,3 +4548,16 @@ def test_a_plain_binary_is_never_written_outside_the_stage(tmp_path):
     with pytest.raises(owproxy.InitError, match="neither a zip nor a tar.gz archive"):
         owproxy.unpack(b"\x7fELF...", str(stage), 1024, os.path.join(os.pardir, "exec"))
     assert os.listdir(tmp_path) == ["stage"] and os.listdir(stage) == []
+
+
+def test_result_forwarder_keeps_the_head_of_a_long_result_fed_in_pieces():
+    written, notes, logs = [], [], owproxy.Logs()
+    logs.out, logs.note = written.append, notes.append
+    forwarder = owproxy.ResultForwarder(logs, max_line=2048)
+    line = b'log\n{"x": "' + b"y" * 5000 + b'"}\n\n'
+    for start in range(0, len(line), 100):
+        forwarder.feed(line[start:start + 100])
+    forwarder.close()
+    result = forwarder.result()
+    assert (result.size, result.head) == (5009, line[4:4 + 1024])
+    assert b"".join(written) == b"log\n\n" and notes == []

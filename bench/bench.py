@@ -42,6 +42,10 @@ archive         VmHWM of a fresh proxy after an /init of a ~400 KB zip whose
                 symbolic link entry inflates to 400 MB (refused: its target is
                 longer than PATH_MAX).  Floor: its VmHWM before.  Target: less
                 than 32 MiB over it.
+result flood    VmHWM of a ``--loop`` proxy whose action writes 300 MB on fd 3
+                with no newline until the end: the result line is cut at the
+                result limit (16 MiB by default) and answered 502, so the peak
+                must stay under idle + twice the limit + 16 MiB of slack.
 soak            20,000 runs of a tiny action from 8 clients: failures, RSS
                 growth from after a 500-run warm-up to the end, processes left
                 (parent or process group is the proxy) and descriptors left.
@@ -74,6 +78,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 OWPROXY = os.path.join(os.path.dirname(HERE), "owproxy.py")
 PYTHON = sys.executable
 MIB = 1024 * 1024
+RESULT_LIMIT_MIB = 16  # owproxy's default --max-result
 
 # How many times each measurement repeats: a full run takes about a minute on
 # two cores, a quick one some ten seconds.
@@ -144,6 +149,27 @@ int main(void) {
 ''' % FLOOD_BYTES, '''head -c %d /dev/zero | tr '\\0' x | fold -w 99
 echo  # ends fold's last, partial line
 echo '{"ok": true}'
+''' % FLOOD_BYTES),
+    "fd3flood": (r'''
+#include <stdio.h>
+#include <string.h>
+#include <unistd.h>
+int main(void) {
+    static char block[1 << 16];
+    char *line = NULL;
+    size_t size = 0;
+    memset(block, 'x', sizeof block);
+    while (getline(&line, &size, stdin) > 0) {
+        for (long done = 0; done < %d; done += sizeof block)
+            if (write(3, block, sizeof block) != sizeof block) return 1;
+        if (write(3, "\n", 1) != 1) return 1;
+    }
+    return 0;
+}
+''' % FLOOD_BYTES, '''while IFS= read -r line; do
+  head -c %d /dev/zero | tr '\\0' x >&3
+  echo >&3
+done
 ''' % FLOOD_BYTES),
     "loop": (r'''
 #include <stdio.h>
@@ -782,6 +808,27 @@ def measure_archive(bench):
                    note="an /init of %d KB, refused" % (len(data) // 1024))]
 
 
+def measure_result_flood(bench):
+    """A fresh --loop proxy per repeat, whose one /run gets a 300 MB result line."""
+    idle, peak = [], []
+    for _ in range(bench.counts["flood_rounds"]):
+        with Proxy(bench.action_dir("fd3flood"), args=["--loop"]) as proxy:
+            status, body = proxy.init({})
+            if status != 200:
+                raise ProxyError("/init answered %d" % status)
+            idle.append(proxy.status_kib("VmRSS") / 1024)
+            status, body = proxy.run(timeout=600)
+            if status != 502 or b"larger than the limit" not in body:
+                raise ProxyError("the fd 3 flood answered %d %s" % (status, body[:200]))
+            peak.append(proxy.status_kib("VmHWM") / 1024)
+    idle_mib = statistics.median(idle)
+    bound = idle_mib + 2 * RESULT_LIMIT_MIB + 16
+    return [Figure("rss_result_flood_peak", "proxy peak (VmHWM), 300 MB result line on fd 3",
+                   statistics.median(peak), "MiB", idle_mib, "idle",
+                   target=lambda value, vs, bound=bound: value < bound,
+                   target_label="< %.0f MiB" % bound)]
+
+
 def interpreter_rss_mib(modules):
     """VmRSS of an interpreter that has imported ``modules`` and waits."""
     code = "%s; print('ready', flush=True); sys.stdin.read()" % import_statement(
@@ -851,6 +898,7 @@ MEASUREMENTS = [
     ("throughput", measure_throughput),
     ("memory", measure_memory),
     ("archive", measure_archive),
+    ("result", measure_result_flood),
     ("soak", measure_soak),
     ("payload", measure_payload),
 ]
