@@ -797,9 +797,10 @@ def error_bytes(status, message):
 
 def linger(sock, seconds):
     """Ends a connection whose client may still be sending what the proxy will not
-    read: a close with unread data would reset the connection, and the client
-    could lose the answer.  Says it is done, then reads and drops the rest until
-    the client closes too, for at most ``seconds``."""
+    read (a refused body, a request after ``Connection: close``): a close with
+    unread data would reset the connection, and the client could lose the answer.
+    Says it is done, then reads and drops the rest until the client closes too,
+    for at most ``seconds``."""
     end = time.monotonic() + seconds
     try:
         sock.shutdown(socket.SHUT_WR)
@@ -918,9 +919,8 @@ class ProxyHandler(BaseHTTPRequestHandler):
     disable_nagle_algorithm = True
     wbufsize = 65536  # so that head and body leave in one write
     timeout = 120  # seconds a client may stall while sending a body or between requests
-    linger_seconds = 2.0  # how long a refused client may go on sending
+    linger_seconds = 2.0  # how long a client may go on sending once the proxy closes
     route = None
-    lingering = False
 
     def setup(self):
         BaseHTTPRequestHandler.setup(self)
@@ -1058,16 +1058,14 @@ class ProxyHandler(BaseHTTPRequestHandler):
         self.wfile.flush()  # now, while the request still counts as in flight
 
     def refuse(self, status, message, headers=()):
-        """An answer to a request whose body is left unread, so the connection must
-        close (lingering, so that the client gets it)."""
-        self.close_connection = self.lingering = True
+        """An answer to a request whose body is left unread, so the connection must close."""
+        self.close_connection = True
         status, body, json_headers = encode_answer(status, {"error": message})
         self.answer(status, body, json_headers + list(headers))
 
     def finish(self):
         BaseHTTPRequestHandler.finish(self)
-        if self.lingering:
-            linger(self.connection, self.linger_seconds)
+        linger(self.connection, self.linger_seconds)
 
     def version_string(self):
         return self.server_version
