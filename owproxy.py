@@ -181,13 +181,13 @@ SETTINGS = (
             "methods the knative route accepts, e.g. [GET,POST]"),
     Setting("max_body", "--max-body", "OWPROXY_MAX_BODY", 80 * MIB, parse_size,
             "largest request body accepted (K, M, G suffixes)"),
-    Setting("body_memory", "--body-memory", "OWPROXY_BODY_MEMORY", 160 * MIB, parse_size,
+    Setting("body_memory", "--body-memory", "OWPROXY_BODY_MEMORY", 80 * MIB, parse_size,
             "request bodies held in memory at once; the next one waits, unread"),
     Setting("max_header", "--max-header", "OWPROXY_MAX_HEADER", 64 * 1024, parse_size,
             "largest request head: request line and header fields (or trailers)"),
     Setting("header_timeout", "--header-timeout", "OWPROXY_HEADER_TIMEOUT", 10.0, parse_seconds,
             "seconds a client has to send a request's head"),
-    Setting("max_connections", "--max-connections", "OWPROXY_MAX_CONNECTIONS", 512,
+    Setting("max_connections", "--max-connections", "OWPROXY_MAX_CONNECTIONS", 1024,
             positive_int, "connections served at once; past it, 503 at once"),
     Setting("max_archive", "--max-archive", "OWPROXY_MAX_ARCHIVE", 1024 * MIB, parse_size,
             "largest total size a zip may expand to"),
@@ -764,14 +764,19 @@ def keeps_alive(version, fields):
 class BodyBudget:
     """How many bytes of request bodies may be in memory at once.  A body that
     does not fit waits, unread in its socket (TCP holds its sender back), until
-    the bodies before it are answered; one alone always fits."""
+    the bodies before it are answered; one alone always fits.  A body no larger
+    than ``small`` (a head's limit) is counted with its connection instead, so
+    that large ones never hold small ones up."""
 
-    def __init__(self, size):
-        self.size, self.held = size, 0
+    def __init__(self, size, small):
+        self.size, self.small, self.held = size, small, 0
         self.changed = threading.Condition()
 
     @contextlib.contextmanager
     def holding(self, size):
+        if size <= self.small:
+            yield
+            return
         with self.changed:
             while self.held and self.held + size > self.size:
                 self.changed.wait()
@@ -823,7 +828,7 @@ class ProxyServer(ThreadingHTTPServer):
         self.stopping = self.hurried = False
         self.in_flight = self.connections = 0
         self.counting = threading.Lock()
-        self.bodies = BodyBudget(settings.body_memory)
+        self.bodies = BodyBudget(settings.body_memory, settings.max_header)
         ThreadingHTTPServer.__init__(self, (settings.host, settings.port), ProxyHandler)
 
     def handle_error(self, request, client_address):

@@ -3184,11 +3184,21 @@ def proc_status(pid, field):
 def test_past_the_connection_cap_a_503_at_once_without_a_thread(proxies):
     proxy = proxies("--max-connections", "2", "--header-timeout", "60")
     assert proxy.init(ECHO_RESULT).status == 200
-    held = [RawClient(proxy) for _ in range(2)]
+    held = []
+
+    def hold():
+        """A connection served, so surely accepted, then kept alive: once the
+        connections of the /init are done, two of these fill the cap."""
+        client = RawClient(proxy)
+        client.send(head("GET", "/healthz"))
+        if client.response().status == 200:
+            held.append(client)
+        else:
+            client.close()
+        return len(held) == 2
+
     try:
-        for client in held:
-            client.send(b"GET /healthz HTTP/1.1\r\n")  # the proxy waits for the rest
-        time.sleep(0.2)
+        assert wait_for(hold)
         threads = proc_status(proxy.process.pid, "Threads")
         for _ in range(30):
             response = refused_alone(proxy, head("POST", "/run", "Content-Length: 2") + b"{}",
@@ -3213,21 +3223,21 @@ def server_rx_queue(port, client_port):
 
 
 def test_a_body_beyond_the_memory_budget_waits_unread_in_its_socket(proxies):
-    proxy = proxies("--max-body", "100K", "--body-memory", "100K")
+    proxy = proxies("--max-body", "200K", "--body-memory", "150K")
     assert proxy.init(bash("""
 touch started
 while [ ! -e release ]; do sleep 0.02; done
 echo '{"done": true}'""")).status == 200
-    body = json.dumps({"value": {"x": "y" * 60000}}).encode()
+    body = json.dumps({"value": {"x": "y" * 90000}}).encode()  # over a head's 64 KiB
     first = in_thread(proxy.post, "/run", body, timeout=60)
     assert wait_for(lambda: (proxy.action_dir / "started").exists())
     waiting = RawClient(proxy, timeout=60)
     try:
         waiting.send(head("POST", "/run", "Content-Length: %d" % len(body)) + body)
         client_port = waiting.sock.getsockname()[1]
-        assert wait_for(lambda: (server_rx_queue(proxy.port, client_port) or 0) > 40000)
+        assert wait_for(lambda: (server_rx_queue(proxy.port, client_port) or 0) > 60000)
         time.sleep(0.3)
-        assert server_rx_queue(proxy.port, client_port) > 40000  # still unread
+        assert server_rx_queue(proxy.port, client_port) > 60000  # still unread
         (proxy.action_dir / "release").write_text("")
         assert first().json == {"done": True}
         response = waiting.response()
