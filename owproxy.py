@@ -20,7 +20,8 @@ The file reads top to bottom:
 
 1. Configuration   settings, each a command-line flag and an environment variable
 2. Logs            the action's log streams and the end-of-activation sentinels
-3. HTTP layer      the server, a thin request handler, JSON bodies and errors
+3. HTTP layer      the server, its limits (connections, body memory), a strict
+                   request reader, a thin request handler, JSON bodies and errors
 4. Init            installing code: source, zip archives, atomic replacement
 5. Execution       processes and their pump; warm processes (ActionLoop, Python
                    functions); ActionRunner, the subclassable runner
