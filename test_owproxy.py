@@ -3471,6 +3471,21 @@ def test_hundreds_of_framing_variants_each_followed_by_a_normal_run(strict_proxy
     assert err.count(SENTINEL) >= served and "Traceback" not in err
 
 
+
+def thread_ids(pid):
+    return set(os.listdir("/proc/%d/task" % pid))
+
+
+def test_handler_threads_are_kept_for_the_next_connection(proxy):
+    """Sixty connections one after the other are served by a handful of threads
+    (at most 16 wait idle), not by sixty new ones."""
+    seen = thread_ids(proxy.process.pid)
+    for _ in range(60):
+        assert proxy.request("GET", "/healthz").status == 200
+        seen |= thread_ids(proxy.process.pid)
+    assert len(seen) < 20, seen
+
+
 # ---------------------------------------------------------------------------
 # Inner functions
 # ---------------------------------------------------------------------------

@@ -28,7 +28,8 @@ warm /run       one new connection per call, as the invoker does, interleaved
                 fails is reported as n/a.  A bare stdlib ThreadingHTTPServer
                 round trip is shown as the HTTP floor, and the same server
                 running the action with ``subprocess.run`` as the floor of any
-                proxy built on it.
+                proxy built on it.  Also the proxy's own HTTP handling: GET
+                /healthz against the bare server's GET, target no slower.
 throughput      8 clients on a 50 ms action, ``__OW_ALLOW_CONCURRENT=true``;
                 floor 8 / 0.05 s = 160 req/s.
 memory          VmRSS of the proxy idle after /init (floor: VmRSS of an
@@ -200,6 +201,7 @@ class Handler(BaseHTTPRequestHandler):
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
         self.wfile.write(body)
+    do_GET = do_POST
     def log_message(self, *args):
         pass
 
@@ -237,14 +239,15 @@ def open_connection(port, timeout):
     return sock
 
 
-def exchange(sock, port, path, body):
-    """One POST on ``sock``; returns (status, body).
+def exchange(sock, port, path, body, method="POST"):
+    """One request on ``sock``; returns (status, body).
 
     A minimal HTTP client rather than http.client, whose own parsing would cost
     a good part of the half millisecond the warm targets are about.
     """
-    sock.sendall(b"POST %s HTTP/1.1\r\nHost: 127.0.0.1:%d\r\nContent-Type: application/json"
-                 b"\r\nContent-Length: %d\r\n\r\n%s" % (path.encode(), port, len(body), body))
+    sock.sendall(b"%s %s HTTP/1.1\r\nHost: 127.0.0.1:%d\r\nContent-Type: application/json"
+                 b"\r\nContent-Length: %d\r\n\r\n%s" % (method.encode(), path.encode(), port,
+                                                      len(body), body))
     data = b""
     while b"\r\n\r\n" not in data:
         chunk = sock.recv(65536)
@@ -313,6 +316,10 @@ class Proxy:
         body = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
         with self.connect(patience, timeout) as sock:
             return exchange(sock, self.port, path, body)
+
+    def get(self, path):
+        with self.connect(0.0, 60.0) as sock:
+            return exchange(sock, self.port, path, b"", "GET")
 
     def init(self, value, patience=10.0):
         """/init, waiting for the proxy to listen; the answer's (status, body)."""
@@ -685,6 +692,7 @@ def measure_warm_runs(bench):
                                       compare="ratio", target=lambda value, vs: value < 0.6,
                                       target_label="< 0.6 ms",
                                       note="%.3f ms over the HTTP floor" % (value - http)))
+    figures.append(measure_trivial_route(bench))
     if http_floors:
         figures[:0] = [
             Figure("warm_floor_http", "floor: bare ThreadingHTTPServer POST",
@@ -693,6 +701,18 @@ def measure_warm_runs(bench):
                    statistics.median(exec_floors), "ms"),
         ]
     return figures
+
+
+def measure_trivial_route(bench):
+    """The proxy's own HTTP handling: GET /healthz, against the bare server's GET."""
+    bare_command = [PYTHON, "-c", BARE_SERVER]
+    with started_proxy(bench.action_dir(), command=bare_command) as bare, \
+            started_proxy(bench.action_dir("tiny")) as proxy:
+        value, floor = interleaved_ms([lambda: proxy.get("/healthz"), lambda: bare.get("/")],
+                                      bench.counts["warm_rounds"], bench.counts["warm_calls"])
+    return Figure("trivial_route", "GET /healthz, the proxy's own HTTP handling", value, "ms",
+                  floor, "bare server GET", compare="ratio",
+                  target=lambda value, vs: vs <= 1.0, target_label="<= x1.00 floor")
 
 
 def measure_throughput(bench):
