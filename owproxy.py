@@ -1072,7 +1072,8 @@ class ProxyHandler(BaseHTTPRequestHandler):
         if length is not CHUNKED and length > limit:
             raise HTTPError(413, "The request body has %d bytes, more than the limit of %d."
                             % (length, limit), close=True)
-        if self.headers.get("Expect", "").lower() == "100-continue":
+        if (self.headers.get("Expect", "").lower() == "100-continue"
+                and self.request_version == "HTTP/1.1"):  # HTTP/1.0 knows no 100
             self.send_response_only(100)
             self.end_headers()
             self.wfile.flush()
