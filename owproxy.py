@@ -850,6 +850,17 @@ class HandlerThreads:
             job = jobs.pop()
 
 
+def connection_limit(wanted):
+    """``wanted``, or fewer where the process may not open as many descriptors
+    (each connection takes one; 64 are kept for actions and the proxy itself):
+    past that, accept() would fail and the serving loop spin instead of answering."""
+    import resource
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        return wanted
+    return max(1, min(wanted, soft - 64))
+
+
 class ProxyServer(ThreadingHTTPServer):
     """The HTTP server: a thread per connection, routes from the platform."""
 
@@ -863,6 +874,7 @@ class ProxyServer(ThreadingHTTPServer):
         self.counting = threading.Lock()
         self.bodies = BodyBudget(settings.body_memory, settings.max_header)
         self.threads = HandlerThreads(self.process_request_thread, keep=16)
+        self.max_connections = connection_limit(settings.max_connections)
         ThreadingHTTPServer.__init__(self, (settings.host, settings.port), ProxyHandler)
 
     def handle_error(self, request, client_address):
@@ -892,11 +904,11 @@ class ProxyServer(ThreadingHTTPServer):
         that, a 503 from the serving thread itself, so that a flood of connections
         costs no threads."""
         with self.counting:
-            admitted = self.connections < self.settings.max_connections
+            admitted = self.connections < self.max_connections
             self.connections += admitted
         if not admitted:
             return self.turn_away(request, "The proxy is serving its limit of %d "
-                                           "connections." % self.settings.max_connections)
+                                           "connections." % self.max_connections)
         try:
             self.threads.start(request, client_address)
         except BaseException:

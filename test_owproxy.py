@@ -3206,6 +3206,34 @@ def test_past_the_connection_cap_a_503_at_once_without_a_thread(proxies):
     check_quiet_but_for_runs(proxy)
 
 
+def test_the_connection_cap_stays_within_the_descriptor_limit(proxies):
+    """With only 100 descriptors, the proxy answers 503 past 36 connections rather
+    than failing to accept (and spinning) once they run out."""
+    import resource
+
+    def few_descriptors():
+        resource.setrlimit(resource.RLIMIT_NOFILE, (100, 100))
+
+    proxy = proxies(preexec_fn=few_descriptors)
+    assert proxy.init(ECHO_RESULT).status == 200
+    clients = []
+    try:
+        while len(clients) < 36:
+            client = RawClient(proxy)
+            client.send(head("GET", "/healthz"))
+            if client.response().status == 200:  # served, then kept alive
+                clients.append(client)
+            else:  # a connection of the /init not yet done
+                client.close()
+        refused_alone(proxy, head("POST", "/run", "Content-Length: 2") + b"{}", 503,
+                      "limit of 36 connections")
+    finally:
+        for client in clients:
+            client.close()
+    assert wait_for(lambda: proxy.request("GET", "/healthz").status == 200)
+    check_a_run_still_works(proxy)
+
+
 def server_rx_queue(port, client_port):
     """Bytes the proxy's kernel holds unread for the connection from ``client_port``."""
     with open("/proc/net/tcp") as table:
