@@ -22,7 +22,8 @@ The file reads top to bottom, after a check that this Python can run it:
 
 1. Configuration   settings, each a command-line flag and an environment variable
 2. Logs            the action's log streams and the end-of-activation sentinels
-3. HTTP layer      the server and where it listens, a thin request handler, JSON
+3. HTTP layer      the server, where it listens and its limits (connections, body
+                   memory), a strict request reader, a thin request handler, JSON
                    bodies and errors
 4. Init            installing code: source, zip and tar.gz archives, binaries,
                    runtime images' compile scripts, atomic replacement, scratch
@@ -40,7 +41,7 @@ import sys
 # Every standard module the proxy imports, here or where it needs one; trimmed
 # Pythons (Debian's python3-minimal) lack some.
 STANDARD_MODULES = (
-    "argparse", "ast", "base64", "binascii", "contextlib", "ctypes", "errno", "fcntl",
+    "argparse", "ast", "base64", "binascii", "contextlib", "ctypes", "email", "errno", "fcntl",
     "functools", "gc", "glob", "http", "importlib", "io", "itertools", "json", "os", "re",
     "resource", "select", "selectors", "shutil", "signal", "site", "socket", "socketserver",
     "stat", "subprocess", "tarfile", "tempfile", "threading", "time", "traceback", "urllib",
@@ -77,6 +78,7 @@ try:
     import itertools
     import json
     import os
+    import re
     import selectors
     import signal
     import socket
@@ -160,6 +162,13 @@ def parse_port(text):
     return port
 
 
+def positive_int(text):
+    number = int(text)
+    if number < 1:
+        raise ValueError("not a positive number")
+    return number
+
+
 def parse_flag(text):
     lowered = str(text).strip().lower()
     if lowered in ("1", "true", "yes", "on"):
@@ -223,7 +232,8 @@ class Setting:
     def shown(self):
         """The default as a user would write it."""
         if self.parse is parse_size:
-            return "%dM" % (self.default // MIB)
+            return "%dM" % (self.default // MIB) if self.default >= MIB else "%dK" % (
+                self.default // 1024)
         if isinstance(self.default, tuple):
             return ",".join(self.default)
         if isinstance(self.default, bool):
@@ -251,6 +261,14 @@ SETTINGS = (
             "methods the knative route accepts, e.g. [GET,POST]"),
     Setting("max_body", "--max-body", "OWPROXY_MAX_BODY", 80 * MIB, parse_size,
             "largest request body accepted (K, M, G suffixes)"),
+    Setting("body_memory", "--body-memory", "OWPROXY_BODY_MEMORY", 80 * MIB, parse_size,
+            "request bodies held in memory at once; the next one waits, unread"),
+    Setting("max_header", "--max-header", "OWPROXY_MAX_HEADER", 64 * 1024, parse_size,
+            "largest request head: request line and header fields (or trailers)"),
+    Setting("header_timeout", "--header-timeout", "OWPROXY_HEADER_TIMEOUT", 10.0, parse_seconds,
+            "seconds a client has to send a request's head"),
+    Setting("max_connections", "--max-connections", "OWPROXY_MAX_CONNECTIONS", 1024,
+            positive_int, "connections served at once; past it, 503 at once"),
     Setting("max_archive", "--max-archive", "OWPROXY_MAX_ARCHIVE", 1024 * MIB, parse_size,
             "largest total size a zip or tar.gz may expand to"),
     Setting("compiler", "--compiler", "OW_COMPILER", "", str,
@@ -604,6 +622,8 @@ def import_http_server_without_ssl():
 
 import_http_server_without_ssl()
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer  # noqa: E402
+import email.utils  # noqa: E402  (loaded by http.server already)
+import http.client  # noqa: E402
 
 
 class HTTPError(Exception):
@@ -637,14 +657,24 @@ class Request:
         self.method, self.query, self.headers, self.body = method, query, headers, body
 
     def json(self):
-        """The body as JSON; an empty body or ``null`` is an empty object."""
+        """The body as JSON; an empty body or ``null`` is an empty object.  NaN,
+        Infinity and numbers too large for a float are no JSON: no action's parser
+        would take them back."""
         if not self.body.strip():
             return {}
         try:
-            message = json.loads(self.body)
+            message = json.loads(self.body, parse_constant=reject_constant,
+                                 parse_float=finite_float)
         except (ValueError, RecursionError) as error:
             raise HTTPError(400, "The request body is not valid JSON: %s" % error)
         return {} if message is None else message
+
+
+def finite_float(text):
+    number = float(text)
+    if number in (float("inf"), float("-inf")):
+        raise ValueError("%s is too large a number" % text)
+    return number
 
 
 class WebResponse:
@@ -668,8 +698,358 @@ def encode_answer(status, payload):
         raise HTTPError(502, RUN_TOO_DEEP.format("result"))
 
 
+def json_bytes(payload):
+    """UTF-8 JSON; escaped to ASCII only when it holds lone surrogates."""
+    try:
+        return json.dumps(payload, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        return json.dumps(payload).encode("ascii")
+
+
+# -- reading requests the strict way (RFC 9112) ----------------------------------
+
+MAX_HEADER_FIELDS = 100  # per request head, and per trailer section
+TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+\Z")
+FIELD_VALUE = re.compile(rb"[\t\x20-\x7e\x80-\xff]*\Z")
+HTTP_VERSION = re.compile(r"HTTP/([0-9])\.([0-9])\Z")
+CHUNK_SIZE = re.compile(rb"[0-9A-Fa-f]*\Z")
+CHUNKED = None  # a RequestHead's length when its body comes in chunks
+SHUTTING_DOWN = "The proxy is shutting down."
+
+
+class RequestHead:
+    """A request line and its header fields, read and checked: ``length`` is the
+    body's (CHUNKED when it comes in chunks), ``keep_alive`` whether another
+    request may follow on the connection."""
+
+    def __init__(self, requestline, method, target, version, headers, length, keep_alive):
+        self.requestline, self.method, self.target, self.version = (
+            requestline, method, target, version)
+        self.headers, self.length, self.keep_alive = headers, length, keep_alive
+
+
+class RequestReader:
+    """Reads the requests of one connection as RFC 9112 says, and as nginx, Go's
+    net/http and h11 do: nothing but a whole head (ended by its blank line, within
+    ``max_head`` bytes, ``MAX_HEADER_FIELDS`` fields and ``timeout`` seconds) is a
+    request, and a head whose framing is ambiguous is refused, so that no byte a
+    client sent as a body is ever read as a request.  Errors are HTTPErrors that
+    close the connection; socket.timeout ends it without an answer."""
+
+    def __init__(self, rfile, sock, max_head, timeout):
+        self.rfile, self.sock = rfile, sock
+        self.max_head, self.timeout = max_head, timeout
+        self.deadline = None  # while a head is read: when it must be complete
+        self.room = 0  # bytes the head being read may still take
+
+    def head(self, wait):
+        """The next request's head, or None when the client sends no more (also a
+        head cut short by end-of-file: that is no request).  The clock starts now,
+        or, with ``wait``, once a first byte came within the socket's own timeout
+        (an idle keep-alive connection)."""
+        if wait and not self.rfile.peek(1):
+            return None
+        self.deadline, self.room = time.monotonic() + self.timeout, self.max_head
+        idle = self.sock.gettimeout()
+        try:
+            line = b""
+            while not line:  # empty lines before a request line are allowed
+                line = self.line(HTTPError(414, "The request line is longer than the "
+                                                "limit of %d bytes." % self.max_head, True))
+                if line is None:
+                    return None
+            requestline = line.decode("latin-1")
+            method, target, version = parse_request_line(requestline)
+            fields = self.fields()
+        finally:
+            self.deadline = None
+            self.sock.settimeout(idle)
+        if fields is None:
+            return None
+        headers = http.client.HTTPMessage()
+        for name, value in fields:
+            headers.set_raw(name, value)
+        return RequestHead(requestline, method, target, version, headers,
+                           body_length(version, fields), keeps_alive(version, fields))
+
+    def fields(self):
+        """The header (or trailer) fields up to their blank line, as (name, value)
+        pairs; None at end-of-file."""
+        fields = []
+        too_large = HTTPError(431, "The request's header fields are larger than the limit "
+                                   "of %d bytes." % self.max_head, True)
+        while True:
+            line = self.line(too_large)
+            if not line:
+                return fields if line == b"" else None
+            if len(fields) == MAX_HEADER_FIELDS:
+                raise HTTPError(431, "The request has more than %d header fields."
+                                % MAX_HEADER_FIELDS, True)
+            fields.append(parse_field(line))
+
+    def line(self, too_long):
+        """The next line without its end (CRLF, or a bare LF as RFC 9112 allows);
+        None at end-of-file; ``too_long`` is raised past ``room`` bytes."""
+        parts = []
+        while True:
+            data = self.peek()
+            if not data:
+                return None
+            end = data.find(b"\n", 0, self.room)
+            if end < 0 and len(data) >= self.room:
+                raise too_long
+            taken = self.rfile.read(len(data) if end < 0 else end + 1)
+            self.room -= len(taken)
+            parts.append(taken)
+            if end >= 0:
+                line = b"".join(parts)[:-1]
+                line = line[:-1] if line.endswith(b"\r") else line
+                if b"\r" in line:
+                    raise HTTPError(400, "A line of the request holds a bare CR.", True)
+                return line
+
+    def peek(self):
+        """What has arrived, waiting for more only until the deadline, if any."""
+        if self.deadline is not None:
+            left = self.deadline - time.monotonic()
+            if left <= 0:
+                raise socket.timeout("the request head took too long")
+            self.sock.settimeout(left)
+        return self.rfile.peek(1)
+
+    # -- bodies --------------------------------------------------------------------
+
+    def body(self, length, limit):
+        """The body of a head whose length is within ``limit`` (checked before);
+        a chunked body is checked against ``limit`` as it comes."""
+        if length is CHUNKED:
+            return self.chunked(limit)
+        body = self.rfile.read(length)
+        if len(body) < length:
+            raise HTTPError(400, "The request body ended early.", close=True)
+        return body
+
+    def chunked(self, limit):
+        chunks, total = [], 0
+        while True:
+            size = self.chunk_size()
+            if size == 0:
+                break
+            total += size
+            if total > limit:
+                raise HTTPError(413, "The request body is more than the limit of %d bytes."
+                                % limit, close=True)
+            chunk = self.rfile.read(size)
+            if len(chunk) < size or self.rfile.read(2) != b"\r\n":
+                raise HTTPError(400, "The chunked request body is malformed.", close=True)
+            chunks.append(chunk)
+        self.room = self.max_head  # trailers: as many bytes and fields as a head
+        if self.fields() is None:
+            raise HTTPError(400, "The chunked request body is malformed.", close=True)
+        return b"".join(chunks)
+
+    def chunk_size(self):
+        """The size on a chunk's first line: leading zeros, however many, are
+        skipped as they come; an extension is ignored; a size too large for any
+        body is a 413 without reading more."""
+        zeros = self.skip_zeros()
+        self.room = self.max_head
+        line = self.line(HTTPError(400, "The chunked request body is malformed.", True))
+        digits = (line or b"").partition(b";")[0].rstrip(b" \t")
+        if line is None or not (digits or zeros) or not CHUNK_SIZE.match(digits):
+            raise HTTPError(400, "The chunked request body is malformed.", close=True)
+        if len(digits) > 15:
+            raise HTTPError(413, "A chunk of the request body is larger than any body "
+                                 "the proxy accepts.", close=True)
+        return int(digits or b"0", 16)
+
+    def skip_zeros(self):
+        skipped = 0
+        while True:
+            data = self.peek()
+            zeros = len(data) - len(data.lstrip(b"0"))
+            if zeros:
+                skipped += len(self.rfile.read(zeros))
+            if zeros < len(data) or not data:
+                return skipped
+
+
+def parse_request_line(requestline):
+    """``(method, target, version)``, with http.server's own messages for what it
+    would refuse too.  Two words are an HTTP/0.9 GET."""
+    words = requestline.split()
+    if len(words) == 3:
+        version = HTTP_VERSION.match(words[2])
+        if not version:
+            raise HTTPError(400, "Bad request version (%r)" % words[2], True)
+        if version.group(1) != "1":
+            raise HTTPError(505, "Invalid HTTP version (%s)" % words[2][5:], True)
+    elif len(words) == 2 and words[0] == "GET":
+        words.append("HTTP/0.9")
+    elif len(words) == 2:
+        raise HTTPError(400, "Bad HTTP/0.9 request type (%r)" % words[0], True)
+    else:
+        raise HTTPError(400, "Bad request syntax (%r)" % requestline, True)
+    if not TOKEN.match(words[0].encode("latin-1")):
+        raise HTTPError(400, "Bad request method (%r)" % words[0], True)
+    return tuple(words)
+
+
+def parse_field(line):
+    """A header field line as (name, value): a token, a colon, a value of visible
+    characters, spaces and tabs.  A line folded onto the previous one is refused."""
+    name, colon, value = line.partition(b":")
+    if line[:1] in (b" ", b"\t"):
+        raise HTTPError(400, "A header field is folded over two lines.", True)
+    if not colon or not TOKEN.match(name):
+        raise HTTPError(400, "The header line %r is not a name, a colon and a value."
+                        % line[:100].decode("latin-1"), True)
+    value = value.strip(b" \t")
+    if not FIELD_VALUE.match(value):
+        raise HTTPError(400, "The header field %s holds a control character."
+                        % name.decode("latin-1"), True)
+    return name.decode("latin-1"), value.decode("latin-1")
+
+
+def field_list(fields, wanted):
+    """The comma-separated elements of every field named ``wanted``."""
+    return [element.strip() for name, value in fields if name.lower() == wanted
+            for element in value.split(",")]
+
+
+def body_length(version, fields):
+    """The body's length from Content-Length, or CHUNKED: anything else that a
+    server and a proxy before it could read differently is refused."""
+    codings = field_list(fields, "transfer-encoding")
+    lengths = set(field_list(fields, "content-length"))
+    if codings and lengths:
+        raise HTTPError(400, "The request has both a Content-Length and a "
+                             "Transfer-Encoding.", True)
+    if codings and version != "HTTP/1.1":
+        raise HTTPError(400, "Transfer-Encoding is not allowed in %s." % version, True)
+    if codings:
+        if [coding.lower() for coding in codings] != ["chunked"]:
+            raise HTTPError(501, "The Transfer-Encoding %s is not supported; send chunked or "
+                                 "a Content-Length." % ", ".join(codings), True)
+        return CHUNKED
+    if len(lengths) > 1:
+        raise HTTPError(400, "The request has differing Content-Length values.", True)
+    length = lengths.pop() if lengths else "0"
+    if not (length.isascii() and length.isdigit()):
+        raise HTTPError(400, "The Content-Length header is not a length.", True)
+    length = length.lstrip("0") or "0"
+    return int(length) if len(length) <= 18 else 10 ** 18  # more than any limit
+
+
+def keeps_alive(version, fields):
+    """HTTP/1.1 keeps the connection unless told to close; HTTP/1.0 only if asked."""
+    options = {option.lower() for option in field_list(fields, "connection")}
+    if "close" in options:
+        return False
+    return version == "HTTP/1.1" or version == "HTTP/1.0" and "keep-alive" in options
+
+
+class BodyBudget:
+    """How many bytes of request bodies may be in memory at once.  A body that
+    does not fit waits, unread in its socket (TCP holds its sender back), until
+    the bodies before it are answered; one alone always fits.  A body no larger
+    than ``small`` (a head's limit) is counted with its connection instead, so
+    that large ones never hold small ones up."""
+
+    def __init__(self, size, small):
+        self.size, self.small, self.held = size, small, 0
+        self.changed = threading.Condition()
+
+    @contextlib.contextmanager
+    def holding(self, size):
+        if size <= self.small:
+            yield
+            return
+        with self.changed:
+            while self.held and self.held + size > self.size:
+                self.changed.wait()
+            self.held += size
+        try:
+            yield
+        finally:
+            with self.changed:
+                self.held -= size
+                self.changed.notify_all()
+
+
+def error_bytes(status, message):
+    """A whole answer that closes the connection, for a socket no handler serves."""
+    status, body, headers = encode_answer(status, {"error": message})
+    lines = ["HTTP/1.1 %d %s" % (status, http.HTTPStatus(status).phrase),
+             "Server: " + ProxyHandler.server_version,
+             "Date: " + email.utils.formatdate(usegmt=True),
+             "Content-Length: %d" % len(body)]
+    lines += ["%s: %s" % pair for pair in headers] + ["Connection: close", "", ""]
+    return "\r\n".join(lines).encode("latin-1") + body
+
+
+def linger(sock, seconds):
+    """Ends a connection whose client may still be sending what the proxy will not
+    read (a refused body, a request after ``Connection: close``): a close with
+    unread data would reset the connection, and the client could lose the answer.
+    Says it is done, then reads and drops the rest until the client closes too,
+    for at most ``seconds``."""
+    end = time.monotonic() + seconds
+    try:
+        sock.shutdown(socket.SHUT_WR)
+        while time.monotonic() < end:
+            sock.settimeout(max(end - time.monotonic(), 0.001))
+            if not sock.recv(65536):
+                return
+    except OSError:
+        pass
+
+
+class HandlerThreads:
+    """The threads that serve connections.  A thread is kept after its connection
+    for the next one (up to ``keep`` of them wait idle) instead of being started
+    anew for each: handing a connection over costs a fraction of a thread start."""
+
+    def __init__(self, serve, keep):
+        self.serve, self.keep = serve, keep
+        self.idle = []  # the (wake-up lock, job list) of each thread waiting
+        self.lock = threading.Lock()
+
+    def start(self, *job):
+        with self.lock:
+            waiting = self.idle.pop() if self.idle else None
+        if waiting is None:
+            threading.Thread(target=self.work, args=job, daemon=True).start()
+        else:
+            waiting[1].append(job)
+            waiting[0].release()
+
+    def work(self, *job):
+        wake, jobs = threading.Lock(), []
+        wake.acquire()
+        while True:
+            self.serve(*job)
+            with self.lock:
+                if len(self.idle) >= self.keep:
+                    return
+                self.idle.append((wake, jobs))
+            wake.acquire()
+            job = jobs.pop()
+
+
+def connection_limit(wanted):
+    """``wanted``, or fewer where the process may not open as many descriptors
+    (each connection takes one; 64 are kept for actions and the proxy itself):
+    past that, accept() would fail and the serving loop spin instead of answering."""
+    import resource
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        return wanted
+    return max(1, min(wanted, soft - 64))
+
+
 class ProxyServer(ThreadingHTTPServer):
-    """The HTTP server: one thread per connection, routes from the platform."""
+    """The HTTP server: a thread per connection, routes from the platform."""
 
     request_queue_size = 128
     poll_interval = 0.05  # seconds serve_forever() waits for a connection at most
@@ -677,8 +1057,11 @@ class ProxyServer(ThreadingHTTPServer):
     def __init__(self, settings, routes, logs, processes):
         self.settings, self.routes, self.logs, self.processes = settings, routes, logs, processes
         self.stopping = self.hurried = False
-        self.in_flight = 0
+        self.in_flight = self.connections = 0
         self.counting = threading.Lock()
+        self.bodies = BodyBudget(settings.body_memory, settings.max_header)
+        self.threads = HandlerThreads(self.process_request_thread, keep=16)
+        self.max_connections = connection_limit(settings.max_connections)
         self.address_family, address = listening_address(settings.host, settings.port)
         ThreadingHTTPServer.__init__(self, address, ProxyHandler)
 
@@ -713,6 +1096,56 @@ class ProxyServer(ThreadingHTTPServer):
     def working(self, delta):
         with self.counting:
             self.in_flight += delta
+
+    def process_request(self, request, client_address):
+        """A thread for the connection, up to ``max_connections`` of them; past
+        that, a 503 from the serving thread itself, so that a flood of connections
+        costs no threads."""
+        with self.counting:
+            admitted = self.connections < self.max_connections
+            self.connections += admitted
+        if not admitted:
+            return self.turn_away(request, "The proxy is serving its limit of %d "
+                                           "connections." % self.max_connections)
+        try:
+            self.threads.start(request, client_address)
+        except BaseException:
+            self.connection_ended()
+            raise
+
+    def process_request_thread(self, request, client_address):
+        try:
+            ThreadingHTTPServer.process_request_thread(self, request, client_address)
+        finally:
+            self.connection_ended()
+
+    def connection_ended(self):
+        with self.counting:
+            self.connections -= 1
+
+    def turn_away(self, sock, message):
+        """503 and close, without a thread: what the client sent so far is read
+        first, so that closing does not reset the connection."""
+        try:
+            sock.setblocking(False)
+            with contextlib.suppress(BlockingIOError):
+                sock.recv(65536)
+            sock.send(error_bytes(503, message))
+            sock.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass
+        sock.close()
+
+    def turn_away_waiting(self):
+        """At the end: a 503 to every connection still waiting to be accepted,
+        which closing the socket would reset."""
+        self.socket.setblocking(False)
+        while True:
+            try:
+                sock, _ = self.socket.accept()
+            except OSError:
+                return
+            self.turn_away(sock, SHUTTING_DOWN)
 
     def serve_until_idle(self, timeout):
         """Goes on serving while requests are in flight, at most ``timeout`` seconds
@@ -752,28 +1185,50 @@ def url_host(host):
     return "[%s]" % host if ":" in host and not host.startswith("[") else host
 
 
-def json_bytes(payload):
-    """UTF-8 JSON; escaped to ASCII only when it holds lone surrogates."""
-    try:
-        return json.dumps(payload, ensure_ascii=False).encode("utf-8")
-    except UnicodeEncodeError:
-        return json.dumps(payload).encode("ascii")
-
-
 class ProxyHandler(BaseHTTPRequestHandler):
-    """Reads one request, finds its route, and writes one answer."""
+    """Reads one request at a time (RequestReader), finds its route, and writes
+    one answer."""
 
     protocol_version = "HTTP/1.1"
     server_version = "owproxy/" + __version__
     disable_nagle_algorithm = True
     wbufsize = 65536  # so that head and body leave in one write
-    timeout = 120  # seconds a client may stall while sending
+    timeout = 120  # seconds a client may stall while sending a body or between requests
+    linger_seconds = 2.0  # how long a client may go on sending once the proxy closes
     route = None
 
-    def __getattr__(self, name):
-        if name.startswith("do_"):
-            return self.dispatch
-        raise AttributeError(name)
+    def setup(self):
+        BaseHTTPRequestHandler.setup(self)
+        settings = self.server.settings
+        self.reader = RequestReader(self.rfile, self.connection, settings.max_header,
+                                    settings.header_timeout)
+        self.served = 0
+
+    def handle_one_request(self):
+        try:
+            if self.parse_request():
+                self.dispatch()
+        except socket.timeout:  # a client too slow with its head, or silent too long
+            self.close_connection = True
+
+    def parse_request(self):
+        """Reads the next request's head; False when there is none to serve (the
+        connection then closes), after an answer if it was refused."""
+        self.close_connection, self.route = True, None
+        self.command, self.requestline = "", ""
+        self.request_version = self.default_request_version
+        try:
+            head = self.reader.head(wait=self.served > 0)
+        except HTTPError as error:
+            self.refuse(error.status, error.message)
+            return False
+        if head is None:
+            return False
+        self.served += 1
+        self.requestline, self.command, self.path = head.requestline, head.method, head.target
+        self.request_version, self.headers, self.head = head.version, head.headers, head
+        self.close_connection = not head.keep_alive
+        return True
 
     def dispatch(self):
         path, _, query = self.path.partition("?")
@@ -786,12 +1241,18 @@ class ProxyHandler(BaseHTTPRequestHandler):
                 [("Allow", ", ".join(route.methods))] + route.headers)
         elif self.command == "OPTIONS" and route.preflight:
             self.preflight(route)
+        elif self.shutting_down(route):  # at once: no waiting for the route's lock
+            self.refuse(503, SHUTTING_DOWN)
         else:
             self.server.working(+1)
             try:
-                self.serve(route, query)
+                with self.server.bodies.holding(self.body_size()):
+                    self.serve(route, query)
             finally:
                 self.server.working(-1)
+
+    def shutting_down(self, route):
+        return self.server.stopping and not route.quiet
 
     def serve(self, route, query):
         """Reads the body, then runs the handler under the route's lock: a slow
@@ -824,8 +1285,8 @@ class ProxyHandler(BaseHTTPRequestHandler):
         try:
             if isinstance(request, HTTPError):
                 raise request
-            if self.server.stopping and not route.quiet:
-                raise HTTPError(503, "The proxy is shutting down.", close=True)
+            if self.shutting_down(route):  # it began while this request waited
+                raise HTTPError(503, SHUTTING_DOWN, close=True)
             status, payload = route.handle(request)
             return encode_answer(status, payload)
         except HTTPError as error:
@@ -837,57 +1298,22 @@ class ProxyHandler(BaseHTTPRequestHandler):
 
     # -- request bodies --------------------------------------------------------
 
-    def handle_expect_100(self):
-        """Answer 100 Continue only once the body is known to be wanted (read_body)."""
-        return True
+    def body_size(self):
+        """What the body will take in memory: a chunked one may take the limit."""
+        length = self.head.length
+        return self.server.settings.max_body if length is CHUNKED else length
 
     def read_body(self):
-        limit = self.server.settings.max_body
-        if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
-            self.continue_if_expected()
-            return self.read_chunked(limit)
-        try:
-            length = int(self.headers.get("Content-Length") or 0)
-            if length < 0:
-                raise ValueError
-        except ValueError:
-            raise HTTPError(400, "The Content-Length header is not a length.", close=True)
-        if length > limit:
+        limit, length = self.server.settings.max_body, self.head.length
+        if length is not CHUNKED and length > limit:
             raise HTTPError(413, "The request body has %d bytes, more than the limit of %d."
                             % (length, limit), close=True)
-        self.continue_if_expected()
-        body = self.rfile.read(length)
-        if len(body) < length:
-            raise HTTPError(400, "The request body ended early.", close=True)
-        return body
-
-    def continue_if_expected(self):
-        if self.headers.get("Expect", "").lower() == "100-continue":
+        if (self.headers.get("Expect", "").lower() == "100-continue"
+                and self.request_version == "HTTP/1.1"):  # HTTP/1.0 knows no 100
             self.send_response_only(100)
             self.end_headers()
             self.wfile.flush()
-
-    def read_chunked(self, limit):
-        chunks, total = [], 0
-        while True:
-            line = self.rfile.readline(1024)
-            digits = line.split(b";", 1)[0].strip()
-            if not digits or not set(digits) <= HEX_DIGITS:
-                raise HTTPError(400, "The chunked request body is malformed.", close=True)
-            size = int(digits, 16)
-            if size == 0:
-                break
-            total += size
-            if total > limit:
-                raise HTTPError(413, "The request body is more than the limit of %d bytes."
-                                % limit, close=True)
-            chunk = self.rfile.read(size)
-            if len(chunk) < size or self.rfile.read(2) != b"\r\n":
-                raise HTTPError(400, "The chunked request body is malformed.", close=True)
-            chunks.append(chunk)
-        while self.rfile.readline(1024).strip():
-            pass  # trailer fields carry nothing the proxy uses
-        return b"".join(chunks)
+        return self.reader.body(length, limit)
 
     # -- answers ---------------------------------------------------------------
 
@@ -913,11 +1339,9 @@ class ProxyHandler(BaseHTTPRequestHandler):
         status, body, json_headers = encode_answer(status, {"error": message})
         self.answer(status, body, json_headers + list(headers))
 
-    def send_error(self, code, message=None, explain=None):
-        """The server's own errors (a garbage request line, ...) as JSON too."""
-        self.close_connection = True
-        message = message or self.responses.get(code, ("Error",))[0]
-        self.answer(*encode_answer(code, {"error": message}))
+    def finish(self):
+        BaseHTTPRequestHandler.finish(self)
+        linger(self.connection, self.linger_seconds)
 
     def version_string(self):
         return self.server_version
@@ -3104,13 +3528,6 @@ def client_parser():
     return parser
 
 
-def positive_int(text):
-    number = int(text)
-    if number < 1:
-        raise ValueError("not a positive number")
-    return number
-
-
 CLIENT_COMMANDS = {"invoke": invoke, "init": client_init, "run": client_run}
 
 
@@ -3170,6 +3587,7 @@ def serve(settings, runner):
     processes.kill_all()  # overdue activations
     server.hurried = False
     server.serve_until_idle(2.0)  # their answers
+    server.turn_away_waiting()
     server.server_close()
     return 0
 

@@ -4465,6 +4465,554 @@ def test_an_actionloop_program_without_loop_is_diagnosed(proxy, program):
 
 
 # ---------------------------------------------------------------------------
+# Hostile HTTP clients: strict heads and framing, bounded memory (branch http)
+# ---------------------------------------------------------------------------
+
+SMUGGLED = b"GET /readyz HTTP/1.1\r\nHost: x\r\n\r\n"
+ECHO_ARGUMENT = "#!/bin/sh\nprintf '%s\\n' \"$1\"\n"
+
+
+def refused_alone(proxy, data, status, fragment=None):
+    """Sends ``data`` (a smuggled request at its end), expects one JSON error of
+    ``status``, then the connection closed with nothing more: the smuggled request
+    is never answered."""
+    client = RawClient(proxy)
+    try:
+        client.send(data + SMUGGLED)
+        response = client.response()
+        assert response.status == status, (data, response)
+        check_json_response(response)
+        assert response.headers["connection"] == "close", response
+        if fragment:
+            assert fragment in response.json["error"], response
+        assert client.closed_by_peer(), (data, client.buffer)
+        return response
+    finally:
+        client.close()
+
+
+@pytest.fixture(scope="module")
+def strict_proxy(tmp_path_factory):
+    """One proxy for the many framing cases: its action echoes its argument."""
+    proxy = Proxy(tmp_path_factory.mktemp("strict"), ["--max-body", "100000"])
+    assert proxy.init(ECHO_ARGUMENT).status == 200
+    yield proxy
+    proxy.stop()
+
+
+def test_a_head_cut_off_by_end_of_file_is_no_request(proxy):
+    assert proxy.init(bash("touch ran\necho '{}'")).status == 200
+    for path in ("/run", "/init"):
+        client = RawClient(proxy)
+        try:
+            client.send(b"POST %s HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n" % path.encode())
+            client.sock.shutdown(socket.SHUT_WR)
+            assert client.closed_by_peer(), client.buffer  # closed, and nothing answered
+        finally:
+            client.close()
+    assert not (proxy.action_dir / "ran").exists()
+    assert proxy.logs() == ("", "")
+
+
+def test_a_cut_off_init_does_not_seal_a_baked_action(proxy):
+    (proxy.action_dir / "exec").write_text(ECHO_RESULT)
+    (proxy.action_dir / "exec").chmod(0o755)
+    client = RawClient(proxy)
+    try:
+        client.send(b"POST /init HTTP/1.1\r\nHost: x\r\n")
+        client.sock.shutdown(socket.SHUT_WR)
+        assert client.closed_by_peer()
+    finally:
+        client.close()
+    assert proxy.init(ECHO_BASH).status == 200  # the invoker's own /init is still the first
+    check_a_run_still_works_with(proxy, {"value": {"n": 1}}, {"n": 1})
+
+
+def check_a_run_still_works_with(proxy, body, result):
+    response = proxy.post("/run", body, timeout=10)
+    assert (response.status, response.json) == (200, result)
+
+
+SMUGGLING = {
+    "conflicting content-lengths": (
+        head("POST", "/run", "Content-Length: 0", "Content-Length: %d" % len(SMUGGLED)),
+        400, "differing Content-Length"),
+    "a list of content-lengths": (
+        head("POST", "/run", "Content-Length: 0, %d" % len(SMUGGLED)), 400, "differing"),
+    "a line without a colon hides a content-length": (
+        head("POST", "/run", "X-No-Colon", "Content-Length: %d" % len(SMUGGLED)),
+        400, "not a name, a colon and a value"),
+    "content-length and transfer-encoding": (
+        head("POST", "/run", "Content-Length: %d" % len(SMUGGLED), "Transfer-Encoding: chunked")
+        + b"0\r\n\r\n", 400, "both a Content-Length and a Transfer-Encoding"),
+    "xchunked": (head("POST", "/run", "Transfer-Encoding: xchunked") + b"0\r\n\r\n", 501,
+                 "xchunked is not supported"),
+    "chunked then gzip": (head("POST", "/run", "Transfer-Encoding: chunked, gzip")
+                          + b"0\r\n\r\n", 501, "chunked, gzip is not supported"),
+    "chunked twice": (head("POST", "/run", "Transfer-Encoding: chunked",
+                           "Transfer-Encoding: chunked") + b"0\r\n\r\n", 501, "supported"),
+    "content-length with a plus": (head("POST", "/run", "Content-Length: +17"), 400,
+                                   "not a length"),
+    "content-length with an underscore": (head("POST", "/run", "Content-Length: 1_7"), 400,
+                                          "not a length"),
+    "obs-fold": (head("POST", "/run", "X-A: 1", " folded", "Content-Length: 0"), 400, "folded"),
+    "bare CR in a value": (head("POST", "/run", "X-A: 1\r2", "Content-Length: 0"), 400,
+                           "bare CR"),
+    "a name that is no token": (head("POST", "/run", "X(A): 1", "Content-Length: 0"), 400,
+                                "not a name"),
+    "a space before the colon": (head("POST", "/run", "Content-Length : 0"), 400, "not a name"),
+    "a control character in a value": (head("POST", "/run", "X-A: 1\x002"), 400,
+                                       "control character"),
+    "transfer-encoding in HTTP/1.0": (
+        b"POST /run HTTP/1.0\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n", 400,
+        "not allowed in HTTP/1.0"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(SMUGGLING))
+def test_ambiguous_framing_is_refused_and_closes(strict_proxy, case):
+    data, status, fragment = SMUGGLING[case]
+    refused_alone(strict_proxy, data, status, fragment)
+    check_a_run_still_works_with(strict_proxy, {"value": {"n": 1}}, {"n": 1})
+
+
+def test_a_chunk_size_with_any_number_of_leading_zeros_is_read_as_its_value(proxy):
+    assert proxy.init(ECHO_ARGUMENT).status == 200
+    body = json.dumps({"value": {"text": SMUGGLED.decode()}}).encode()
+    client = RawClient(proxy)
+    try:
+        client.send(head("POST", "/run", "Transfer-Encoding: chunked", "Connection: close")
+                    + b"0" * 5000 + b"%x\r\n" % len(body) + body + b"\r\n"
+                    + b"0" * 3000 + b"\r\n\r\n" + SMUGGLED)
+        response = client.response()
+        assert (response.status, response.json) == (200, {"text": SMUGGLED.decode()})
+        assert client.closed_by_peer()  # the request after Connection: close is not read
+    finally:
+        client.close()
+
+
+def test_connection_close_anywhere_in_the_list_closes(proxy):
+    assert proxy.init(ECHO_RESULT).status == 200
+    client = RawClient(proxy)
+    try:
+        client.send(head("POST", "/run", "Content-Length: 2", "Connection: keep-alive, close")
+                    + b"{}" + SMUGGLED)
+        response = client.response()
+        assert (response.status, response.headers["connection"]) == (200, "close")
+        assert client.closed_by_peer()
+    finally:
+        client.close()
+
+
+def test_http_1_0_closes_unless_asked_to_keep_alive(proxy):
+    assert proxy.init(ECHO_RESULT).status == 200
+    request = b"GET /healthz HTTP/1.0\r\n%s\r\n"
+    client = RawClient(proxy)
+    try:
+        client.send(request % b"" + SMUGGLED)
+        assert client.response().status == 200
+        assert client.closed_by_peer()
+    finally:
+        client.close()
+    client = RawClient(proxy)
+    try:
+        client.send(request % b"Connection: Keep-Alive\r\n" + SMUGGLED)
+        assert client.response().json == {"status": "ok"}
+        assert client.response().json == {"ready": True}  # kept alive, as asked
+    finally:
+        client.close()
+
+
+def test_a_4xx_with_the_body_unread_closes(proxy):
+    assert proxy.init(ECHO_RESULT).status == 200
+    refused_alone(proxy, head("POST", "/nowhere", "Content-Length: %d" % len(SMUGGLED)), 404)
+    refused_alone(proxy, head("PUT", "/run", "Content-Length: %d" % len(SMUGGLED)), 405)
+    check_quiet_but_for_runs(proxy)
+
+
+def check_quiet_but_for_runs(proxy):
+    assert proxy.logs() == ("", ""), proxy.logs()
+    check_a_run_still_works(proxy)
+
+
+@pytest.mark.parametrize("how", ["flag", "env"])
+def test_header_bytes_and_fields_are_bounded(proxies, how):
+    proxy = (proxies("--max-header", "2K") if how == "flag"
+             else proxies(env={"OWPROXY_MAX_HEADER": "2K"}))
+    assert proxy.init(ECHO_RESULT).status == 200
+    refused_alone(proxy, head("POST", "/run", *["X-A: " + "a" * 100] * 20), 431,
+                  "larger than the limit of 2048 bytes")
+    refused_alone(proxy, head("POST", "/run", "X-Long: " + "a" * 3000), 431, "2048")
+    refused_alone(proxy, head("POST", "/run", *["X: 1"] * 101), 431, "more than 100 header")
+    refused_alone(proxy, b"GET /" + b"a" * 3000 + b" HTTP/1.1\r\n\r\n", 414, "request line")
+    ok = raw_request(proxy, head("POST", "/run", "Content-Length: 2", *["X: 1"] * 95) + b"{}")
+    assert (ok.status, ok.json) == (200, {"ok": "run"})
+    check_streams(proxy, sentinels=1)  # the one /run; the refusals wrote nothing
+
+
+def test_a_slow_head_is_cut_off_at_the_header_timeout(proxies):
+    proxy = proxies("--header-timeout", "0.5")
+    assert proxy.init(bash("touch ran\necho '{}'")).status == 200
+    client = RawClient(proxy, timeout=30)
+    try:
+        for byte in head("POST", "/run", "Content-Length: 2"):  # never ends its head
+            try:
+                client.send(bytes([byte]))
+            except OSError:
+                break  # closed by the proxy
+            time.sleep(0.05)
+        assert client.closed_by_peer(), client.buffer  # closed without an answer
+    finally:
+        client.close()
+    assert not (proxy.action_dir / "ran").exists()
+    silent = RawClient(proxy, timeout=30)
+    try:
+        assert silent.closed_by_peer()  # a connection that sends nothing at all
+    finally:
+        silent.close()
+    assert proxy.logs() == ("", "")
+
+
+def proc_status(pid, field):
+    with open("/proc/%d/status" % pid) as status:
+        return next(int(line.split()[1]) for line in status if line.startswith(field + ":"))
+
+
+def test_past_the_connection_cap_a_503_at_once_without_a_thread(proxies):
+    proxy = proxies("--max-connections", "2", "--header-timeout", "60")
+    assert proxy.init(ECHO_RESULT).status == 200
+    held = []
+
+    def hold():
+        """A connection served, so surely accepted, then kept alive: once the
+        connections of the /init are done, two of these fill the cap."""
+        client = RawClient(proxy)
+        client.send(head("GET", "/healthz"))
+        if client.response().status == 200:
+            held.append(client)
+        else:
+            client.close()
+        return len(held) == 2
+
+    try:
+        assert wait_for(hold)
+        threads = proc_status(proxy.process.pid, "Threads")
+        for _ in range(30):
+            response = refused_alone(proxy, head("POST", "/run", "Content-Length: 2") + b"{}",
+                                     503, "limit of 2 connections")
+        assert proc_status(proxy.process.pid, "Threads") <= threads
+    finally:
+        for client in held:
+            client.close()
+    assert wait_for(lambda: proxy.request("GET", "/healthz").status == 200)
+    check_quiet_but_for_runs(proxy)
+
+
+def test_the_connection_cap_stays_within_the_descriptor_limit(proxies):
+    """With only 100 descriptors, the proxy answers 503 past 36 connections rather
+    than failing to accept (and spinning) once they run out."""
+    import resource
+
+    def few_descriptors():
+        resource.setrlimit(resource.RLIMIT_NOFILE, (100, 100))
+
+    proxy = proxies(preexec_fn=few_descriptors)
+    assert proxy.init(ECHO_RESULT).status == 200
+    clients = []
+    try:
+        while len(clients) < 36:
+            client = RawClient(proxy)
+            client.send(head("GET", "/healthz"))
+            if client.response().status == 200:  # served, then kept alive
+                clients.append(client)
+            else:  # a connection of the /init not yet done
+                client.close()
+        refused_alone(proxy, head("POST", "/run", "Content-Length: 2") + b"{}", 503,
+                      "limit of 36 connections")
+    finally:
+        for client in clients:
+            client.close()
+    assert wait_for(lambda: proxy.request("GET", "/healthz").status == 200)
+    check_a_run_still_works(proxy)
+
+
+def server_rx_queue(port, client_port):
+    """Bytes the proxy's kernel holds unread for the connection from ``client_port``."""
+    with open("/proc/net/tcp") as table:
+        for line in table.readlines()[1:]:
+            local, remote, _, queues = line.split()[1:5]
+            if (int(local.split(":")[1], 16), int(remote.split(":")[1], 16)) == (
+                    port, client_port):
+                return int(queues.split(":")[1], 16)
+    return None
+
+
+def test_a_body_beyond_the_memory_budget_waits_unread_in_its_socket(proxies):
+    proxy = proxies("--max-body", "200K", "--body-memory", "150K")
+    assert proxy.init(bash("""
+touch started
+while [ ! -e release ]; do sleep 0.02; done
+echo '{"done": true}'""")).status == 200
+    body = json.dumps({"value": {"x": "y" * 90000}}).encode()  # over a head's 64 KiB
+    first = in_thread(proxy.post, "/run", body, timeout=60)
+    assert wait_for(lambda: (proxy.action_dir / "started").exists())
+    waiting = RawClient(proxy, timeout=60)
+    try:
+        waiting.send(head("POST", "/run", "Content-Length: %d" % len(body)) + body)
+        client_port = waiting.sock.getsockname()[1]
+        assert wait_for(lambda: (server_rx_queue(proxy.port, client_port) or 0) > 60000)
+        time.sleep(0.3)
+        assert server_rx_queue(proxy.port, client_port) > 60000  # still unread
+        (proxy.action_dir / "release").write_text("")
+        assert first().json == {"done": True}
+        response = waiting.response()
+        assert (response.status, response.json) == (200, {"done": True})
+    finally:
+        waiting.close()
+
+
+NON_JSON_NUMBERS = [b"NaN", b"Infinity", b"-Infinity", b"1e999", b"-1e999"]
+
+
+@pytest.mark.parametrize("number", NON_JSON_NUMBERS, ids=lambda n: n.decode())
+@pytest.mark.parametrize("mode", ["exec", "loop", "function", "knative"])
+def test_non_json_numbers_are_400_in_every_mode(proxies, mode, number):
+    if mode == "loop":
+        proxy = proxies("--loop")
+        code = bash("while read -r line; do touch ran; echo '{}' >&3; done")
+    elif mode == "function":
+        proxy = proxies()
+        code = "import os\ndef main(args):\n    open('ran', 'w').close()\n    return {}\n"
+    else:
+        proxy = proxies(env={"__OW_RUNTIME_PLATFORM": "knative"} if mode == "knative" else {})
+        code = bash("touch ran\necho '{}'")
+    path = "/" if mode == "knative" else "/run"
+    if mode == "exec":
+        response = proxy.post("/init", b'{"value": {"code": "x", "n": %s}}' % number)
+        assert (response.status, "not valid JSON" in response.json["error"]) == (400, True)
+    if mode == "knative":
+        assert proxy.post("/", {"init": {"code": code}}).status == 200
+    else:
+        assert proxy.init(code).status == 200
+    response = proxy.post(path, b'{"value": {"x": %s}}' % number,
+                          headers={"Content-Type": "application/json"})
+    assert response.status == 400, response
+    assert "not valid JSON" in response.json["error"], response
+    assert not (proxy.action_dir / "ran").exists()
+
+
+def test_between_the_grace_and_the_close_a_request_gets_503_not_a_reset(proxies):
+    proxy = proxies("--loop")
+    # An idle warm process that ignores the end of its input: closing it takes the
+    # whole second the proxy gives it, while the proxy no longer serves.
+    assert proxy.init(bash("""
+while true; do
+  IFS= read -r line || { touch closing; sleep 30; }
+  echo '{"ok": "run"}' >&3
+done""")).status == 200
+    check_a_run_still_works(proxy)
+    proxy.process.send_signal(signal.SIGTERM)
+    assert wait_for(lambda: (proxy.action_dir / "closing").exists())
+    client = RawClient(proxy, timeout=30)
+    try:
+        client.send(head("POST", "/run", "Content-Length: 2") + b"{}")
+        response = client.response()
+        assert (response.status, response.json) == (503, {"error": "The proxy is shutting down."})
+        assert client.closed_by_peer()
+    finally:
+        client.close()
+    assert proxy.process.wait(30) == 0
+
+
+def test_in_serial_mode_a_run_during_the_grace_gets_503_before_the_running_one_ends(proxies):
+    proxy = proxies("--grace", "60")
+    assert proxy.init(bash("""
+touch started
+while [ ! -e release ]; do sleep 0.02; done
+echo '{"done": true}'""")).status == 200
+    run = in_thread(proxy.run, timeout=60)
+    assert wait_for(lambda: (proxy.action_dir / "started").exists())
+    proxy.process.send_signal(signal.SIGTERM)
+    assert wait_for(lambda: proxy.request("GET", "/readyz").status == 503)
+    refused = proxy.run(timeout=30)  # without the fix: waits for the release, forever
+    assert (refused.status, refused.json) == (503, {"error": "The proxy is shutting down."})
+    assert not (proxy.action_dir / "release").exists()
+    (proxy.action_dir / "release").write_text("")
+    assert run().json == {"done": True}
+    assert proxy.process.wait(30) == 0
+    out, err = proxy.logs()
+    assert (out.count(SENTINEL), err.count(SENTINEL)) == (1, 1)  # the refused run wrote none
+
+
+def framing_variants():
+    """(name, request bytes, expected): expected is a status the proxy must refuse
+    with, closing, or the JSON result of a request it must serve.  Every request
+    ends with a smuggled GET /readyz that must never be answered."""
+    value = {"value": {"n": 7}}
+    body = json.dumps(value).encode()
+    result = {"n": 7}
+    variants = []
+
+    def add(name, data, expected):
+        variants.append((name, data, expected))
+
+    def post(*headers):
+        return head("POST", "/run", *headers)
+
+    good_lengths = ["%d" % len(body), "0%d" % len(body), " %d " % len(body),
+                    "%d, %d" % (len(body), len(body))]
+    for length in good_lengths:
+        add("content-length %r" % length, post("Content-Length: " + length, "Connection: close")
+            + body, result)
+    for length in ["+%d" % len(body), "-1", "0x%x" % len(body), "1_0", "%d.0" % len(body), "",
+                   "\xb2", "1 0", "%d, %d" % (len(body), len(body) + 1), ",", "%d," % len(body),
+                   "99999999999999999999999999999999999999", "abc"]:
+        expected = 413 if length.startswith("9999") else 400
+        add("content-length %r" % length, post("Content-Length: " + length) + body, expected)
+        add("content-length %r after a good one" % length,
+            post("Content-Length: %d" % len(body), "Content-Length: " + length) + body, 400)
+        add("content-length %r in a chunked request" % length,
+            post("Transfer-Encoding: chunked", "Content-Length: " + length)
+            + b"0\r\n\r\n", 400)
+    add("two equal content-lengths", post("Content-Length: %d" % len(body),
+                                          "Content-Length: %d" % len(body),
+                                          "Connection: close") + body, result)
+    for coding in ["chunked", "Chunked", "CHUNKED", " chunked "]:
+        add("transfer-encoding %r" % coding, post("Transfer-Encoding: " + coding,
+                                                  "Connection: close")
+            + b"%x\r\n%s\r\n0\r\n\r\n" % (len(body), body), result)
+    for coding in ["xchunked", "chunkedx", "chunked, gzip", "gzip, chunked", "gzip", "identity",
+                   "chunked;q=1", "chunked, chunked", "", ",", "chunked,", "deflate"]:
+        add("transfer-encoding %r" % coding, post("Transfer-Encoding: " + coding)
+            + b"%x\r\n%s\r\n0\r\n\r\n" % (len(body), body), 501 if coding else 501)
+    for zeros in [0, 1, 2, 15, 16, 1023, 1024, 1025, 4096, 10000]:
+        for last in [0, 1, 2000]:
+            add("chunk size after %d zeros, last chunk %d zeros" % (zeros, last),
+                post("Transfer-Encoding: chunked", "Connection: close")
+                + b"0" * zeros + b"%x\r\n%s\r\n" % (len(body), body)
+                + b"0" * max(last, 1) + b"\r\n\r\n", result)
+    for extension in [b";a=b", b"; a=b", b";a", b';a="b;c"', b" ;a=b", b";" + b"x" * 1000]:
+        add("chunk extension %r" % extension[:20], post("Transfer-Encoding: chunked",
+                                                       "Connection: close")
+            + b"%x%s\r\n%s\r\n0\r\n\r\n" % (len(body), extension, body), result)
+    for trailer in [b"X-T: 1\r\n", b"X-T: 1\r\nX-U: 2\r\n"]:
+        add("trailer %r" % trailer, post("Transfer-Encoding: chunked", "Connection: close")
+            + b"%x\r\n%s\r\n0\r\n%s\r\n" % (len(body), body, trailer), result)
+    split = len(body) // 2
+    add("two chunks", post("Transfer-Encoding: chunked", "Connection: close")
+        + b"%x\r\n%s\r\n%x\r\n%s\r\n0\r\n\r\n" % (split, body[:split], len(body) - split,
+                                                       body[split:]), result)
+    chunk = b"%x\r\n%s" % (len(body), body)
+    for name, tail in [("no CRLF after the data", b"XX0\r\n\r\n"),
+                       ("LF alone after the data", b"\n0\r\n\r\n"),
+                       ("a size too short", b"\r\n"),
+                       ("a bad trailer", b"\r\n0\r\nno colon\r\n\r\n"),
+                       ("a folded trailer", b"\r\n0\r\nX: 1\r\n folded\r\n\r\n"),
+                       ("too many trailers", b"\r\n0\r\n" + b"X: 1\r\n" * 101 + b"\r\n"),
+                       ("a trailer too large", b"\r\n0\r\nX: " + b"a" * 70000 + b"\r\n\r\n")]:
+        status = 431 if "too" in name and "trailer" in name else 400
+        if name == "a size too short":
+            data = post("Transfer-Encoding: chunked") + b"%x\r\n%s\r\n" % (len(body) - 5, body)
+        else:
+            data = post("Transfer-Encoding: chunked") + chunk + tail
+        add("chunked, " + name, data, status)
+    for size in [b"", b"x", b"-1", b"+1", b"0x1", b"1_0", b" 1", b"\t1", b"1 1",
+                 b"f" * 16, b"0" * 10 + b"1" * 17]:
+        status = 413 if len(size.strip(b"0")) > 15 and size.strip(b"0").isalnum() else 400
+        add("chunk size %r" % size[:20], post("Transfer-Encoding: chunked") + size
+            + b"\r\n" + body + b"\r\n0\r\n\r\n", status)
+    add("both framings", post("Content-Length: %d" % len(body), "Transfer-Encoding: chunked")
+        + b"%x\r\n%s\r\n0\r\n\r\n" % (len(body), body), 400)
+    add("both framings, reversed", post("Transfer-Encoding: chunked",
+                                        "Content-Length: %d" % len(body))
+        + b"%x\r\n%s\r\n0\r\n\r\n" % (len(body), body), 400)
+    bad_lines = ["NoColon", " folded: 1", "\tfolded: 1", "X A: 1", "X(A): 1", ": empty-name",
+                 "X-A : 1", "X-A: 1\r2", "X-A: \x00", "X-A: \x7f", "X-A: \x1b[31m",
+                 "X/A: 1", "X[A]: 1", "X\"A: 1", "X{A}: 1", "X@A: 1", "X=A: 1", "X,A: 1"]
+    for line in bad_lines:
+        add("header line %r" % line, post("Content-Length: %d" % len(body), line) + body, 400)
+        add("header line %r before the length" % line,
+            post(line, "Content-Length: %d" % len(body)) + body, 400)
+        add("header line %r in an /init" % line,
+            head("POST", "/init", line, "Content-Length: 2") + b"{}", 400)
+        add("header line %r in a chunked request" % line,
+            post("Transfer-Encoding: chunked", line) + b"2\r\n{}\r\n0\r\n\r\n", 400)
+    good_lines = ["X-A:1", "X-A:   spaced   ", "X-A:\t1\t", "X-A: caf\xe9", "x!#$%&'*+-.^_`|~: 1",
+                  "X-A:", "X-A: a: b"]
+    for line in good_lines:
+        add("header line %r" % line, post(line, "Content-Length: %d" % len(body),
+                                          "Connection: close") + body, result)
+    for ending in [b"\n", b"\r\n"]:
+        data = (b"POST /run HTTP/1.1" + ending + b"Content-Length: %d" % len(body) + ending
+                + b"Connection: close" + ending + ending + body)
+        add("lines ended by %r" % ending, data, result)
+    for line, status in [(b"POST /run HTTP/2.0", 505), (b"POST /run HTTP/1", 400),
+                         (b"POST /run HTTP/1.1 extra", 400), (b"POST /run", 400),
+                         (b"POST /run HTTP/1.x", 400), (b"P(ST /run HTTP/1.1", 400),
+                         (b"POST /run HTTP/1.1\r", 400), (b"POST\r/run HTTP/1.1", 400),
+                         (b"POST /run http/1.1", 400), (b"POST /run HTTP/11.1", 400)]:
+        add("request line %r" % line, line + b"\r\nContent-Length: %d\r\n\r\n" % len(body)
+            + body, status)
+    add("empty lines before the request line", b"\r\n\r\n" + post(
+        "Content-Length: %d" % len(body), "Connection: close") + body, result)
+    for connection in ["close", "Close", "keep-alive, close", "close, keep-alive",
+                       "upgrade,close", "x, y, close"]:
+        add("connection %r" % connection, post("Content-Length: %d" % len(body),
+                                               "Connection: " + connection) + body, result)
+    add("connection headers repeated", post("Content-Length: %d" % len(body),
+                                            "Connection: keep-alive", "Connection: close")
+        + body, result)
+    for path, method in [("/nowhere", "POST"), ("/run", "GET"), ("/run", "PUT"),
+                         ("/init", "DELETE")]:
+        add("%s %s with a body" % (method, path), head(method, path, "Content-Length: %d"
+                                                      % len(body)) + body,
+            404 if path == "/nowhere" else 405)
+    add("a body over the limit", post("Content-Length: 100001"), 413)
+    add("a chunked body over the limit", post("Transfer-Encoding: chunked")
+        + b"186a1\r\n" + b"x" * 100, 413)
+    return variants
+
+
+def test_hundreds_of_framing_variants_each_followed_by_a_normal_run(strict_proxy):
+    variants = framing_variants()
+    assert len(variants) >= 200
+    served = 0
+    for name, data, expected in variants:
+        client = RawClient(strict_proxy, timeout=20)
+        try:
+            client.send(data + SMUGGLED)
+            response = client.response()
+            if isinstance(expected, dict):
+                assert (response.status, response.json) == (200, expected), (name, response)
+                served += 1
+            else:
+                assert response.status == expected, (name, response)
+                check_json_response(response)
+            assert client.closed_by_peer(), (name, client.buffer)
+        finally:
+            client.close()
+        check_a_run_still_works_with(strict_proxy, {"value": {"after": name}}, {"after": name})
+    out, err = strict_proxy.logs()  # the runs' sentinels, and not a word more
+    assert (split_logs(out)[0], split_logs(err)[0]) == ("", ""), (out[-500:], err[-500:])
+    assert err.count(SENTINEL) >= served + len(variants)
+
+
+
+def thread_ids(pid):
+    return set(os.listdir("/proc/%d/task" % pid))
+
+
+def test_handler_threads_are_kept_for_the_next_connection(proxy):
+    """Sixty connections one after the other are served by a handful of threads
+    (at most 16 wait idle), not by sixty new ones."""
+    seen = thread_ids(proxy.process.pid)
+    for _ in range(60):
+        assert proxy.request("GET", "/healthz").status == 200
+        seen |= thread_ids(proxy.process.pid)
+    assert len(seen) < 20, seen
+
+
+# ---------------------------------------------------------------------------
 # Inner functions
 # ---------------------------------------------------------------------------
 

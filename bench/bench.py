@@ -29,7 +29,8 @@ warm /run       one new connection per call, as the invoker does, interleaved
                 fails is reported as n/a.  A bare stdlib ThreadingHTTPServer
                 round trip is shown as the HTTP floor, and the same server
                 running the action with ``subprocess.run`` as the floor of any
-                proxy built on it.
+                proxy built on it.  Also the proxy's own HTTP handling: GET
+                /healthz against the bare server's GET, target no slower.
 throughput      8 clients on a 50 ms action, ``__OW_ALLOW_CONCURRENT=true``;
                 floor 8 / 0.05 s = 160 req/s.
 memory          VmRSS of the proxy idle after /init, started from the source
@@ -51,6 +52,12 @@ soak            20,000 runs of a tiny action from 8 clients: failures, RSS
                 (parent or process group is the proxy) and descriptors left.
 payload         a 1 MiB argument echoed back through stdin, per /run, against
                 ``subprocess.run`` of the same.
+attack          peak memory (VmHWM) of a proxy under hostile clients, against the
+                bound the README states (idle RSS + what each limit allows):
+                1000 connections that send a head slowly, 60 that each hold an
+                unfinished 60 KB header line, 8 concurrent bodies at --max-body;
+                and the /run latency meanwhile, against the same proxy's before
+                (target: unchanged within noise).
 
 Actions are small C programs compiled with ``cc`` into a temporary directory,
 or /bin/sh scripts where there is no ``cc`` (the report says which).  Every
@@ -61,6 +68,7 @@ that other load on the machine touches value and floor alike.
 """
 
 import argparse
+import contextlib
 import itertools
 import json
 import os
@@ -85,10 +93,10 @@ RESULT_LIMIT_MIB = 16  # owproxy's default --max-result
 COUNTS = {
     "full": dict(cold=25, warm_rounds=5, warm_calls=150, throughput_rounds=5,
                  throughput_calls=240, flood_rounds=5, soak_warmup=500, soak_calls=20000,
-                 payload_rounds=5, payload_calls=8),
+                 payload_rounds=5, payload_calls=8, attack_calls=200, attack_max_body=16 * MIB),
     "quick": dict(cold=5, warm_rounds=3, warm_calls=50, throughput_rounds=1,
                   throughput_calls=160, flood_rounds=1, soak_warmup=200, soak_calls=1000,
-                  payload_rounds=2, payload_calls=4),
+                  payload_rounds=2, payload_calls=4, attack_calls=40, attack_max_body=8 * MIB),
 }
 
 CLIENTS = 8
@@ -98,6 +106,16 @@ PAYLOAD_BYTES = MIB
 MAX_ARG_STRLEN = 131071  # owproxy passes the argument in argv only up to this size
 READY_POLL = 0.0002  # seconds between connection attempts while a proxy starts
 PARAMS = {"name": "bench"}
+# The README's memory bound: per connection a thread's stack and buffers beside
+# its head (--max-header, default 64 KiB); per byte of --body-memory, the body
+# held, its decoded arguments and the action's input while it runs, and what the
+# allocator keeps of them.
+CONNECTION_KIB = 48
+MAX_HEADER_KIB = 64
+BODY_COPIES = 10
+SLOW_CONNECTIONS = 1000
+HEADER_CONNECTIONS = 60
+BODY_CLIENTS = 8
 OK = {"ok": True}
 
 # Each action in C and in sh.  Every one prints {"ok": true} as its last line,
@@ -215,6 +233,7 @@ class Handler(BaseHTTPRequestHandler):
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
         self.wfile.write(body)
+    do_GET = do_POST
     def log_message(self, *args):
         pass
 
@@ -252,14 +271,15 @@ def open_connection(port, timeout):
     return sock
 
 
-def exchange(sock, port, path, body):
-    """One POST on ``sock``; returns (status, body).
+def exchange(sock, port, path, body, method="POST"):
+    """One request on ``sock``; returns (status, body).
 
     A minimal HTTP client rather than http.client, whose own parsing would cost
     a good part of the half millisecond the warm targets are about.
     """
-    sock.sendall(b"POST %s HTTP/1.1\r\nHost: 127.0.0.1:%d\r\nContent-Type: application/json"
-                 b"\r\nContent-Length: %d\r\n\r\n%s" % (path.encode(), port, len(body), body))
+    sock.sendall(b"%s %s HTTP/1.1\r\nHost: 127.0.0.1:%d\r\nContent-Type: application/json"
+                 b"\r\nContent-Length: %d\r\n\r\n%s" % (method.encode(), path.encode(), port,
+                                                      len(body), body))
     data = b""
     while b"\r\n\r\n" not in data:
         chunk = sock.recv(65536)
@@ -328,6 +348,10 @@ class Proxy:
         body = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
         with self.connect(patience, timeout) as sock:
             return exchange(sock, self.port, path, body)
+
+    def get(self, path):
+        with self.connect(0.0, 60.0) as sock:
+            return exchange(sock, self.port, path, b"", "GET")
 
     def init(self, value, patience=10.0):
         """/init, waiting for the proxy to listen; the answer's (status, body)."""
@@ -700,6 +724,7 @@ def measure_warm_runs(bench):
                                       compare="ratio", target=lambda value, vs: value < 0.6,
                                       target_label="< 0.6 ms",
                                       note="%.3f ms over the HTTP floor" % (value - http)))
+    figures.append(measure_trivial_route(bench))
     if http_floors:
         figures[:0] = [
             Figure("warm_floor_http", "floor: bare ThreadingHTTPServer POST",
@@ -708,6 +733,18 @@ def measure_warm_runs(bench):
                    statistics.median(exec_floors), "ms"),
         ]
     return figures
+
+
+def measure_trivial_route(bench):
+    """The proxy's own HTTP handling: GET /healthz, against the bare server's GET."""
+    bare_command = [PYTHON, "-c", BARE_SERVER]
+    with started_proxy(bench.action_dir(), command=bare_command) as bare, \
+            started_proxy(bench.action_dir("tiny")) as proxy:
+        value, floor = interleaved_ms([lambda: proxy.get("/healthz"), lambda: bare.get("/")],
+                                      bench.counts["warm_rounds"], bench.counts["warm_calls"])
+    return Figure("trivial_route", "GET /healthz, the proxy's own HTTP handling", value, "ms",
+                  floor, "bare server GET", compare="ratio",
+                  target=lambda value, vs: vs <= 1.0, target_label="<= x1.00 floor")
 
 
 def measure_throughput(bench):
@@ -892,6 +929,109 @@ def measure_payload(bench):
                    floor, "subprocess.run", compare="ratio")]
 
 
+def measure_attacks(bench):
+    """Each attack on a fresh proxy: its idle RSS, the /run latency before and
+    during the attack, and its VmHWM at the end, against the README's bound."""
+    raise_descriptor_limit(2 * SLOW_CONNECTIONS + 200)
+    max_body = bench.counts["attack_max_body"]
+    attacks = [
+        ("slow", "%d connections sending a head slowly" % SLOW_CONNECTIONS, {},
+         slow_heads, SLOW_CONNECTIONS * (CONNECTION_KIB + MAX_HEADER_KIB) / 1024),
+        ("headers", "%d connections holding a 60 KB header line" % HEADER_CONNECTIONS, {},
+         long_header_lines, HEADER_CONNECTIONS * (CONNECTION_KIB + MAX_HEADER_KIB) / 1024),
+        ("bodies", "%d concurrent bodies at --max-body %d MiB" % (BODY_CLIENTS, max_body // MIB),
+         {"OWPROXY_MAX_BODY": str(max_body), "OWPROXY_BODY_MEMORY": str(2 * max_body),
+          "__OW_ALLOW_CONCURRENT": "true"},
+         lambda proxy: big_bodies(proxy, max_body), BODY_COPIES * 2 * max_body / MIB),
+    ]
+    figures = []
+    for key, label, env, attack, allowance in attacks:
+        with started_proxy(bench.action_dir("tiny"), env=env) as proxy:
+            idle = proxy.status_kib("VmRSS") / 1024
+            before = median_ms(checked_run(proxy), bench.counts["attack_calls"])
+            with attack(proxy) as during:
+                during_ms = median_ms(checked_run(proxy), bench.counts["attack_calls"])
+                during()
+            peak = proxy.status_kib("VmHWM") / 1024
+        bound = idle + allowance
+        figures.append(Figure("attack_%s_peak" % key, "attack: VmHWM, " + label, peak, "MiB",
+                              idle, "idle", target=lambda value, vs, bound=bound: value <= bound,
+                              target_label="<= %.0f MiB" % bound))
+        figures.append(Figure("attack_%s_run" % key, "attack: /run during " + label, during_ms,
+                              "ms", before, "before", compare="ratio",
+                              target=lambda value, vs: vs <= 1.3, target_label="<= x1.3 (noise)"))
+    return figures
+
+
+def raise_descriptor_limit(wanted):
+    import resource
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < wanted:  # the proxies started next inherit it
+        resource.setrlimit(resource.RLIMIT_NOFILE, (min(wanted, hard), hard))
+
+
+def checked_run(proxy):
+    def call():
+        if not proxy.run_ok():
+            raise ProxyError("a /run during the attack failed")
+    return call
+
+
+@contextlib.contextmanager
+def slow_heads(proxy):
+    """Connections that each start a request head and add a byte now and then."""
+    sockets = [open_connection(proxy.port, 30) for _ in range(SLOW_CONNECTIONS)]
+    try:
+        for sock in sockets:
+            sock.sendall(b"POST /run HTTP/1.1\r\nX-Slow: ")
+        yield lambda: trickle(sockets)
+    finally:
+        for sock in sockets:
+            sock.close()
+
+
+def trickle(sockets):
+    for sock in sockets:
+        with contextlib.suppress(OSError):
+            sock.sendall(b"x")
+    time.sleep(0.5)
+
+
+@contextlib.contextmanager
+def long_header_lines(proxy):
+    """Connections that each send 60 KB of one header line and never end it."""
+    sockets = [open_connection(proxy.port, 30) for _ in range(HEADER_CONNECTIONS)]
+    try:
+        for sock in sockets:
+            sock.sendall(b"POST /run HTTP/1.1\r\nX-Long: " + b"a" * 60000)
+        yield lambda: time.sleep(0.5)
+    finally:
+        for sock in sockets:
+            sock.close()
+
+
+@contextlib.contextmanager
+def big_bodies(proxy, size):
+    """Clients that each post a /run body of ``size`` bytes, all at once."""
+    body = b'{"value": {"x": "' + b"y" * (size - 20) + b'"}}'
+    results = []
+    threads = [threading.Thread(target=lambda: results.append(proxy.post("/run", body)[0]))
+               for _ in range(BODY_CLIENTS)]
+    for thread in threads:
+        thread.start()
+
+    def finish():
+        for thread in threads:
+            thread.join()
+        if results != [200] * BODY_CLIENTS:
+            raise ProxyError("the large bodies were answered %s" % results)
+
+    try:
+        yield finish
+    finally:
+        finish()
+
+
 MEASUREMENTS = [
     ("cold", measure_cold_start),
     ("warm", measure_warm_runs),
@@ -901,6 +1041,7 @@ MEASUREMENTS = [
     ("result", measure_result_flood),
     ("soak", measure_soak),
     ("payload", measure_payload),
+    ("attack", measure_attacks),
 ]
 
 
