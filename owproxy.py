@@ -2532,7 +2532,10 @@ def positive_int(text):
 
 def action_seconds(text):
     """A time limit as OpenWhisk allows one: 100 ms at least."""
-    seconds = parse_seconds(text)
+    try:
+        seconds = parse_seconds(text)
+    except ValueError:
+        seconds = 0.0
     if seconds < 0.1:
         raise ValueError("not a time limit in seconds (0.1 or more)")
     return seconds
