@@ -3231,7 +3231,7 @@ def test_the_readme_snippets_are_the_examples_real_content():
     for name in ("hello.py", "hello.sh"):
         marker = "<!-- examples/%s -->\n" % name
         assert marker in readme, name
-        block = readme.split(marker, 1)[1].split("\n```", 2)[1].split("\n", 1)[1]
+        block = readme.split(marker, 1)[1].split("```", 2)[1].split("\n", 1)[1]
         assert block == (EXAMPLES / name).read_text(), name
 
 
