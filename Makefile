@@ -34,12 +34,14 @@ $(VENV)/.ready:
 	printf '[run]\nparallel = true\npatch = subprocess\ninclude = $(CURDIR)/owproxy.py\n' > $(VENV)/coveragerc
 	touch $@
 
+# Each run keeps its coverage data in a folder of its own: two runs at once
+# must not combine or delete each other's.
 test: $(VENV)/.ready
-	rm -f .coverage .coverage.*
-	COVERAGE_RCFILE=$(VENV)/coveragerc $(VPY) -m coverage run \
-	  -m pytest -q -p no:cacheprovider test_owproxy.py
-	COVERAGE_RCFILE=$(VENV)/coveragerc $(VPY) -m coverage combine -q
-	COVERAGE_RCFILE=$(VENV)/coveragerc $(VPY) -m coverage report -m
+	@set -e; data=$$(mktemp -d); trap 'rm -rf "$$data"' EXIT; \
+	export COVERAGE_RCFILE=$(VENV)/coveragerc COVERAGE_FILE="$$data/.coverage"; \
+	$(VPY) -m coverage run -m pytest -q -p no:cacheprovider test_owproxy.py; \
+	$(VPY) -m coverage combine -q; \
+	$(VPY) -m coverage report -m
 	@set -e; for want in "$(OLDEST)" "$(NEWEST)"; do \
 	  py=$$($(call find_python,$$want)); \
 	  if [ -z "$$py" ]; then echo "note: no Python $$want on this machine; skipping it"; continue; fi; \

@@ -2593,9 +2593,11 @@ def serve(settings, runner):
         server.serve_forever(server.poll_interval)
     except Shutdown:
         pass
-    if server.in_flight:
+    if server.in_flight and settings.grace:
         logs.note("stopping: %d activation(s) in flight get up to %g s to finish (a second "
                   "signal stops them now)" % (server.in_flight, settings.grace))
+    elif server.in_flight:
+        logs.note("stopping: %d activation(s) in flight are stopped now" % server.in_flight)
     finished = server.serve_until_idle(settings.grace)
     runner.close(1.0 if finished else 0.0)
     processes.kill_all()  # overdue activations

@@ -3093,7 +3093,9 @@ SLOW_ACTION = bash('echo "pid $$" >&2; sleep 120; echo "{}"')
 def test_ctrl_c_stops_invoke_and_its_action_at_once_with_one_clear_line(tmp_path, to_group):
     action = tmp_path / "slow"
     action.write_text(SLOW_ACTION)
-    process = start_cli("invoke", action, start_new_session=True)
+    # A shell starts background jobs with SIGINT ignored, and Python keeps it so.
+    process = start_cli("invoke", action, start_new_session=True,
+                        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     watcher = LineWatcher(process)
     try:
         assert watcher.saw("pid "), watcher.lines
