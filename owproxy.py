@@ -2351,20 +2351,17 @@ class LocalProxy:
         # The local proxy is an OpenWhisk one whatever this shell's proxy settings say.
         env = {key: value for key, value in os.environ.items()
                if key not in {setting.env for setting in SETTINGS}}
-        failure = "no free port"
-        for _ in range(5):  # another program may take the free port before the proxy does
-            self.port = free_port()
-            self.process = subprocess.Popen(
-                [sys.executable, OWPROXY_FILE, "--host", "127.0.0.1", "--port", str(self.port),
-                 "--action-dir", action_dir, "--grace", "0"] + (["--loop"] if loop else []),
-                stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
-            failure = self.wait_ready()
-            if failure is None:
+        for _ in range(5):  # a program that picked the same port earlier may bind it first
+            with reserved_port() as reservation:
+                self.port = reservation.getsockname()[1]
+                self.process = subprocess.Popen(
+                    [sys.executable, OWPROXY_FILE, "--host", "127.0.0.1", "--port",
+                     str(self.port), "--action-dir", action_dir, "--grace", "0"]
+                    + (["--loop"] if loop else []),
+                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+                failure = self.wait_ready()
+            if failure is None or "Address already in use" not in failure:
                 break
-            if "Address already in use" not in failure:
-                break
-        else:
-            failure = failure or "no free port"
         if failure is not None:
             remove_tree(self.folder)
             raise ClientError("the local proxy did not start: %s" % failure)
@@ -2406,11 +2403,15 @@ class LocalProxy:
         remove_tree(self.folder)
 
 
-def free_port():
+def reserved_port():
+    """A socket bound to a free loopback port and not listening: while it is open
+    no other program is given that port, yet the proxy may bind it too (both
+    with SO_REUSEADDR) and listen on it."""
     import socket
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
+    probe = socket.socket()
+    probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    probe.bind(("127.0.0.1", 0))
+    return probe
 
 
 def invoke(args):

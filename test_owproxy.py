@@ -3293,3 +3293,32 @@ def test_binding_looks_up_no_name(monkeypatch):
         assert server.server_name == "127.0.0.1" and server.server_port > 0
     finally:
         server.server_close()
+
+
+def test_a_local_proxy_that_cannot_start_is_reported_with_its_own_stderr(tmp_path, monkeypatch):
+    fails = tmp_path / "fails.py"
+    fails.write_text("import sys\nsys.stderr.write('owproxy: cannot listen: no way\\n')\n"
+                     "sys.exit(2)\n")
+    monkeypatch.setattr(owproxy, "OWPROXY_FILE", str(fails))
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    with pytest.raises(owproxy.ClientError) as raised:
+        owproxy.LocalProxy(False)
+    assert str(raised.value) == "the local proxy did not start: cannot listen: no way"
+    assert os.listdir(str(tmp_path)) == ["fails.py"]  # its folder is gone
+
+
+def test_a_local_proxy_takes_another_port_when_its_own_is_taken(monkeypatch):
+    taken = socket.socket()  # without SO_REUSEADDR: the proxy cannot bind its port
+    taken.bind(("127.0.0.1", 0))
+    port = taken.getsockname()[1]
+    reservations = [taken]
+    real_reserved_port = owproxy.reserved_port
+    monkeypatch.setattr(owproxy, "reserved_port", lambda: reservations.pop() if reservations
+                        else real_reserved_port())
+    proxy = owproxy.LocalProxy(False)
+    try:
+        assert not reservations and proxy.port != port
+        assert proxy.post("/run", {"value": {}}, 30) == (502, {
+            "error": "The action failed to locate a binary. See logs for details."})
+    finally:
+        proxy.close()
