@@ -25,8 +25,9 @@ The file reads top to bottom:
 5. Execution       processes and their pump; warm processes (ActionLoop, Python
                    functions); ActionRunner, the subclassable runner
 6. Platforms       the OpenWhisk and Knative routes, health endpoints
-7. Client          ``invoke`` an action locally; ``init`` and ``run`` a container
-8. CLI             ``main()``
+7. Client          ``invoke`` an action locally, its logs relayed live; ``init``
+                   and ``run`` a container
+8. CLI             ``main()``: the proxy or a command
 """
 
 import contextlib
@@ -2359,7 +2360,13 @@ class LocalProxy:
                      str(self.port), "--action-dir", action_dir, "--grace", "0"]
                     + (["--loop"] if loop else []),
                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
-                failure = self.wait_ready()
+                try:
+                    failure = self.wait_ready()
+                except BaseException:  # Ctrl-C while it starts: leave nothing behind
+                    self.process.kill()
+                    self.process.wait()
+                    remove_tree(self.folder)
+                    raise
             if failure is None or "Address already in use" not in failure:
                 break
         if failure is not None:
@@ -2400,6 +2407,8 @@ class LocalProxy:
             self.process.kill()
             self.process.wait()
         self.relay.thread.join(5)
+        self.process.stdout.close()
+        self.process.stderr.close()
         remove_tree(self.folder)
 
 
