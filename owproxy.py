@@ -1799,7 +1799,6 @@ class OpenWhisk:
             return 502, {"error": RUN_NO_BINARY}
         return self.runner.run(value, self.runner.env(message))
 
-
     def no_binary(self):
         """What is wrong with the executable, and what to do."""
         binary = self.runner.binary
@@ -2151,8 +2150,8 @@ def parameters(args):
         if not isinstance(value, dict):
             raise ClientError("-p needs the parameters to be an object, not an array")
         if "=" in key:
-            raise ClientError("-p %s: write -p KEY VALUE, e.g. -p %s %s" % ((key,) + tuple(
-                key.split("=", 1))))
+            name, _, given = key.partition("=")
+            raise ClientError("-p %s: write -p KEY VALUE, e.g. -p %s %s" % (key, name, given))
         try:
             value[key] = json.loads(text)
         except ValueError:
