@@ -102,13 +102,17 @@ class Proxy:
 
     def start(self):
         for _ in range(5):
-            self.port = free_port()
-            argv, extra = self.command(self.port, str(self.action_dir))
-            with open(self.out_path, "wb") as out, open(self.err_path, "wb") as err:
-                self.process = subprocess.Popen(argv + self.args, stdout=out, stderr=err,
-                                                env=dict(self.env, **extra),
-                                                preexec_fn=self.preexec_fn)
-            if self.wait_ready():
+            # Held until the proxy listens, so that no other suite's proxy is given the
+            # port meanwhile and answers in its place.
+            with owproxy.reserved_port() as reservation:
+                self.port = reservation.getsockname()[1]
+                argv, extra = self.command(self.port, str(self.action_dir))
+                with open(self.out_path, "wb") as out, open(self.err_path, "wb") as err:
+                    self.process = subprocess.Popen(argv + self.args, stdout=out, stderr=err,
+                                                    env=dict(self.env, **extra),
+                                                    preexec_fn=self.preexec_fn)
+                ready = self.wait_ready()
+            if ready:
                 return self
             if "Address already in use" not in self.err_path.read_text():
                 raise AssertionError("proxy did not start: %s" % self.err_path.read_text())
