@@ -2149,9 +2149,6 @@ def parameters(args):
     for key, text in args.param or ():
         if not isinstance(value, dict):
             raise ClientError("-p needs the parameters to be an object, not an array")
-        if "=" in key:
-            name, _, given = key.partition("=")
-            raise ClientError("-p %s: write -p KEY VALUE, e.g. -p %s %s" % (key, name, given))
         try:
             value[key] = json.loads(text)
         except ValueError:
@@ -2233,6 +2230,8 @@ def post(url, path, payload, timeout):
         body = reply.read().decode("utf-8", "replace")
     except (OSError, http.client.HTTPException) as error:
         reason = " ".join(str(error).split()) or type(error).__name__  # one line, always
+        if isinstance(error, ConnectionRefusedError):
+            reason += " (is an action container, or make run, serving there?)"
         raise ClientError("cannot reach %s: %s" % (url, reason))
     finally:
         connection.close()
@@ -2525,6 +2524,11 @@ def client_parser():
 
 def client_args(argv):
     """The parsed command line of a client command, its values checked."""
+    for flag, word in zip(argv, argv[1:]):
+        if flag in ("-p", "--param") and "=" in word:  # as curl -d or docker -e would have it
+            name, _, given = word.partition("=")
+            raise ClientError("%s %s: write -p KEY VALUE, e.g. -p %s %s" % (flag, word, name,
+                                                                          given))
     args = client_parser().parse_args(argv)
     args.timeout = flag_value("--timeout", args.timeout, action_seconds)
     if args.command == "invoke":

@@ -2997,11 +2997,14 @@ def test_invoke_help_shows_the_defaults():
     (["invoke", "--timeout", "-1", "x"], "owproxy: --timeout -1: not a time limit in seconds"),
     (["invoke", "--timeout", "0", "x"], "owproxy: --timeout 0: not a time limit in seconds"),
     (["invoke", "--timeout", "0.001", "x"], "owproxy: --timeout 0.001: not a time limit"),
-    (["invoke", "x", "-p", "name=Ada"],
+    (["invoke", "x", "-p", "name"],
      "owproxy: -p/--param: expected 2 arguments: write -p KEY VALUE, e.g. -p name Ada"),
-    (["invoke", str(EXAMPLES / "hello.sh"), "-p", "name=Ada", "x"],
-     "owproxy: -p name=Ada: write -p KEY VALUE, e.g. -p name Ada"),
-    (["invoke", str(EXAMPLES)], "owproxy: the directory %s has no exec or __main__.py" % EXAMPLES),
+    (["invoke", "x", "-p", "name=Ada"], "owproxy: -p name=Ada: write -p KEY VALUE, e.g. -p name Ada"),
+    (["invoke", "-p", "name=Ada", "x"], "owproxy: -p name=Ada: write -p KEY VALUE, e.g. -p name Ada"),
+    (["run", "--param", "a=b=c"], "owproxy: --param a=b=c: write -p KEY VALUE, e.g. -p a b=c"),
+    (["invoke", str(EXAMPLES)], "owproxy: the directory %s has no exec or __main__.py" % EXAMPLES),    (["init", "--url", "127.0.0.1:1", str(EXAMPLES / "hello.sh")],
+     "owproxy: cannot reach 127.0.0.1:1: [Errno 111] Connection refused (is an action "
+     "container, or make run, serving there?)"),
 ])
 def test_command_line_mistakes_are_one_line_errors_without_internal_names(args, message):
     completed = cli(*args)
