@@ -1,7 +1,8 @@
 # owproxy: `make run` serves a demo action on :8080, `make test` runs the suite.
 
 PYTHON ?= python3
-PORT   ?= 8080
+# `make run PORT=9000`, or FLASK_PROXY_PORT as the proxy itself reads it.
+PORT   ?= $(or $(FLASK_PROXY_PORT),8080)
 VENV   := .venv
 VPY    := $(VENV)/bin/python
 DEMO   := demo-action
@@ -19,10 +20,11 @@ find_python = for v in $(1); do \
 
 .PHONY: run test bench clean
 
-# Serves examples/hello.sh (re-init allowed, so the README's curl lines can replace it).
+# Serves examples/hello.sh on loopback only: re-init is allowed (so the README's
+# curl lines can replace it), which must not be open to the network.
 run:
 	mkdir -p $(DEMO) && cp examples/hello.sh $(DEMO)/exec
-	PROXY_ALLOW_REINIT=1 exec $(PYTHON) owproxy.py --port $(PORT) --action-dir $(DEMO) --verbose
+	PROXY_ALLOW_REINIT=1 exec $(PYTHON) owproxy.py --host 127.0.0.1 --port $(PORT) --action-dir $(DEMO) --verbose
 
 # Coverage follows every Python process the suite starts (proxies, warm
 # interpreters, client commands): patch = subprocess needs coverage 7.10.
@@ -32,12 +34,14 @@ $(VENV)/.ready:
 	printf '[run]\nparallel = true\npatch = subprocess\ninclude = $(CURDIR)/owproxy.py\n' > $(VENV)/coveragerc
 	touch $@
 
+# Each run keeps its coverage data in a folder of its own: two runs at once
+# must not combine or delete each other's.
 test: $(VENV)/.ready
-	rm -f .coverage .coverage.*
-	COVERAGE_RCFILE=$(VENV)/coveragerc $(VPY) -m coverage run \
-	  -m pytest -q -p no:cacheprovider test_owproxy.py
-	COVERAGE_RCFILE=$(VENV)/coveragerc $(VPY) -m coverage combine -q
-	COVERAGE_RCFILE=$(VENV)/coveragerc $(VPY) -m coverage report -m
+	@set -e; data=$$(mktemp -d); trap 'rm -rf "$$data"' EXIT; \
+	export COVERAGE_RCFILE=$(VENV)/coveragerc COVERAGE_FILE="$$data/.coverage"; \
+	$(VPY) -m coverage run -m pytest -q -p no:cacheprovider test_owproxy.py; \
+	$(VPY) -m coverage combine -q; \
+	$(VPY) -m coverage report -m
 	@set -e; for want in "$(OLDEST)" "$(NEWEST)"; do \
 	  py=$$($(call find_python,$$want)); \
 	  if [ -z "$$py" ]; then echo "note: no Python $$want on this machine; skipping it"; continue; fi; \

@@ -32,8 +32,9 @@ The file reads top to bottom, after a check that this Python can run it:
                    pump; warm processes (ActionLoop, Python functions, their
                    private channel); ActionRunner, the subclassable runner
 6. Platforms       the OpenWhisk and Knative routes, health endpoints
-7. Client          ``invoke`` an action locally; ``init`` and ``run`` a container
-8. CLI             ``main()``
+7. Client          ``invoke`` an action locally, its logs relayed live; ``init``
+                   and ``run`` a container
+8. CLI             ``main()``: the proxy or a command
 """
 
 import sys
@@ -41,11 +42,11 @@ import sys
 # Every standard module the proxy imports, here or where it needs one; trimmed
 # Pythons (Debian's python3-minimal) lack some.
 STANDARD_MODULES = (
-    "argparse", "ast", "base64", "binascii", "contextlib", "ctypes", "email", "errno", "fcntl",
-    "functools", "gc", "glob", "http", "importlib", "io", "itertools", "json", "os", "re",
-    "resource", "select", "selectors", "shutil", "signal", "site", "socket", "socketserver",
-    "stat", "subprocess", "tarfile", "tempfile", "threading", "time", "traceback", "urllib",
-    "uuid", "zipfile", "zlib")
+    "argparse", "ast", "base64", "binascii", "contextlib", "ctypes", "difflib", "email",
+    "errno", "fcntl", "functools", "gc", "glob", "http", "importlib", "io", "itertools", "json",
+    "os", "re", "resource", "select", "selectors", "shutil", "signal", "site", "socket",
+    "socketserver", "stat", "subprocess", "tarfile", "tempfile", "threading", "time",
+    "traceback", "urllib", "uuid", "zipfile", "zlib")
 
 
 def unusable_python(missing=None):
@@ -156,16 +157,16 @@ class ConfigError(Exception):
 
 
 def parse_port(text):
-    port = int(text)
+    port = int(text) if str(text).strip().isdigit() else -1
     if not 0 <= port <= 65535:
-        raise ValueError("not a port number")
+        raise ValueError("not a port number (0-65535)")
     return port
 
 
 def positive_int(text):
-    number = int(text)
+    number = int(text) if str(text).strip().isdigit() else 0
     if number < 1:
-        raise ValueError("not a positive number")
+        raise ValueError("not a positive whole number")
     return number
 
 
@@ -182,9 +183,10 @@ def parse_size(text):
     """Bytes, with an optional K, M or G suffix (powers of 1024)."""
     text = str(text).strip().upper().rstrip("B").rstrip("I")
     scale = {"K": 1024, "M": MIB, "G": 1024 * MIB}.get(text[-1:], 1)
-    size = int(text[:-1] if scale > 1 else text) * scale
+    digits = text[:-1] if scale > 1 else text
+    size = int(digits) * scale if digits.isdigit() else 0
     if size <= 0:
-        raise ValueError("not a positive size")
+        raise ValueError("not a positive size (bytes, or with a K, M or G suffix)")
     return size
 
 
@@ -214,8 +216,11 @@ def parse_methods(text):
 
 
 def parse_seconds(text):
-    seconds = float(text)
-    if not seconds >= 0:
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = -1.0
+    if not 0 <= seconds < float("inf"):
         raise ValueError("not a number of seconds")
     return seconds
 
@@ -296,21 +301,44 @@ class Settings:
             setattr(self, setting.name, values.get(setting.name, setting.default))
 
 
-def settings_parser():
+COMMANDS_HELP = """commands (each with its own --help):
+  owproxy.py invoke ACTION [PARAMS]   run an action on a proxy of its own, as the invoker would
+  owproxy.py init [--url URL] ACTION  POST /init to a running container
+  owproxy.py run [--url URL] [PARAMS] POST /run to a running container
+
+Each flag falls back to its environment variable, then to its default."""
+
+
+def argument_parser(**options):
+    """An argparse parser whose errors are one line, ``owproxy: ...``, exit status 2."""
     import argparse
-    parser = argparse.ArgumentParser(
+
+    class Parser(argparse.ArgumentParser):
+        def error(self, message):
+            if message.startswith("argument "):
+                message = message[len("argument "):]
+            if message.startswith("-p/--param"):
+                message += ": write -p KEY VALUE, e.g. -p name Ada"
+            self.exit(2, "owproxy: %s (see %s --help)\n" % (message, self.prog))
+
+    return Parser(formatter_class=argparse.RawDescriptionHelpFormatter, **options)
+
+
+def settings_parser():
+    parser = argument_parser(
         prog="owproxy.py",
         description="Serve an OpenWhisk action (the /init and /run protocol) over HTTP.",
-        epilog="Each flag falls back to its environment variable, then to its default.")
+        epilog=COMMANDS_HELP)
+    parser.add_argument("--version", action="version", version="owproxy " + __version__)
     for setting in SETTINGS:
         text = "%s [env %s, default %s]" % (setting.help, " else ".join(setting.envs),
                                              setting.shown())
         if setting.parse in (parse_flag, parse_set):
             parser.add_argument(setting.flag, dest=setting.name, action="store_const",
-                                const=True, default=None, help=text)
+                                const="true", default=None, help=text)
         else:
-            parser.add_argument(setting.flag, dest=setting.name, type=setting.parse,
-                                default=None, metavar=setting.name.upper(), help=text)
+            parser.add_argument(setting.flag, dest=setting.name, default=None,
+                                metavar=setting.name.upper(), help=text)
     return parser
 
 
@@ -322,7 +350,7 @@ def resolve_settings(argv, environ):
     for setting in SETTINGS:
         env = next((env for env in setting.envs if env in environ), None)
         if given.get(setting.name) is not None:
-            values[setting.name] = given[setting.name]
+            values[setting.name] = flag_value(setting.flag, given[setting.name], setting.parse)
         elif env:
             try:
                 values[setting.name] = setting.parse(environ[env])
@@ -334,9 +362,19 @@ def resolve_settings(argv, environ):
     return settings
 
 
+def flag_value(flag, text, parse):
+    """``parse(text)``; a value it refuses is a one-line error naming the flag."""
+    try:
+        return parse(text)
+    except ValueError as error:
+        raise ConfigError("%s %s: %s" % (flag, text, error))
+
+
 def check_action_dir(path):
     """It must exist; it need not be writable (an image's own action, read-only
     roots): only an /init that brings code writes there."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise ConfigError("the action directory %s is not a directory" % path)
     if not os.path.isdir(path):
         raise ConfigError("the action directory %s does not exist" % path)
 
@@ -1993,8 +2031,9 @@ def exit_note(returncode):
 def not_runnable(path):
     """Why ``path``, which the action needs, cannot run, and what to do."""
     if not os.path.isfile(path):
-        return "%s is not an executable file: it does not exist" % path
-    return "%s is not an executable file: chmod +x it" % path
+        return ("%s is missing: POST /init with the action's code first, or put an "
+                "executable exec in the image" % path)
+    return "%s is not an executable file: chmod +x it, or POST /init with the code" % path
 
 
 def start_failure(path, error):
@@ -3003,6 +3042,8 @@ class OpenWhisk:
 
     def refuse_init(self):
         self.logs.err((INIT_TWICE + "\n").encode())
+        self.logs.note("hint: to replace the action, start the proxy with --allow-reinit "
+                       "(PROXY_ALLOW_REINIT=1), for local development only")
         return 403, {"error": INIT_TWICE}
 
     def initialize(self, value):
@@ -3024,6 +3065,11 @@ class OpenWhisk:
         message = request.json()
         if not isinstance(message, dict):
             return 404, {"error": RUN_BAD_ARGUMENT}
+        unknown = sorted(set(message) - ACTIVATION_FIELDS)
+        if "value" not in message and unknown:
+            self.logs.note("hint: the /run body has no \"value\", so the action gets no "
+                           "parameters; %s %s no activation field: send {\"value\": {...}}"
+                           % (", ".join(unknown), "is" if len(unknown) == 1 else "are"))
         return self.activate(message)
 
     def activate(self, message):
@@ -3035,6 +3081,11 @@ class OpenWhisk:
             self.logs.note(not_runnable(self.runner.binary))
             return 502, {"error": RUN_NO_BINARY}
         return self.runner.run(value, self.runner.env(message))
+
+
+# The fields of a /run body besides "value", as the invoker sends them.
+ACTIVATION_FIELDS = frozenset(("namespace", "action_name", "action_version", "activation_id",
+                               "transaction_id", "deadline", "api_key"))
 
 
 class Knative(OpenWhisk):
@@ -3279,11 +3330,17 @@ class ClientError(Exception):
 
 def action_init(path, main):
     """The /init value for an action on disk: an executable, a source file, a zip,
-    or a directory (zipped here, with its ``exec`` or ``__main__.py``)."""
+    a C source file (compiled here), or a directory (zipped here, with its ``exec``
+    or ``__main__.py``, or an ``action.c`` to compile into ``exec``)."""
     import base64
     import zipfile
     if os.path.isdir(path):
-        return {"code": base64.b64encode(zip_directory(path)).decode(), "binary": True,
+        files = directory_files(path)
+        if "exec" not in files and "__main__.py" not in files and "action.c" in files:
+            files["exec"] = compile_c(os.path.join(path, "action.c"))
+        if "exec" not in files and "__main__.py" not in files:
+            raise ClientError("the directory %s has no exec or __main__.py" % path)
+        return {"code": base64.b64encode(zip_files(files, path)).decode(), "binary": True,
                 "main": main}
     try:
         with open(path, "rb") as file:
@@ -3292,6 +3349,8 @@ def action_init(path, main):
         raise ClientError("cannot read the action %s: %s" % (path, error.strerror))
     if zipfile.is_zipfile(path):
         return {"code": base64.b64encode(data).decode(), "binary": True, "main": main}
+    if path.endswith(".c"):
+        data = compile_c(path)
     try:
         return {"code": data.decode("utf-8"), "binary": False, "main": main}
     except UnicodeDecodeError:
@@ -3299,7 +3358,26 @@ def action_init(path, main):
                 "main": main}
 
 
-def zip_directory(folder):
+def compile_c(source):
+    """The executable ``cc`` makes of a C source file, as the image's build would."""
+    import shutil
+    import tempfile
+    if not shutil.which("cc"):
+        raise ClientError("%s is C source and there is no cc here to compile it: compile it "
+                          "yourself (cc -O2 -o action %s) and invoke the binary" % (source, source))
+    with tempfile.TemporaryDirectory(prefix="owproxy-cc-") as folder:
+        binary = os.path.join(folder, "exec")
+        built = subprocess.run(["cc", "-O2", "-o", binary, source], stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT)
+        if built.returncode != 0:
+            sys.stderr.write(built.stdout.decode("utf-8", "replace"))
+            raise ClientError("cc could not compile %s (its messages are above)" % source)
+        with open(binary, "rb") as file:
+            return file.read()
+
+
+def directory_files(folder):
+    """``{relative name: bytes}`` of every file below ``folder``."""
     files = {}
     for root, _, names in os.walk(folder):
         for name in names:
@@ -3309,7 +3387,7 @@ def zip_directory(folder):
                     files[os.path.relpath(path, folder)] = file.read()
             except OSError as error:
                 raise ClientError("cannot read %s: %s" % (path, error.strerror))
-    return zip_files(files, folder)
+    return files
 
 
 def zip_files(files, folder=None):
@@ -3320,29 +3398,83 @@ def zip_files(files, folder=None):
     with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as archive:
         for name, data in sorted(files.items()):
             info = zipfile.ZipInfo(name)
-            mode = os.stat(os.path.join(folder, name)).st_mode if folder else 0o100755
+            path = os.path.join(folder, name) if folder else None
+            mode = os.stat(path).st_mode if path and os.path.exists(path) else 0o100755
             info.external_attr = (mode & 0xFFFF) << 16
             info.compress_type = zipfile.ZIP_DEFLATED
             archive.writestr(info, data)
     return buffer.getvalue()
 
 
-def parameters(params, pairs):
-    """The action's parameters: a JSON object or array, then ``-p KEY VALUE`` pairs
-    (a VALUE that is JSON is taken as JSON, else as a string)."""
-    try:
-        value = json.loads(params) if params else {}
-    except ValueError as error:
-        raise ClientError("the parameters are not JSON: %s" % error)
-    if not isinstance(value, (dict, list)):
-        raise ClientError("the parameters must be a JSON object or array")
-    for key, text in pairs or ():
+def parameters(args):
+    """The action's parameters: a JSON file (``-P``, ``-`` for stdin), then a JSON
+    object or array, then ``-p KEY VALUE`` pairs (a VALUE that is JSON is taken as
+    JSON, else as a string)."""
+    value = {}
+    if args.param_file:
+        value = json_object(args.param_file, "the parameters file %s" % args.param_file)
+    if args.params:
+        try:
+            given = json.loads(args.params)
+        except ValueError as error:
+            raise ClientError("the parameters are not JSON: %s" % error)
+        if not isinstance(given, (dict, list)):
+            raise ClientError("the parameters must be a JSON object or array")
+        value = dict(value, **given) if isinstance(given, dict) else given
+    for key, text in args.param or ():
         if not isinstance(value, dict):
             raise ClientError("-p needs the parameters to be an object, not an array")
         try:
             value[key] = json.loads(text)
         except ValueError:
             value[key] = text
+    return value
+
+
+def json_object(path, what):
+    """The JSON object in the file ``path`` (``-``: stdin)."""
+    try:
+        if path == "-":
+            text = sys.stdin.read()
+        else:
+            with open(path, encoding="utf-8") as file:
+                text = file.read()
+        value = json.loads(text)
+    except OSError as error:
+        raise ClientError("cannot read %s: %s" % (what, error.strerror))
+    except ValueError as error:
+        raise ClientError("%s is not JSON: %s" % (what, error))
+    if not isinstance(value, dict):
+        raise ClientError("%s must hold a JSON object, not %s" % (what, json_type(value)))
+    return value
+
+
+def init_env(args):
+    """The init ``env``: ``--env-file`` lines (KEY=VALUE, # comments), then ``-e KEY VALUE``."""
+    env = {}
+    if args.env_file:
+        try:
+            with open(args.env_file, encoding="utf-8") as file:
+                lines = file.read().splitlines()
+        except OSError as error:
+            raise ClientError("cannot read the env file %s: %s" % (args.env_file,
+                                                                    error.strerror))
+        for number, line in enumerate(lines, 1):
+            if line.strip() and not line.lstrip().startswith("#"):
+                key, equals, text = line.partition("=")
+                if not equals or not key.strip():
+                    raise ClientError("%s line %d: not KEY=VALUE" % (args.env_file, number))
+                env[key.strip()] = text
+    env.update(args.env or ())
+    return env
+
+
+def init_value(args, name):
+    """The /init ``value`` for the action the command line names."""
+    value = dict(action_init(args.action, args.main), name=name)
+    env = init_env(args)
+    if env:
+        value["env"] = env
     return value
 
 
@@ -3373,6 +3505,8 @@ def post(url, path, payload, timeout):
         body = reply.read().decode("utf-8", "replace")
     except (OSError, http.client.HTTPException) as error:
         reason = " ".join(str(error).split()) or type(error).__name__  # one line, always
+        if isinstance(error, ConnectionRefusedError):
+            reason += " (is an action container, or make run, serving there?)"
         raise ClientError("cannot reach %s: %s" % (url, reason))
     finally:
         connection.close()
@@ -3382,14 +3516,13 @@ def post(url, path, payload, timeout):
         return reply.status, body
 
 
-def report(what, status, payload, out):
-    """Prints an answer; the exit status: 0 success, 1 application error, 2 developer error."""
+def outcome(what, status, payload):
+    """Says on stderr what went wrong; returns the exit status: 0 success, 1
+    application error, 2 developer error (also an activation's statusCode)."""
     if status != 200:
         error = payload.get("error", payload) if isinstance(payload, dict) else payload
         sys.stderr.write("owproxy: %s answered %d: %s\n" % (what, status, error))
         return 2
-    if out:
-        sys.stdout.write(json.dumps(payload, indent=2, ensure_ascii=False) + "\n")
     if isinstance(payload, dict) and "error" in payload:
         sys.stderr.write("owproxy: %s answered an application error: %s\n"
                          % (what, payload["error"]))
@@ -3397,135 +3530,296 @@ def report(what, status, payload, out):
     return 0
 
 
+def show(payload):
+    sys.stdout.write(json.dumps(payload, indent=2, ensure_ascii=False) + "\n")
+    sys.stdout.flush()
+
+
+def activation_record(message, name, times, code, payload, logs):
+    """What ``wsk activation get`` shows of one run (times in ms since the epoch)."""
+    start, end = (int(moment * 1000) for moment in times)
+    result = payload if isinstance(payload, (dict, list)) else {"error": payload}
+    return {"namespace": message["namespace"], "name": name,
+            "version": message["action_version"], "subject": message["namespace"],
+            "activationId": message["activation_id"], "start": start, "end": end,
+            "duration": end - start, "statusCode": code,
+            "response": {"status": ACTIVATION_STATUS[code], "statusCode": code,
+                         "success": code == 0, "result": result},
+            "logs": logs, "annotations": [{"key": "path", "value": "guest/" + name}],
+            "publish": False}
+
+
+ACTIVATION_STATUS = {0: "success", 1: "application error", 2: "action developer error"}
+
+
+class LogRelay:
+    """Copies the local proxy's stdout and stderr to this stderr as their lines come,
+    in the order they come, without the sentinels; on a terminal each line is marked
+    with its stream.  Keeps each line, as ``wsk`` shows it, for the activation record."""
+
+    marks = {"stdout": "\033[2mout|\033[0m ", "stderr": "\033[31merr|\033[0m "}
+
+    def __init__(self, stdout, stderr, marked):
+        self.pipes = {stdout: "stdout", stderr: "stderr"}
+        self.marked = marked
+        self.lines = []
+        self.sentinels = dict.fromkeys(self.pipes.values(), 0)
+        self.changed = threading.Condition()
+        self.ended = False
+        self.thread = threading.Thread(target=self.relay, daemon=True)
+        self.thread.start()
+
+    def relay(self):
+        selector = selectors.DefaultSelector()
+        for pipe, stream in self.pipes.items():
+            selector.register(pipe, selectors.EVENT_READ,
+                              LineForwarder(functools.partial(self.show, stream)))
+        while selector.get_map():
+            for key, _ in selector.select():
+                chunk = os.read(key.fd, 65536)
+                if chunk:
+                    key.data.feed(chunk)
+                else:
+                    key.data.close()
+                    selector.unregister(key.fileobj)
+        with self.changed:
+            self.ended = True
+            self.changed.notify_all()
+
+    def show(self, stream, data):
+        now = time.time()
+        for line in data.decode("utf-8", "replace").splitlines():
+            with self.changed:
+                if line == LOG_SENTINEL:
+                    self.sentinels[stream] += 1
+                    self.changed.notify_all()
+                    continue
+                self.lines.append("%s.%06dZ %s: %s" % (
+                    time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(now)),
+                    now % 1 * 1e6, stream, line))
+            sys.stderr.write((self.marks[stream] if self.marked else "") + line + "\n")
+            sys.stderr.flush()
+
+    def wait_for_sentinels(self, count, timeout=10.0):
+        """Waits until both streams have closed ``count`` activations' logs."""
+        with self.changed:
+            self.changed.wait_for(lambda: self.ended or min(self.sentinels.values()) >= count,
+                                  timeout)
+
+    def take(self):
+        """The lines since the last take."""
+        with self.changed:
+            lines, self.lines = self.lines, []
+        return lines
+
+
 class LocalProxy:
-    """A proxy on a free loopback port, its logs in files, for ``invoke``."""
+    """A proxy of invoke's own on a free loopback port, its logs relayed live.  It
+    has no grace period, so that an interrupted ``invoke`` stops at once."""
 
     def __init__(self, loop):
         import tempfile
         self.folder = tempfile.mkdtemp(prefix="owproxy-invoke-")
-        os.mkdir(os.path.join(self.folder, "action"))
-        self.logs = [open(os.path.join(self.folder, name), "w+b") for name in ("out", "err")]
-        self.port = free_port()
-        self.url = "http://127.0.0.1:%d" % self.port
-        args = [sys.executable, OWPROXY_FILE, "--host", "127.0.0.1", "--port", str(self.port),
-                "--action-dir", os.path.join(self.folder, "action")] + (["--loop"] if loop else [])
+        action_dir = os.path.join(self.folder, "action")
+        os.mkdir(action_dir)
         # The local proxy is an OpenWhisk one whatever this shell's proxy settings say.
         env = {key: value for key, value in os.environ.items()
                if key not in {setting.env for setting in SETTINGS}}
-        self.process = subprocess.Popen(args, stdout=self.logs[0], stderr=self.logs[1], env=env)
-        self.wait_ready()
+        for _ in range(5):  # a program that picked the same port earlier may bind it first
+            with reserved_port() as reservation:
+                self.port = reservation.getsockname()[1]
+                self.process = subprocess.Popen(
+                    [sys.executable, OWPROXY_FILE, "--host", "127.0.0.1", "--port",
+                     str(self.port), "--action-dir", action_dir, "--grace", "0"]
+                    + (["--loop"] if loop else []),
+                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+                try:
+                    failure = self.wait_ready()
+                except BaseException:  # Ctrl-C while it starts: leave nothing behind
+                    self.process.kill()
+                    self.process.wait()
+                    remove_tree(self.folder)
+                    raise
+            if failure is None or "Address already in use" not in failure:
+                break
+        if failure is not None:
+            remove_tree(self.folder)
+            raise ClientError("the local proxy did not start: %s" % failure)
+        self.url = "http://127.0.0.1:%d" % self.port
+        self.relay = LogRelay(self.process.stdout, self.process.stderr, sys.stderr.isatty())
+        self.activations = 0
 
     def wait_ready(self):
+        """None once the proxy listens, else why it did not start: its own stderr."""
         import socket
         end = time.monotonic() + 30
         while self.process.poll() is None and time.monotonic() < end:
             try:
                 socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
-                return
+                return None
             except OSError:
                 time.sleep(0.01)
-        self.close()
-        raise ClientError("the local proxy did not start")
+        self.process.kill()
+        out, err = self.process.communicate()
+        text = " ".join(err.decode("utf-8", "replace").split())
+        return text.replace("owproxy: ", "") or "it did not listen within 30 s"
 
-    def show_logs(self):
-        """Copies the action's logs so far to stderr, without the sentinels."""
-        for log in self.logs:
-            log.seek(0)
-            text = log.read().decode("utf-8", "replace")
-            log.seek(0)
-            log.truncate()
-            lines = [line for line in text.splitlines() if line != LOG_SENTINEL]
-            if lines:
-                sys.stderr.write("\n".join(lines) + "\n")
-        sys.stderr.flush()
+    def post(self, path, payload, timeout):
+        """POSTs to the local proxy; returns its answer once the logs it closed are shown."""
+        status, answer = post(self.url, path, payload, timeout)
+        if path == "/run" or status not in (200, 403):  # the answers that write sentinels
+            self.activations += 1
+            self.relay.wait_for_sentinels(self.activations)
+        return status, answer
 
     def close(self):
         self.process.terminate()
-        self.process.wait()
-        for log in self.logs:
-            log.close()
+        try:
+            self.process.wait(10)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+        self.relay.thread.join(5)
+        self.process.stdout.close()
+        self.process.stderr.close()
         remove_tree(self.folder)
 
 
-def free_port():
+def reserved_port():
+    """A socket bound to a free loopback port and not listening: while it is open
+    no other program is given that port, yet the proxy may bind it too (both
+    with SO_REUSEADDR) and listen on it."""
     import socket
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
+    probe = socket.socket()
+    probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    probe.bind(("127.0.0.1", 0))
+    return probe
 
 
 def invoke(args):
     """Runs an action the way the invoker would, on a proxy of its own."""
-    init = action_init(args.action, args.main)
-    value = parameters(args.params, args.param)
-    name = os.path.splitext(os.path.basename(os.path.normpath(args.action)))[0]
+    name = args.name or os.path.splitext(os.path.basename(os.path.normpath(args.action)))[0]
+    init = init_value(args, name)
+    value = parameters(args)
     proxy = LocalProxy(args.loop)
     try:
-        status, payload = post(proxy.url, "/init", {"value": init}, args.timeout)
-        proxy.show_logs()
+        status, payload = proxy.post("/init", {"value": init}, args.timeout + 5)
         if status != 200:
-            return report("/init", status, payload, False)
+            return outcome("/init", status, payload)
         worst = 0
         for number in range(1, args.repeat + 1):
-            started = time.monotonic()
-            status, payload = post(proxy.url, "/run",
-                                   dict(activation(name, args.timeout), value=value),
-                                   args.timeout + 5)
-            elapsed = time.monotonic() - started
-            proxy.show_logs()
-            if args.repeat > 1:
-                sys.stderr.write("owproxy: run %d took %.1f ms\n" % (number, elapsed * 1000))
-            worst = max(worst, report("/run", status, payload, number == args.repeat))
-            if worst == 2:
+            message = dict(activation(name, args.timeout), value=value)
+            started = time.time()
+            status, payload = proxy.post("/run", message, args.timeout + 5)
+            times = started, time.time()
+            sys.stderr.write("owproxy: run%s took %.1f ms\n" % (
+                " %d" % number if args.repeat > 1 else "", (times[1] - times[0]) * 1000))
+            code = outcome("/run", status, payload)
+            worst = max(worst, code)
+            if number == args.repeat or code == 2:
                 break
+            proxy.relay.take()
+        if args.activation:
+            show(activation_record(message, name, times, code, payload, proxy.relay.take()))
+        elif status == 200:
+            show(payload)
         return worst
+    except KeyboardInterrupt:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not cut this short
+        sys.stderr.write("owproxy: interrupted; stopping the action\n")
+        return 130
     finally:
         proxy.close()
 
 
 def client_init(args):
-    status, payload = post(args.url, "/init", {"value": action_init(args.action, args.main)},
-                           args.timeout)
-    return report("/init", status, payload, True)
+    status, payload = post(args.url, "/init", {"value": init_value(args, args.name)},
+                           args.timeout + 5)
+    if status == 200:
+        show(payload)
+    return outcome("/init", status, payload)
 
 
 def client_run(args):
-    message = dict(activation(args.name, args.timeout),
-                   value=parameters(args.params, args.param))
+    message = dict(activation(args.name, args.timeout), value=parameters(args))
     status, payload = post(args.url, "/run", message, args.timeout + 5)
-    return report("/run", status, payload, True)
+    if status == 200:
+        show(payload)
+    return outcome("/run", status, payload)
 
 
 def client_parser():
-    import argparse
-    parser = argparse.ArgumentParser(prog="owproxy.py", description=(
+    parser = argument_parser(prog="owproxy.py", description=(
         "Try an action locally (invoke), or talk to a running action container (init, run). "
-        "Exit status: 0 success, 1 application error, 2 developer error."))
+        "Exit status: 0 success, 1 application error, 2 developer error, 130 interrupted."))
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     invoke_command = commands.add_parser(
-        "invoke", help="run an action on a proxy of its own, as the invoker would")
-    invoke_command.add_argument("action", help="an executable, a source file, a zip, or a "
-                                               "directory (with exec or __main__.py)")
+        "invoke", help="run an action on a proxy of its own, as the invoker would",
+        description="Run an action on a proxy of its own, as the invoker would: its logs "
+                    "stream to stderr as they come, its result ends on stdout.")
+    invoke_command.add_argument("action", help="an executable, a source file (a C file is "
+                                               "compiled with cc), a zip, or a directory "
+                                               "(with exec, __main__.py or action.c)")
     init_command = commands.add_parser("init", help="POST /init to a running container")
     init_command.add_argument("action", help="as for invoke")
     run_command = commands.add_parser("run", help="POST /run to a running container")
-    run_command.add_argument("--name", default="action", help="the action name to send")
     for command in (invoke_command, init_command, run_command):
-        command.add_argument("--timeout", type=float, default=60.0,
-                             help="seconds the action may run (its deadline)")
+        command.add_argument("--timeout", type=str, default="60",
+                             help="seconds the action may run, its deadline (default: "
+                                  "%(default)s)")
+        command.add_argument("--name", default=None if command is invoke_command else "action",
+                             help="the action's name (default: %s)" % (
+                                 "the file's" if command is invoke_command else "%(default)s"))
     for command in (invoke_command, init_command):
-        command.add_argument("--main", default="main", help="the entry point")
+        command.add_argument("--main", default="main",
+                             help="the entry point (default: %(default)s)")
+        command.add_argument("-e", "--env", nargs=2, action="append", metavar=("KEY", "VALUE"),
+                             help="an init environment variable for the action")
+        command.add_argument("--env-file", metavar="FILE",
+                             help="init environment variables, a KEY=VALUE per line")
     for command in (init_command, run_command):
-        command.add_argument("--url", required=True, help="the container, e.g. localhost:8080")
+        command.add_argument("--url", default="localhost:8080",
+                             help="the container (default: %(default)s)")
     for command in (invoke_command, run_command):
-        command.add_argument("params", nargs="?", help="the parameters, a JSON object")
+        command.add_argument("params", nargs="?", help="the parameters, a JSON object or array")
         command.add_argument("-p", "--param", nargs=2, action="append",
                              metavar=("KEY", "VALUE"), help="one parameter (VALUE: JSON or text)")
+        command.add_argument("-P", "--param-file", metavar="FILE",
+                             help="the parameters from a JSON file (-: stdin), as wsk's -P")
     invoke_command.add_argument("--loop", action="store_true",
                                 help="keep the executable warm (ActionLoop protocol)")
-    invoke_command.add_argument("--repeat", type=positive_int, default=1, metavar="N",
-                                help="run it N times, warm, timing each run")
+    invoke_command.add_argument("--repeat", default="1", metavar="N",
+                                help="run it N times, warm, timing each run (default: "
+                                     "%(default)s)")
+    invoke_command.add_argument("--activation", action="store_true",
+                                help="print the activation record (id, times, status, logs, "
+                                     "result; as wsk activation get) instead of the result")
     return parser
+
+
+def client_args(argv):
+    """The parsed command line of a client command, its values checked."""
+    for flag, word in zip(argv, argv[1:]):
+        if flag in ("-p", "--param") and "=" in word:  # as curl -d or docker -e would have it
+            name, _, given = word.partition("=")
+            raise ClientError("%s %s: write -p KEY VALUE, e.g. -p %s %s" % (flag, word, name,
+                                                                          given))
+    args = client_parser().parse_args(argv)
+    args.timeout = flag_value("--timeout", args.timeout, action_seconds)
+    if args.command == "invoke":
+        args.repeat = flag_value("--repeat", args.repeat, positive_int)
+    return args
+
+
+def action_seconds(text):
+    """A time limit as OpenWhisk allows one: 100 ms at least."""
+    try:
+        seconds = parse_seconds(text)
+    except ValueError:
+        seconds = 0.0
+    if seconds < 0.1:
+        raise ValueError("not a time limit in seconds (0.1 or more)")
+    return seconds
 
 
 CLIENT_COMMANDS = {"invoke": invoke, "init": client_init, "run": client_run}
@@ -3582,6 +3876,11 @@ def serve(settings, runner):
         server.serve_forever(server.poll_interval)
     except Shutdown:
         pass
+    if server.in_flight and settings.grace:
+        logs.note("stopping: %d activation(s) in flight get up to %g s to finish (a second "
+                  "signal stops them now)" % (server.in_flight, settings.grace))
+    elif server.in_flight:
+        logs.note("stopping: %d activation(s) in flight are stopped now" % server.in_flight)
     finished = server.serve_until_idle(settings.grace)
     runner.close(1.0 if finished else 0.0)
     processes.kill_all()  # overdue activations
@@ -3605,18 +3904,31 @@ def run_command(argv):
     if argv[:1] in (["--compile"], ["-compile"]):
         return compile_command(argv[1:])
     if argv[:1] and argv[0] in CLIENT_COMMANDS:
-        args = client_parser().parse_args(argv)
         try:
+            args = client_args(argv)
             return CLIENT_COMMANDS[args.command](args)
-        except (ClientError, InitError) as error:
+        except (ClientError, ConfigError, InitError) as error:
             sys.stderr.write("owproxy: %s\n" % error)
             return 2
+        except KeyboardInterrupt:
+            sys.stderr.write("owproxy: interrupted\n")
+            return 130
+    if argv[:1] and not argv[0].startswith("-"):
+        return unknown_command(argv[0])
     try:
         settings = resolve_settings(argv, os.environ)
         return serve(settings, _runner or ActionRunner())
     except ConfigError as error:
         sys.stderr.write("owproxy: %s\n" % error)
         return 2
+
+
+def unknown_command(word):
+    import difflib
+    close = difflib.get_close_matches(word, list(CLIENT_COMMANDS), 1)
+    sys.stderr.write("owproxy: %r is not a command; %s (see owproxy.py --help)\n" % (
+        word, "did you mean %s?" % close[0] if close else "the commands are invoke, init, run"))
+    return 2
 
 
 if __name__ == "__main__":

@@ -103,13 +103,17 @@ class Proxy:
 
     def start(self):
         for _ in range(5):
-            self.port = free_port()
-            argv, extra = self.command(self.port, str(self.action_dir))
-            with open(self.out_path, "wb") as out, open(self.err_path, "wb") as err:
-                self.process = subprocess.Popen(argv + self.args, stdout=out, stderr=err,
-                                                env=dict(self.env, **extra),
-                                                preexec_fn=self.preexec_fn)
-            if self.wait_ready():
+            # Held until the proxy listens, so that no other suite's proxy is given the
+            # port meanwhile and answers in its place.
+            with owproxy.reserved_port() as reservation:
+                self.port = reservation.getsockname()[1]
+                argv, extra = self.command(self.port, str(self.action_dir))
+                with open(self.out_path, "wb") as out, open(self.err_path, "wb") as err:
+                    self.process = subprocess.Popen(argv + self.args, stdout=out, stderr=err,
+                                                    env=dict(self.env, **extra),
+                                                    preexec_fn=self.preexec_fn)
+                ready = self.wait_ready()
+            if ready:
                 return self
             if "Address already in use" not in self.err_path.read_text():
                 raise AssertionError("proxy did not start: %s" % self.err_path.read_text())
@@ -517,7 +521,8 @@ def test_init_twice_is_refused_with_the_exact_403_and_no_sentinel(proxy):
     assert response.status == 403
     assert response.json == {"error": "Cannot initialize the action more than once."}
     out, err = check_streams(proxy, sentinels=0)
-    assert (out, err) == ("", "Cannot initialize the action more than once.")
+    assert out == ""
+    assert err.splitlines()[0] == "Cannot initialize the action more than once."
 
 
 @pytest.mark.parametrize("body", [b"{nope", b"[]", b'{"value": "code"}'])
@@ -795,7 +800,7 @@ def test_base64_with_line_breaks_is_accepted(proxy):
 def test_init_without_an_executable_fails_and_can_be_retried(proxy):
     response = proxy.post("/init", {})
     assert (response.status, response.json) == (502, INIT_FAILED)
-    assert "is not an executable file" in check_streams(proxy)[1]
+    assert "exec is missing: POST /init with the action's code first" in check_streams(proxy)[1]
     assert proxy.init(bash("echo '{\"retried\": true}'")).status == 200
     assert proxy.run().json == {"retried": True}
 
@@ -2892,10 +2897,7 @@ def test_invoke_repeat_exits_1_when_any_run_was_an_application_error(tmp_path):
 def test_invoke_repeat_0_is_a_usage_error():
     result = cli("invoke", "--repeat", "0", EXAMPLES / "hello.sh")
     assert (result.returncode, result.stdout) == (2, "")
-    assert result.stderr.startswith("usage: owproxy.py invoke")
-    assert result.stderr.splitlines()[-1] == (
-        "owproxy.py invoke: error: argument --repeat: invalid positive_int value: '0'")
-    assert "Traceback" not in result.stderr
+    check_one_line_error(result, "owproxy: --repeat 0: not a positive whole number")
 
 
 def test_invoke_ignores_the_callers_proxy_settings():
@@ -5013,6 +5015,286 @@ def test_handler_threads_are_kept_for_the_next_connection(proxy):
 
 
 # ---------------------------------------------------------------------------
+# firsthour: the CLI explains itself, invoke streams live, Ctrl-C, hints, suite safety
+# ---------------------------------------------------------------------------
+
+def test_help_names_the_commands_and_version_matches_the_server_header(proxy):
+    completed = cli("--help", env={"COLUMNS": "100"})
+    assert completed.returncode == 0, completed
+    for command in ("owproxy.py invoke ACTION", "owproxy.py init", "owproxy.py run"):
+        assert command in completed.stdout
+    version = cli("--version")
+    assert (version.returncode, version.stdout) == (0, "owproxy %s\n" % owproxy.__version__)
+    assert proxy.init(ECHO_RESULT).headers["Server"] == "owproxy/" + owproxy.__version__
+
+
+def test_invoke_help_shows_the_defaults():
+    text = cli("invoke", "--help", env={"COLUMNS": "100"}).stdout
+    for default in ("(default: 60)", "(default: main)", "(default: 1)", "(default: the file's)"):
+        assert default in text, text
+
+
+@pytest.mark.parametrize("args, message", [
+    (["invok", "x"], "owproxy: 'invok' is not a command; did you mean invoke? (see "),
+    (["serve"], "owproxy: 'serve' is not a command; the commands are invoke, init, run"),
+    (["--port", "99999"], "owproxy: --port 99999: not a port number (0-65535)"),
+    (["--platform", "lambda"], "owproxy: --platform lambda: not a platform (use openwhisk or knative)"),
+    (["--grace", "soon"], "owproxy: --grace soon: not a number of seconds"),
+    (["--max-body", "lots"], "owproxy: --max-body lots: not a positive size"),
+    (["--bogus"], "owproxy: unrecognized arguments: --bogus (see owproxy.py --help)"),
+    (["--action-dir", str(HERE / "README.md")], "owproxy: the action directory %s is not a directory"
+     % (HERE / "README.md")),
+    (["invoke", "--timeout", "-1", "x"], "owproxy: --timeout -1: not a time limit in seconds"),
+    (["invoke", "--timeout", "0", "x"], "owproxy: --timeout 0: not a time limit in seconds"),
+    (["invoke", "--timeout", "0.001", "x"], "owproxy: --timeout 0.001: not a time limit"),
+    (["invoke", "x", "-p", "name"],
+     "owproxy: -p/--param: expected 2 arguments: write -p KEY VALUE, e.g. -p name Ada"),
+    (["invoke", "x", "-p", "name=Ada"], "owproxy: -p name=Ada: write -p KEY VALUE, e.g. -p name Ada"),
+    (["invoke", "-p", "name=Ada", "x"], "owproxy: -p name=Ada: write -p KEY VALUE, e.g. -p name Ada"),
+    (["run", "--param", "a=b=c"], "owproxy: --param a=b=c: write -p KEY VALUE, e.g. -p a b=c"),
+    (["invoke", str(EXAMPLES)], "owproxy: the directory %s has no exec or __main__.py" % EXAMPLES),    (["init", "--url", "127.0.0.1:1", str(EXAMPLES / "hello.sh")],
+     "owproxy: cannot reach 127.0.0.1:1: [Errno 111] Connection refused (is an action "
+     "container, or make run, serving there?)"),
+])
+def test_command_line_mistakes_are_one_line_errors_without_internal_names(args, message):
+    completed = cli(*args)
+    check_one_line_error(completed, message)
+    assert "parse_" not in completed.stderr and "usage:" not in completed.stderr
+
+
+LIVE_ORDER = '''
+import os, sys, time
+
+def main(args):
+    print("out-1", flush=True)
+    while not os.path.exists(args["go"]):  # the test's word that it saw out-1
+        time.sleep(0.02)
+    print("err-1", file=sys.stderr, flush=True)
+    time.sleep(0.2)
+    print("out-2", flush=True)
+    time.sleep(0.2)
+    print("err-2", file=sys.stderr, flush=True)
+    return {"done": True}
+'''
+
+
+class LineWatcher:
+    """A process's stderr read line by line as it comes, on a thread."""
+
+    def __init__(self, process):
+        self.lines, self.process = [], process
+        self.thread = threading.Thread(target=self.read, daemon=True)
+        self.thread.start()
+
+    def read(self):
+        for line in self.process.stderr:
+            self.lines.append(line.rstrip("\n"))
+
+    def saw(self, text, timeout=30):
+        return wait_for(lambda: any(text in line for line in self.lines), timeout)
+
+
+def start_cli(*args, **options):
+    return subprocess.Popen(proxy_command(*[str(arg) for arg in args]), env=proxy_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **options)
+
+
+def test_invoke_streams_the_logs_live_in_their_order_then_the_result(tmp_path):
+    action = tmp_path / "order.py"
+    action.write_text(LIVE_ORDER)
+    go = tmp_path / "go"
+    process = start_cli("invoke", action, "-p", "go", go)
+    watcher = LineWatcher(process)
+    try:
+        assert watcher.saw("out-1"), watcher.lines  # while the action still waits
+        go.touch()
+        out = process.stdout.read()
+        assert process.wait(60) == 0
+    finally:
+        process.kill()
+    watcher.thread.join(10)
+    assert json.loads(out) == {"done": True}
+    assert [line for line in watcher.lines if line[:4] in ("out-", "err-")] == [
+        "out-1", "err-1", "out-2", "err-2"]  # on a pipe: no marks
+    assert watcher.lines[-1].startswith("owproxy: run took ")
+    assert SENTINEL not in "".join(watcher.lines)
+
+
+def test_invoke_marks_each_stream_on_a_terminal():
+    import pty
+    master, slave = pty.openpty()
+    try:
+        completed = subprocess.run(proxy_command("invoke", str(EXAMPLES / "hello.sh")),
+                                   env=proxy_env(), stdout=subprocess.PIPE, stderr=slave,
+                                   timeout=60)
+        os.close(slave)
+        slave = None
+        shown = b""
+        with contextlib.suppress(OSError):  # EIO once everything is read
+            while True:
+                shown += os.read(master, 65536)
+    finally:
+        os.close(master)
+        if slave is not None:
+            os.close(slave)
+    assert completed.returncode == 0
+    text = shown.decode()
+    assert "out|\x1b[0m greeting stranger for activation" in text, text
+    assert "err|\x1b[0m this line goes to stderr" in text, text
+
+
+SLOW_ACTION = bash('echo "pid $$" >&2; sleep 120; echo "{}"')
+
+
+@pytest.mark.parametrize("to_group", [True, False], ids=["process-group", "invoke-alone"])
+def test_ctrl_c_stops_invoke_and_its_action_at_once_with_one_clear_line(tmp_path, to_group):
+    action = tmp_path / "slow"
+    action.write_text(SLOW_ACTION)
+    # A shell starts background jobs with SIGINT ignored, and Python keeps it so.
+    process = start_cli("invoke", action, start_new_session=True,
+                        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    watcher = LineWatcher(process)
+    try:
+        assert watcher.saw("pid "), watcher.lines
+        if to_group:
+            os.killpg(process.pid, signal.SIGINT)
+        else:
+            process.send_signal(signal.SIGINT)
+        assert process.wait(60) == 130  # the action would sleep 120 s
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+    watcher.thread.join(10)
+    text = "\n".join(watcher.lines)
+    assert "owproxy: interrupted" in text and "Traceback" not in text, text
+    assert "KeyboardInterrupt" not in text, text
+    action_pid = int(next(line for line in watcher.lines if line.startswith("pid ")).split()[1])
+    assert gone_or_zombie(action_pid, 30)
+
+
+def test_a_serving_proxy_interrupted_mid_activation_says_it_waits_and_finishes_it(proxy):
+    assert proxy.init(bash('echo started >&2; sleep 1; echo \'{"finished": true}\'')).status == 200
+    answer = in_thread(proxy.run)
+    assert wait_for(lambda: "started" in proxy.logs()[1], 30)
+    proxy.process.send_signal(signal.SIGINT)
+    response = answer(60)
+    assert (response.status, response.json) == (200, {"finished": True})
+    assert proxy.process.wait(30) == 0
+    err = proxy.logs()[1]
+    assert ("owproxy: stopping: 1 activation(s) in flight get up to 8 s to finish (a second "
+            "signal stops them now)\n") in err, err
+    assert "Traceback" not in err
+
+
+ECHO_ARGS = '''
+import os
+
+def main(args):
+    names = ("A", "B", "C", "__OW_ACTION_NAME")
+    return dict(args, env={name: os.environ.get(name) for name in names})
+'''
+
+
+def test_invoke_takes_parameters_from_a_file_stdin_json_and_pairs_and_init_env(tmp_path):
+    action = tmp_path / "echo.py"
+    action.write_text(ECHO_ARGS)
+    params = tmp_path / "params.json"
+    params.write_text('{"a": 1, "b": 2}')
+    env_file = tmp_path / "action.env"
+    env_file.write_text("# settings\nA=1\n\nB=two words\n")
+    result = cli("invoke", action, '{"b": 3}', "-P", params, "-p", "c", "4",
+                 "--env-file", env_file, "-e", "C", "x=y", "--name", "mine")
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout) == {"a": 1, "b": 3, "c": 4, "env": {
+        "A": "1", "B": "two words", "C": "x=y", "__OW_ACTION_NAME": "/guest/mine"}}
+    piped = subprocess.run(proxy_command("invoke", str(action), "-P", "-"), env=proxy_env(),
+                           input='{"from": "stdin"}', capture_output=True, text=True,
+                           timeout=60)
+    assert piped.returncode == 0, piped.stderr
+    assert json.loads(piped.stdout)["from"] == "stdin"
+
+
+@pytest.mark.parametrize("args, message", [
+    (["-P", "/no/such.json"], "owproxy: cannot read the parameters file /no/such.json"),
+    (["-P", str(EXAMPLES / "hello.sh")], "is not JSON"),
+    (["--env-file", str(EXAMPLES / "hello.sh")], "hello.sh line 5: not KEY=VALUE"),
+])
+def test_bad_parameter_or_env_files_are_one_line_errors(args, message):
+    check_one_line_error(cli("invoke", EXAMPLES / "hello.sh", *args), message)
+
+
+ACTIVATION_ID = bash('echo "id $__OW_ACTIVATION_ID"; echo oops >&2; echo \'{"error": "no"}\'')
+
+
+def test_invoke_activation_prints_the_activation_record(tmp_path):
+    action = tmp_path / "fails"
+    action.write_text(ACTIVATION_ID)
+    result = cli("invoke", action, "--activation")
+    assert result.returncode == 1
+    record = json.loads(result.stdout)
+    assert record["activationId"] in result.stderr
+    assert record["name"] == "fails" and record["namespace"] == "guest"
+    assert record["duration"] == record["end"] - record["start"] >= 0
+    assert record["statusCode"] == 1
+    assert record["response"] == {"status": "application error", "statusCode": 1,
+                                  "success": False, "result": {"error": "no"}}
+    assert sorted(line.split(" ", 1)[1] for line in record["logs"]) == [
+        "stderr: oops", "stdout: id " + record["activationId"]]  # two pipes: no set order
+    assert all(line.split(" ", 1)[0].endswith("Z") for line in record["logs"])
+
+
+def test_proxy_hints_for_a_run_without_value_a_second_init_and_no_exec(proxy):
+    response = proxy.run()
+    assert response.status == 502
+    assert "is missing: POST /init with the action's code first" in proxy.logs()[1]
+    assert proxy.init(bash('echo "{\\"length\\": ${#1}}"')).status == 200
+    assert proxy.post("/run", {"name": "Ada", "activation_id": "1"}).json == {"length": 2}
+    hint = ('owproxy: hint: the /run body has no "value", so the action gets no parameters; '
+            'name is no activation field: send {"value": {...}}\n')
+    assert proxy.logs()[1].count(hint) == 1
+    assert proxy.run({"name": "Ada"}).status == 200
+    assert proxy.post("/run", {"activation_id": "2", "deadline": "0"}).status == 200
+    assert proxy.logs()[1].count(hint) == 1  # nothing to say about well-formed bodies
+    assert proxy.init(ECHO_RESULT).status == 403
+    err = split_logs(proxy.logs()[1])[0].splitlines()
+    assert err[-2:] == ["Cannot initialize the action more than once.",
+                        "owproxy: hint: to replace the action, start the proxy with "
+                        "--allow-reinit (PROXY_ALLOW_REINIT=1), for local development only"]
+
+
+@pytest.mark.skipif(not shutil.which("cc"), reason="no C compiler on this machine")
+@pytest.mark.parametrize("path", ["c", "c/action.c"])
+def test_invoke_compiles_the_c_example(path):
+    result = cli("invoke", EXAMPLES / path, '{"a": 1}')
+    assert_invoked(result, {"language": "C", "params": {"a": 1}}, ["a log line from C"])
+
+
+def test_invoke_without_cc_says_how_to_compile(tmp_path):
+    result = cli("invoke", EXAMPLES / "c", env={"PATH": str(tmp_path)})
+    check_one_line_error(result, "action.c is C source and there is no cc here",
+                         "cc -O2 -o action ")
+
+
+def test_make_run_listens_on_loopback_on_port_or_flask_proxy_port():
+    def dry_run(*args, **env):
+        return subprocess.run(["make", "-s", "-n", "run"] + list(args), cwd=HERE, timeout=30,
+                              env=proxy_env(env), capture_output=True, text=True).stdout
+    assert "--host 127.0.0.1 --port 8080 " in dry_run()
+    assert "--host 127.0.0.1 --port 19300 " in dry_run(FLASK_PROXY_PORT="19300")
+    assert "--port 19301 " in dry_run("PORT=19301", FLASK_PROXY_PORT="19300")
+    assert "--port 19302 " in dry_run(PORT="19302")
+
+
+def test_the_readme_snippets_are_the_examples_real_content():
+    readme = (HERE / "README.md").read_text()
+    for name in ("hello.py", "hello.sh"):
+        marker = "<!-- examples/%s -->\n" % name
+        assert marker in readme, name
+        block = readme.split(marker, 1)[1].split("```", 2)[1].split("\n", 1)[1]
+        assert block == (EXAMPLES / name).read_text(), name
+
+
+# ---------------------------------------------------------------------------
 # Inner functions
 # ---------------------------------------------------------------------------
 
@@ -5083,6 +5365,8 @@ def test_listening_address_of_every_kind_of_host(monkeypatch):
     assert owproxy.listening_address("::", 80) == (socket.AF_INET, ("0.0.0.0", 80))
     assert owproxy.url_host("::") == "[::]" and owproxy.url_host("[::1]") == "[::1]"
     assert owproxy.url_host("0.0.0.0") == "0.0.0.0"
+
+
 def test_the_entry_count_limit_of_a_tar_gz(tmp_path, monkeypatch):
     monkeypatch.setattr(owproxy, "MAX_ARCHIVE_ENTRIES", 3)
     data = base64.b64decode(make_tar({"exec": "x", "a": "a", "b": "b", "c": "c"}))
@@ -5109,3 +5393,32 @@ def test_result_forwarder_keeps_the_head_of_a_long_result_fed_in_pieces():
     result = forwarder.result()
     assert (result.size, result.head) == (5009, line[4:4 + 1024])
     assert b"".join(written) == b"log\n\n" and notes == []
+
+
+def test_a_local_proxy_that_cannot_start_is_reported_with_its_own_stderr(tmp_path, monkeypatch):
+    fails = tmp_path / "fails.py"
+    fails.write_text("import sys\nsys.stderr.write('owproxy: cannot listen: no way\\n')\n"
+                     "sys.exit(2)\n")
+    monkeypatch.setattr(owproxy, "OWPROXY_FILE", str(fails))
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    with pytest.raises(owproxy.ClientError) as raised:
+        owproxy.LocalProxy(False)
+    assert str(raised.value) == "the local proxy did not start: cannot listen: no way"
+    assert os.listdir(str(tmp_path)) == ["fails.py"]  # its folder is gone
+
+
+def test_a_local_proxy_takes_another_port_when_its_own_is_taken(monkeypatch):
+    taken = socket.socket()  # without SO_REUSEADDR: the proxy cannot bind its port
+    taken.bind(("127.0.0.1", 0))
+    port = taken.getsockname()[1]
+    reservations = [taken]
+    real_reserved_port = owproxy.reserved_port
+    monkeypatch.setattr(owproxy, "reserved_port", lambda: reservations.pop() if reservations
+                        else real_reserved_port())
+    proxy = owproxy.LocalProxy(False)
+    try:
+        assert not reservations and proxy.port != port
+        assert proxy.post("/run", {"value": {}}, 30) == (502, {
+            "error": "The action failed to locate a binary. See logs for details."})
+    finally:
+        proxy.close()

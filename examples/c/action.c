@@ -1,5 +1,7 @@
 /* A compiled action: the parameters arrive as JSON in argv[1] (and on stdin);
-   the last line on stdout is the result. */
+   the last line on stdout is the result.
+   `python3 owproxy.py invoke examples/c` compiles it with cc and runs it;
+   an image compiles it in a build stage (see Dockerfile). */
 #include <stdio.h>
 
 int main(int argc, char **argv) {

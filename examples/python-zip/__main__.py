@@ -1,4 +1,8 @@
-"""A zipped Python action: __main__.py imports its sibling modules."""
+"""A zipped Python action: __main__.py imports its sibling modules.
+
+Parameter: ``text``, the words to count.
+    python3 owproxy.py invoke examples/python-zip -p text "the quick brown fox"
+"""
 import words
 
 
