@@ -42,12 +42,19 @@ test: $(VENV)/.ready
 	$(VPY) -m coverage run -m pytest -q -p no:cacheprovider test_owproxy.py; \
 	$(VPY) -m coverage combine -q; \
 	$(VPY) -m coverage report -m
-	@set -e; for want in "$(OLDEST)" "$(NEWEST)"; do \
+	@# The two other interpreters' passes run side by side (the suite's tests
+	@# mostly wait on processes), each printed whole once it is done.
+	@set -e; logs=$$(mktemp -d); trap 'rm -rf "$$logs"' EXIT; pids=""; \
+	for want in "$(OLDEST)" "$(NEWEST)"; do \
 	  py=$$($(call find_python,$$want)); \
 	  if [ -z "$$py" ]; then echo "note: no Python $$want on this machine; skipping it"; continue; fi; \
-	  echo "== the proxy under $$py ($$($$py -V 2>&1))"; \
-	  OWPROXY_PYTHON=$$py $(VPY) -m pytest -q -p no:cacheprovider test_owproxy.py; \
-	done
+	  log="$$logs/$${want%% *}"; \
+	  echo "== the proxy under $$py ($$($$py -V 2>&1))" > "$$log"; \
+	  OWPROXY_PYTHON=$$py $(VPY) -m pytest -q -p no:cacheprovider test_owproxy.py >> "$$log" 2>&1 & \
+	  pids="$$pids $$!"; \
+	done; \
+	failed=0; for pid in $$pids; do wait $$pid || failed=1; done; \
+	cat "$$logs"/*; exit $$failed
 
 bench:
 	$(PYTHON) bench/bench.py

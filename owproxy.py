@@ -225,6 +225,14 @@ def parse_seconds(text):
     return seconds
 
 
+def parse_time_limit(text):
+    """Seconds that something is given to happen, which zero would never allow."""
+    seconds = parse_seconds(text)
+    if not seconds > 0:
+        raise ValueError("not a positive number of seconds")
+    return seconds
+
+
 class Setting:
     """One setting: a command-line flag, an environment variable (and others that
     stand in for it when it is unset, in order) and a default."""
@@ -270,7 +278,7 @@ SETTINGS = (
             "request bodies held in memory at once; the next one waits, unread"),
     Setting("max_header", "--max-header", "OWPROXY_MAX_HEADER", 64 * 1024, parse_size,
             "largest request head: request line and header fields (or trailers)"),
-    Setting("header_timeout", "--header-timeout", "OWPROXY_HEADER_TIMEOUT", 10.0, parse_seconds,
+    Setting("header_timeout", "--header-timeout", "OWPROXY_HEADER_TIMEOUT", 10.0, parse_time_limit,
             "seconds a client has to send a request's head"),
     Setting("max_connections", "--max-connections", "OWPROXY_MAX_CONNECTIONS", 1024,
             positive_int, "connections served at once; past it, 503 at once"),
@@ -279,7 +287,7 @@ SETTINGS = (
     Setting("compiler", "--compiler", "OW_COMPILER", "", str,
             "compile script of a runtime image, run as COMPILER MAIN SRC BIN at /init"),
     Setting("compile_timeout", "--compile-timeout", "OWPROXY_COMPILE_TIMEOUT", 600.0,
-            parse_seconds, "seconds a compile may take before the init fails"),
+            parse_time_limit, "seconds a compile may take before the init fails"),
     Setting("execution_env", "--execution-env", "OW_EXECUTION_ENV", "", str,
             "the value the compiled action's exec.env must hold"),
     Setting("log_init_error", "--log-init-error", "OW_LOG_INIT_ERROR", False, parse_set,
@@ -305,6 +313,7 @@ COMMANDS_HELP = """commands (each with its own --help):
   owproxy.py invoke ACTION [PARAMS]   run an action on a proxy of its own, as the invoker would
   owproxy.py init [--url URL] ACTION  POST /init to a running container
   owproxy.py run [--url URL] [PARAMS] POST /run to a running container
+  owproxy.py --compile [MAIN]         compile the code on stdin as /init would; a zip on stdout
 
 Each flag falls back to its environment variable, then to its default."""
 
@@ -348,7 +357,8 @@ def resolve_settings(argv, environ):
     given = vars(settings_parser().parse_args(argv)) if argv else {}
     values = {}
     for setting in SETTINGS:
-        env = next((env for env in setting.envs if env in environ), None)
+        # An empty variable is an unset one, as a shell's VAR= leaves it.
+        env = next((env for env in setting.envs if environ.get(env)), None)
         if given.get(setting.name) is not None:
             values[setting.name] = flag_value(setting.flag, given[setting.name], setting.parse)
         elif env:
@@ -701,11 +711,20 @@ class Request:
         if not self.body.strip():
             return {}
         try:
-            message = json.loads(self.body, parse_constant=reject_constant,
-                                 parse_float=finite_float)
+            message = strict_json(self.body)
         except (ValueError, RecursionError) as error:
             raise HTTPError(400, "The request body is not valid JSON: %s" % error)
         return {} if message is None else message
+
+
+def strict_json(text):
+    """JSON as every action's parser takes it: NaN, Infinity and numbers too large
+    for a float, which Python's json would accept, are refused (ValueError)."""
+    return json.loads(text, parse_constant=reject_constant, parse_float=finite_float)
+
+
+def reject_constant(name):
+    raise ValueError("%s is not JSON" % name)
 
 
 def finite_float(text):
@@ -1254,7 +1273,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
         connection then closes), after an answer if it was refused."""
         self.close_connection, self.route = True, None
         self.command, self.requestline = "", ""
-        self.request_version = self.default_request_version
+        self.request_version = self.protocol_version  # what a refusal is answered in
         try:
             head = self.reader.head(wait=self.served > 0)
         except HTTPError as error:
@@ -1300,9 +1319,13 @@ class ProxyHandler(BaseHTTPRequestHandler):
         except HTTPError as error:
             request = error
         with route.lock:
-            status, body, headers = self.outcome(route, request)
-            if route.sentinels(status):
-                self.server.logs.sentinels()
+            late = self.shutting_down(route)  # it began while this request waited
+            if not late:
+                status, body, headers = self.outcome(route, request)
+                if route.sentinels(status):
+                    self.server.logs.sentinels()
+        if late:
+            return self.refuse(503, SHUTTING_DOWN)
         if route.headers:
             given = {name.lower() for name, _ in headers}
             headers = headers + [(name, value) for name, value in route.headers
@@ -1323,8 +1346,6 @@ class ProxyHandler(BaseHTTPRequestHandler):
         try:
             if isinstance(request, HTTPError):
                 raise request
-            if self.shutting_down(route):  # it began while this request waited
-                raise HTTPError(503, SHUTTING_DOWN, close=True)
             status, payload = route.handle(request)
             return encode_answer(status, payload)
         except HTTPError as error:
@@ -1337,9 +1358,12 @@ class ProxyHandler(BaseHTTPRequestHandler):
     # -- request bodies --------------------------------------------------------
 
     def body_size(self):
-        """What the body will take in memory: a chunked one may take the limit."""
-        length = self.head.length
-        return self.server.settings.max_body if length is CHUNKED else length
+        """What the body will take in memory: a chunked one may take the limit, one
+        declared larger is refused unread."""
+        length, limit = self.head.length, self.server.settings.max_body
+        if length is CHUNKED:
+            return limit
+        return 0 if length > limit else length
 
     def read_body(self):
         limit, length = self.server.settings.max_body, self.head.length
@@ -1773,8 +1797,12 @@ def compile_command(args):
     zip compiles nothing again: its ``exec`` runs as it is."""
     import base64
     import tempfile
-    if len(args) > 1:
-        sys.stderr.write("owproxy: usage: owproxy.py --compile [MAIN] <CODE >ZIP\n")
+    usage = "usage: owproxy.py --compile [MAIN] <CODE >ZIP\n"
+    if args[:1] in (["-h"], ["--help"]):
+        sys.stdout.write(usage + COMPILE_HELP)
+        return 0
+    if len(args) > 1 or args[:1] and args[0].startswith("-"):
+        sys.stderr.write("owproxy: " + usage)
         return 2
     main = args[0] if args else "main"
     data = sys.stdin.buffer.read()
@@ -1782,10 +1810,13 @@ def compile_command(args):
     if not data.startswith((b"PK", b"\x1f\x8b\x08")):
         with contextlib.suppress(UnicodeDecodeError):
             message = {"code": data.decode("utf-8"), "main": main}  # source, as /init takes it
+    # The action directory in a folder of its own, so that the staging beside it goes too.
     folder = tempfile.mkdtemp(prefix="owproxy-compile-")
     try:
+        action = os.path.join(folder, "action")
+        os.mkdir(action)
         runner = ActionRunner()
-        runner.configure(resolve_settings(["--action-dir", folder], os.environ),
+        runner.configure(resolve_settings(["--action-dir", action], os.environ),
                          Logs(out_fd=2), Processes())  # stdout is the zip's
         zip_tree(runner.install(message).stage, sys.stdout.buffer)
         return 0
@@ -1794,6 +1825,14 @@ def compile_command(args):
         return 1
     finally:
         remove_tree(folder)
+
+
+COMPILE_HELP = """
+Unpacks the code on stdin (source, a zip or a tar.gz) and compiles it with the
+image's OW_COMPILER, as /init would, then writes a zip of the result to stdout
+(exit 0; 1 with the cause on stderr).  MAIN is the entry point (default main).
+Deploy the zip: its exec runs as it is, with no compile at the cold start.
+"""
 
 
 def zip_tree(folder, out):
@@ -2224,14 +2263,10 @@ def parse_result(line):
     if not isinstance(line, bytes):
         return None
     try:
-        result = json.loads(line.decode("utf-8", "replace"), parse_constant=reject_constant)
+        result = strict_json(line.decode("utf-8", "replace"))
     except ValueError:
         return None
     return result if isinstance(result, (dict, list)) else None
-
-
-def reject_constant(name):
-    raise ValueError("%s is not JSON" % name)
 
 
 def result_answer(line, logs, limit, echo=True):

@@ -5295,6 +5295,92 @@ def test_the_readme_snippets_are_the_examples_real_content():
 
 
 # ---------------------------------------------------------------------------
+# Where the merged features meet: results, --compile, time limits, shutdown, budgets
+# ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("args", [[], ["--loop"]])
+def test_a_result_with_a_number_too_large_for_a_float_is_no_result(proxies, args):
+    """Python's json would read 1e999 as inf and send Infinity, which no parser takes."""
+    code = (bash("echo '{\"a\": 1e999}'") if not args
+            else bash("while read line; do echo '{\"a\": -1e999}' >&3; done"))
+    proxy = proxies(*args)
+    assert proxy.init(code).status == 200
+    assert (proxy.run().status, proxy.run().json) == (502, BAD_RESULT)
+
+
+def test_compile_leaves_nothing_behind_and_explains_itself(tmp_path):
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    compiled = subprocess.run(proxy_command("--compile", "main"), input=ECHO_RESULT.encode(),
+                              env=proxy_env({"TMPDIR": str(scratch)}), capture_output=True,
+                              timeout=60)
+    assert compiled.returncode == 0, compiled.stderr
+    assert zipfile.ZipFile(io.BytesIO(compiled.stdout)).namelist() == ["exec"]
+    assert os.listdir(str(scratch)) == []
+    usage = cli("--compile", "--help")
+    assert usage.returncode == 0 and "usage: owproxy.py --compile [MAIN]" in usage.stdout
+    assert "--compile [MAIN]" in cli("--help").stdout
+
+
+@pytest.mark.parametrize("flag", ["--header-timeout", "--compile-timeout"])
+def test_a_time_limit_of_zero_is_a_one_line_error(tmp_path, flag):
+    check_one_line_error(cli(flag, "0", "--action-dir", tmp_path),
+                         "owproxy: %s 0: not a positive number of seconds" % flag)
+
+
+def test_an_empty_variable_is_an_unset_one(proxies):
+    proxy = proxies(command=lambda port, action_dir: (proxy_command(
+        "--host", "127.0.0.1", "--action-dir", action_dir), {
+            "FLASK_PROXY_PORT": "", "PORT": str(port), "OWPROXY_LOOP": ""}))
+    assert proxy.init(ECHO_RESULT).status == 200
+    check_a_run_still_works(proxy)
+
+
+def test_a_run_waiting_for_the_lock_at_shutdown_gets_503_without_sentinels(proxy):
+    assert proxy.init(bash("sleep 1.5\necho '{\"done\": true}'")).status == 200
+    answers = {}
+
+    def run(name):
+        answers[name] = proxy.run(timeout=30)
+
+    first = threading.Thread(target=run, args=("first",))
+    first.start()
+    time.sleep(0.5)
+    second = threading.Thread(target=run, args=("second",))
+    second.start()
+    time.sleep(0.5)  # the second waits for the lock the first holds
+    proxy.process.send_signal(signal.SIGTERM)
+    first.join(30)
+    second.join(30)
+    assert (answers["first"].status, answers["first"].json) == (200, {"done": True})
+    assert (answers["second"].status, answers["second"].json) == (
+        503, {"error": "The proxy is shutting down."})
+    assert proxy.process.wait(30) == 0
+    check_streams(proxy, sentinels=1)  # the running activation's, no more
+
+
+def test_a_body_declared_over_the_limit_is_refused_without_waiting_for_the_budget(proxies):
+    proxy = proxies("--concurrent", "--max-header", "1K", "--max-body", "10K",
+                    "--body-memory", "10K")
+    assert proxy.init(bash("sleep 2\ntouch finished\necho '{\"slow\": true}'")).status == 200
+    slow = {}
+    runner = threading.Thread(target=lambda: slow.update(
+        answer=proxy.run({"pad": "x" * 9000}, timeout=30)))
+    runner.start()
+    time.sleep(0.5)  # its 9 KB body holds the budget until it is answered
+    client = RawClient(proxy)
+    try:
+        client.send(head("POST", "/run", "Content-Length: 20000"))
+        response = client.response()
+    finally:
+        client.close()
+    assert response.status == 413
+    assert not (proxy.action_dir / "finished").exists(), "the 413 waited for the activation"
+    runner.join(30)
+    assert slow["answer"].json == {"slow": True}
+
+
+# ---------------------------------------------------------------------------
 # Inner functions
 # ---------------------------------------------------------------------------
 
