@@ -472,9 +472,16 @@ def public_dir():
 ECHO_RESULT = bash("echo '{\"ok\": \"run\"}'")
 
 
-def check_a_run_still_works(proxy):
-    response = proxy.run(timeout=10)
-    assert (response.status, response.json) == (200, {"ok": "run"})
+def check_a_run_still_works(proxy, value=None, result=None):
+    """A /run (of ECHO_RESULT, or with ``value`` giving ``result``) answers as ever."""
+    response = proxy.run(value, timeout=10)
+    assert (response.status, response.json) == (200, result or {"ok": "run"})
+
+
+def proc_status(pid, field):
+    """A number of /proc/PID/status: VmHWM (KiB), Threads, ..."""
+    with open("/proc/%d/status" % pid) as status:
+        return next(int(line.split()[1]) for line in status if line.startswith(field + ":"))
 
 
 MIB = 1024 * 1024
@@ -4014,20 +4021,15 @@ def memory_flood_zip(tmp_path_factory):
     return path
 
 
-def vm_hwm_kib(pid):
-    with open("/proc/%d/status" % pid) as status:
-        return next(int(line.split()[1]) for line in status if line.startswith("VmHWM:"))
-
-
 def test_a_symlink_entry_that_inflates_to_400_mb_is_refused_in_bounded_memory(
         proxies, memory_flood_zip):
     assert memory_flood_zip.stat().st_size < MIB
     proxy = proxies()
-    before = vm_hwm_kib(proxy.process.pid)
+    before = proc_status(proxy.process.pid, "VmHWM")
     response = proxy.post("/init", {"value": {
         "code": base64.b64encode(memory_flood_zip.read_bytes()).decode(), "binary": True}})
     assert (response.status, response.json) == (502, INIT_FAILED)
-    grown = vm_hwm_kib(proxy.process.pid) - before
+    grown = proc_status(proxy.process.pid, "VmHWM") - before
     assert grown < 32 * 1024, "peak memory grew by %d KiB" % grown
     assert "'link' has a target longer than PATH_MAX" in check_streams(proxy)[1]
 
@@ -4227,11 +4229,6 @@ echo '{"ok": 1}'
     assert pieces == ["z" * 1024, "z" * 1024, "z" * 452]
 
 
-def peak_memory_kib(pid):
-    with open("/proc/%d/status" % pid) as status:
-        return int(next(line for line in status if line.startswith("VmHWM")).split()[1])
-
-
 def test_a_300_mb_result_line_on_fd_3_keeps_the_proxys_memory_bounded(proxies):
     proxy = proxies("--loop")
     assert proxy.init(python_script("""
@@ -4242,10 +4239,10 @@ for line in sys.stdin:
         os.write(3, block)
     os.write(3, b"\\n")
 """)).status == 200
-    before = peak_memory_kib(proxy.process.pid)
+    before = proc_status(proxy.process.pid, "VmHWM")
     response = proxy.run(timeout=120)
     assert (response.status, response.json) == (502, too_large(300 << 20, 16 << 20))
-    assert peak_memory_kib(proxy.process.pid) - before < 80 * 1024
+    assert proc_status(proxy.process.pid, "VmHWM") - before < 80 * 1024
     assert len(proxy.logs()[0]) < 4096
 
 
@@ -4527,12 +4524,7 @@ def test_a_cut_off_init_does_not_seal_a_baked_action(proxy):
     finally:
         client.close()
     assert proxy.init(ECHO_BASH).status == 200  # the invoker's own /init is still the first
-    check_a_run_still_works_with(proxy, {"value": {"n": 1}}, {"n": 1})
-
-
-def check_a_run_still_works_with(proxy, body, result):
-    response = proxy.post("/run", body, timeout=10)
-    assert (response.status, response.json) == (200, result)
+    check_a_run_still_works(proxy, {"n": 1}, {"n": 1})
 
 
 SMUGGLING = {
@@ -4575,7 +4567,7 @@ SMUGGLING = {
 def test_ambiguous_framing_is_refused_and_closes(strict_proxy, case):
     data, status, fragment = SMUGGLING[case]
     refused_alone(strict_proxy, data, status, fragment)
-    check_a_run_still_works_with(strict_proxy, {"value": {"n": 1}}, {"n": 1})
+    check_a_run_still_works(strict_proxy, {"n": 1}, {"n": 1})
 
 
 def test_a_chunk_size_with_any_number_of_leading_zeros_is_read_as_its_value(proxy):
@@ -4673,11 +4665,6 @@ def test_a_slow_head_is_cut_off_at_the_header_timeout(proxies):
     finally:
         silent.close()
     assert proxy.logs() == ("", "")
-
-
-def proc_status(pid, field):
-    with open("/proc/%d/status" % pid) as status:
-        return next(int(line.split()[1]) for line in status if line.startswith(field + ":"))
 
 
 def test_past_the_connection_cap_a_503_at_once_without_a_thread(proxies):
@@ -4993,7 +4980,7 @@ def test_hundreds_of_framing_variants_each_followed_by_a_normal_run(strict_proxy
             assert client.closed_by_peer(), (name, client.buffer)
         finally:
             client.close()
-        check_a_run_still_works_with(strict_proxy, {"value": {"after": name}}, {"after": name})
+        check_a_run_still_works(strict_proxy, {"after": name}, {"after": name})
     out, err = strict_proxy.logs()  # the runs' sentinels, and not a word more
     assert (split_logs(out)[0], split_logs(err)[0]) == ("", ""), (out[-500:], err[-500:])
     assert err.count(SENTINEL) >= served + len(variants)
