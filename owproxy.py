@@ -1865,7 +1865,19 @@ class Processes:
     def end(self, process):
         """Kills the process's group and every process that carries its marker."""
         kill_group(process)
-        self.kill_marked(process.marker, killed={process.pid})
+        if not self.none_escaped(process):
+            self.kill_marked(process.marker, killed={process.pid})
+
+    def none_escaped(self, process):
+        """True when nothing ``process`` started can be alive, known without a scan of
+        the descendants: it has exited, so all it left are orphans and their
+        children, orphans go to the proxy's main thread, and that thread has no
+        children but the action processes the proxy knows."""
+        if not self.subreaper or process_state(process.pid) != b"Z":
+            return False
+        with self.lock:
+            own = {process.pid for process in self.alive}
+        return own.issuperset(orphans())
 
     def discard(self, process):
         with self.lock:
@@ -1915,8 +1927,7 @@ class Processes:
         self.reaped_at = time.monotonic()
         with self.lock:
             own = {process.pid for process in self.alive}  # their threads wait for them
-        zombies = [pid for pid in children_of(os.getpid())
-                   if pid not in own and process_state(pid) == b"Z"]
+        zombies = [pid for pid in orphans() if pid not in own and process_state(pid) == b"Z"]
         if zombies:
             import gc
             waited = {process.pid for process in gc.get_objects()
@@ -1943,11 +1954,11 @@ def become_subreaper(logs):
     return False
 
 
-def children_of(pid):
-    """The pids of ``pid``'s children (those of each of its threads)."""
+def children_of(pid, tasks=None):
+    """The pids of ``pid``'s children (those of each of its threads, or of ``tasks``)."""
     found = []
     try:
-        for task in os.listdir("/proc/%d/task" % pid):
+        for task in tasks or os.listdir("/proc/%d/task" % pid):
             with open("/proc/%d/task/%s/children" % (pid, task), "rb") as children:
                 found.extend(int(child) for child in children.read().split())
     except FileNotFoundError:
@@ -1957,6 +1968,13 @@ def children_of(pid):
     except OSError:
         pass  # it is gone, or a thread of it is
     return found
+
+
+def orphans():
+    """The children of the proxy's main thread: every orphan it inherits, as a
+    subreaper or as PID 1, and the processes the main thread itself spawned (those
+    of other threads are their own)."""
+    return children_of(os.getpid(), [os.getpid()])
 
 
 def descendants(pid):
