@@ -725,11 +725,16 @@ class WebResponse:
 
 def encode_answer(status, payload):
     """``(status, body, headers)`` for a handler's answer: a WebResponse as it is,
-    anything else as JSON.  Raises TypeError for what cannot be sent."""
+    a ResultLine as the action wrote it, anything else as JSON.  Raises TypeError
+    for what cannot be sent."""
     if not isinstance(status, int) or isinstance(status, bool) or not 200 <= status <= 599:
         raise TypeError("the status %r is not an HTTP status" % (status,))
     if isinstance(payload, WebResponse):
         return status, payload.body, payload.headers
+    if isinstance(payload, ResultLine):
+        payload = payload.data or payload.value
+        if isinstance(payload, bytes):
+            return status, payload, [("Content-Type", "application/json")]
     try:
         return status, json_bytes(payload), [("Content-Type", "application/json")]
     except RecursionError:
@@ -2237,15 +2242,28 @@ def pidfd_for(pid):
         return None
 
 
+class ResultLine:
+    """A result line that holds a JSON object or array: its ``value``, and, when
+    the line is UTF-8, its ``data``, the bytes the answer sends as they came
+    (decoding and encoding a large result again would cost more than running it)."""
+
+    def __init__(self, value, data=None):
+        self.value, self.data = value, data
+
+
 def parse_result(line):
-    """The action's result from its result line: a JSON object or array, else None."""
+    """The action's result line as a ResultLine, or None if it is no JSON object or array."""
     if not isinstance(line, bytes):
         return None
     try:
-        result = json.loads(line.decode("utf-8", "replace"), parse_constant=reject_constant)
+        text, data = line.decode("utf-8"), line.strip()
+    except UnicodeDecodeError:
+        text, data = line.decode("utf-8", "replace"), None
+    try:
+        result = json.loads(text, parse_constant=reject_constant)
     except ValueError:
         return None
-    return result if isinstance(result, (dict, list)) else None
+    return ResultLine(result, data) if isinstance(result, (dict, list)) else None
 
 
 def reject_constant(name):
@@ -2353,6 +2371,7 @@ class WarmProcess:
         if wait_for_ack:
             ending = self.pump.serve(None, lambda: self.results.lines)
             ack = parse_result(self.results.lines.pop(0)) if ending == "finished" else None
+            ack = ack and ack.value
             if ending == "finished" and not (isinstance(ack, dict) and ack.get("ok") is True):
                 self.stop()
                 raise StartError(START_BAD_ACK + " It acknowledged with something other "
@@ -2453,7 +2472,12 @@ class FunctionProcess(WarmProcess):
             return 502, {"error": RUN_TOO_DEEP.format("result")}
         except (ValueError, TypeError):
             return None
-        return (status, payload) if status in (200, 502) and type(status) is int else None
+        if status not in (200, 502) or type(status) is not int:
+            return None
+        head = b"[%d, " % status  # the worker's own spelling: the payload's text follows
+        if isinstance(payload, (dict, list)) and reply.startswith(head) and reply.endswith(b"]"):
+            payload = ResultLine(payload, reply[len(head):-1])
+        return status, payload
 
     def exited(self):
         return 502, {"error": RUN_EXITED}
@@ -2986,6 +3010,18 @@ class ActionRunner:
 
     def run(self, args, env):
         """Runs one activation with ``args``; returns ``(status, result)``."""
+        status, result = self.execute(args, env)
+        return status, result.value if isinstance(result, ResultLine) else result
+
+    def answer(self, args, env):
+        """What the proxy answers for an activation: ``run()``'s answer, its result
+        sent as the action wrote it unless a subclass's ``run()`` stands between."""
+        if type(self).run is ActionRunner.run:
+            return self.execute(args, env)
+        return self.run(args, env)
+
+    def execute(self, args, env):
+        """``run()``, its result a ResultLine when the action wrote one."""
         if self.current_kind() == "exec":
             try:
                 data = json.dumps(args)
@@ -3098,7 +3134,7 @@ class OpenWhisk:
         if not self.runner.verify():
             self.logs.note(not_runnable(self.runner.binary))
             return 502, {"error": RUN_NO_BINARY}
-        return self.runner.run(value, self.runner.env(message))
+        return self.runner.answer(value, self.runner.env(message))
 
 
 # The fields of a /run body besides "value", as the invoker sends them.
@@ -3214,9 +3250,10 @@ class Knative(OpenWhisk):
         if not message.get("action_name") and self.name:
             message["action_name"] = self.name
         status, result = self.activate(message)
-        if status == 200 and isinstance(result, dict) and set(result) & {
+        value = result.value if isinstance(result, ResultLine) else result
+        if status == 200 and isinstance(value, dict) and set(value) & {
                 "statusCode", "headers", "body"}:
-            return web_response(result)
+            return web_response(value)
         return status, result
 
 
