@@ -115,6 +115,7 @@ MAX_ARCHIVE_ENTRIES = 250000
 # process), and prctl()'s option that makes orphaned descendants the proxy's.
 ACTIVATION_MARKER = "OWPROXY_ACTIVATION"
 PR_SET_CHILD_SUBREAPER = 36
+F_SETPIPE_SZ = 1031  # fcntl()'s option that sets how much a pipe holds (Linux; fcntl has it from 3.10)
 
 # The exact texts the invoker, the upstream tests and users already know.
 INIT_TWICE = "Cannot initialize the action more than once."
@@ -487,7 +488,7 @@ class LineForwarder:
             self.end_cut()
         head, newline, tail = chunk.rpartition(b"\n")
         if newline:
-            data = b"".join(self.partial) + head + newline
+            data = b"".join(self.partial + [head, newline])  # one copy of a long line
             self.partial, self.partial_size = [], 0
             if len(data) > self.max_line:
                 self.forward_long(data)
@@ -558,9 +559,15 @@ class Overlong:
                   "are shown" % (self.size, limit, len(self.head)))
 
 
-def could_be_result(line):
-    """True for a line whose first non-blank character opens a JSON object or array."""
-    return line.lstrip()[:1] in (b"{", b"[")
+def could_be_result(line, start=0, end=None):
+    """True for a line (``line[start:end]``) whose first non-blank character opens
+    a JSON object or array."""
+    return RESULT_START.match(line, start, len(line) if end is None else end) is not None
+
+
+# A line that could be a result, and one that is not blank, found without a copy of it.
+RESULT_START = re.compile(rb"\s*[{[]")
+NOT_BLANK = re.compile(rb"\S")
 
 
 class ResultForwarder(LineForwarder):
@@ -579,7 +586,7 @@ class ResultForwarder(LineForwarder):
         end = len(data) - 1
         while True:
             start = data.rfind(b"\n", 0, end) + 1
-            if data[start:end].strip():
+            if NOT_BLANK.search(data, start, end):
                 break
             if start == 0:  # blank lines only: they go with what they follow
                 if self.held or self.held_overlong:
@@ -589,7 +596,7 @@ class ResultForwarder(LineForwarder):
                 return
             end = start - 1
         self.release()
-        if could_be_result(data[start:end]):
+        if could_be_result(data, start, end):
             data, self.held = data[:start], [data[start:]]
         if data:
             LineForwarder.forward(self, data)
@@ -2127,6 +2134,8 @@ class Pump:
 
     poll_interval = 0.05  # how often to look for the exit where pidfds are missing
     longest_wait = 3600.0  # selectors overflow on far-future deadlines
+    chunk = 65536  # bytes moved at a time: what a pipe holds by default
+    widest = MIB  # what an unprivileged process may make a pipe hold (pipe-max-size)
 
     def __init__(self, process, stdout, stderr, results=None, result_pipe=None):
         self.process = process
@@ -2145,10 +2154,23 @@ class Pump:
     def send(self, data, close=False):
         """Queues ``data`` for the process's stdin, to be closed after it if ``close``."""
         self.pending, self.close_stdin = memoryview(data), close
+        if len(data) > self.chunk:
+            self.widen(len(data))
         if self.write_stdin():
             self.stdin_written()
         else:
             self.selector.register(self.process.stdin, selectors.EVENT_WRITE, "stdin")
+
+    def widen(self, size):
+        """Pipes that hold ``size`` bytes (up to ``widest``) for a large input, and
+        likely output: a few wake-ups move it rather than one per 64 KiB."""
+        import fcntl
+        size = min(size, self.widest)
+        for stream in (self.process.stdin, self.process.stdout):
+            try:
+                self.chunk = max(self.chunk, fcntl.fcntl(stream, F_SETPIPE_SZ, size))
+            except OSError:
+                return  # beyond what this user's pipes may hold: the default it is
 
     def stdin_written(self):
         if self.close_stdin:
@@ -2180,7 +2202,7 @@ class Pump:
 
     def read(self, key):
         """Takes one chunk from a pipe the selector found ready."""
-        chunk = os.read(key.fd, 65536)
+        chunk = os.read(key.fd, self.chunk)
         if chunk:
             key.data.feed(chunk)
         else:
@@ -2192,7 +2214,7 @@ class Pump:
         try:
             while self.pending:
                 self.pending = self.pending[os.write(self.process.stdin.fileno(),
-                                                     self.pending[:65536]):]
+                                                     self.pending[:self.chunk]):]
         except BlockingIOError:
             return False
         except OSError:
