@@ -112,10 +112,11 @@ MAX_ARG_STRLEN = 131071
 MAX_ARCHIVE_ENTRIES = 250000
 
 # The environment variable that marks every process of one activation (or warm
-# process), and prctl()'s option that makes orphaned descendants the proxy's.
+# process), prctl()'s option that makes orphaned descendants the proxy's, and
+# fcntl()'s that sets how much a pipe holds (Linux; the fcntl module has it from 3.10).
 ACTIVATION_MARKER = "OWPROXY_ACTIVATION"
 PR_SET_CHILD_SUBREAPER = 36
-F_SETPIPE_SZ = 1031  # fcntl()'s option that sets how much a pipe holds (Linux; fcntl has it from 3.10)
+F_SETPIPE_SZ = 1031
 
 # The exact texts the invoker, the upstream tests and users already know.
 INIT_TWICE = "Cannot initialize the action more than once."
@@ -3046,11 +3047,11 @@ class ActionRunner:
         """``run()``, its result a ResultLine when the action wrote one."""
         if self.current_kind() == "exec":
             try:
-                data = json.dumps(args)
+                data = json.dumps(args).encode()  # ASCII; one copy held while it runs
             except RecursionError:
                 return 502, {"error": RUN_TOO_DEEP.format("argument")}
             argv = [self.binary] if len(data) > MAX_ARG_STRLEN else [self.binary, data]
-            return run_once(argv, data.encode(), env, os.path.dirname(self.binary),
+            return run_once(argv, data, env, os.path.dirname(self.binary),
                             self.logs, self.processes, self.settings.max_result)
         with self.lock:
             self.pool = self.pool or self.warm_pool(self.init_env)
