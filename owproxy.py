@@ -29,8 +29,9 @@ The file reads top to bottom, after a check that this Python can run it:
                    runtime images' compile scripts, atomic replacement, scratch
                    space; ``--compile``, the same at an image's build time
 5. Execution       processes, killed and reaped with all they start, and their
-                   pump; warm processes (ActionLoop, Python functions, their
-                   private channel); ActionRunner, the subclassable runner
+                   pump; result lines, answered as the action wrote them; warm
+                   processes (ActionLoop, Python functions, their private
+                   channel); ActionRunner, the subclassable runner
 6. Platforms       the OpenWhisk and Knative routes, health endpoints
 7. Client          ``invoke`` an action locally, its logs relayed live; ``init``
                    and ``run`` a container
@@ -1932,7 +1933,9 @@ class Processes:
                 time.sleep(0.002)
 
     def reap_orphans(self, force=False):
-        """Collects the exit status of zombie children no Popen object waits for."""
+        """Collects the exit status of zombie children no Popen object waits for: at
+        the end of an activation (``force``) its orphans, which are the main
+        thread's, and every ``reap_interval`` those of any thread."""
         if not (self.subreaper or os.getpid() == 1):
             return
         if not force and time.monotonic() - self.reaped_at < self.reap_interval:
@@ -1940,7 +1943,8 @@ class Processes:
         self.reaped_at = time.monotonic()
         with self.lock:
             own = {process.pid for process in self.alive}  # their threads wait for them
-        zombies = [pid for pid in orphans() if pid not in own and process_state(pid) == b"Z"]
+        children = orphans() if force else children_of(os.getpid())
+        zombies = [pid for pid in children if pid not in own and process_state(pid) == b"Z"]
         if zombies:
             import gc
             waited = {process.pid for process in gc.get_objects()
