@@ -29,8 +29,9 @@ The file reads top to bottom, after a check that this Python can run it:
                    runtime images' compile scripts, atomic replacement, scratch
                    space; ``--compile``, the same at an image's build time
 5. Execution       processes, killed and reaped with all they start, and their
-                   pump; warm processes (ActionLoop, Python functions, their
-                   private channel); ActionRunner, the subclassable runner
+                   pump; result lines, answered as the action wrote them; warm
+                   processes (ActionLoop, Python functions, their private
+                   channel); ActionRunner, the subclassable runner
 6. Platforms       the OpenWhisk and Knative routes, health endpoints
 7. Client          ``invoke`` an action locally, its logs relayed live; ``init``
                    and ``run`` a container
@@ -112,9 +113,11 @@ MAX_ARG_STRLEN = 131071
 MAX_ARCHIVE_ENTRIES = 250000
 
 # The environment variable that marks every process of one activation (or warm
-# process), and prctl()'s option that makes orphaned descendants the proxy's.
+# process), prctl()'s option that makes orphaned descendants the proxy's, and
+# fcntl()'s that sets how much a pipe holds (Linux; the fcntl module has it from 3.10).
 ACTIVATION_MARKER = "OWPROXY_ACTIVATION"
 PR_SET_CHILD_SUBREAPER = 36
+F_SETPIPE_SZ = 1031
 
 # The exact texts the invoker, the upstream tests and users already know.
 INIT_TWICE = "Cannot initialize the action more than once."
@@ -501,7 +504,7 @@ class LineForwarder:
             self.end_cut()
         head, newline, tail = chunk.rpartition(b"\n")
         if newline:
-            data = b"".join(self.partial) + head + newline
+            data = b"".join(self.partial + [head, newline])  # one copy of a long line
             self.partial, self.partial_size = [], 0
             if len(data) > self.max_line:
                 self.forward_long(data)
@@ -572,9 +575,15 @@ class Overlong:
                   "are shown" % (self.size, limit, len(self.head)))
 
 
-def could_be_result(line):
-    """True for a line whose first non-blank character opens a JSON object or array."""
-    return line.lstrip()[:1] in (b"{", b"[")
+def could_be_result(line, start=0, end=None):
+    """True for a line (``line[start:end]``) whose first non-blank character opens
+    a JSON object or array."""
+    return RESULT_START.match(line, start, len(line) if end is None else end) is not None
+
+
+# A line that could be a result, and one that is not blank, found without a copy of it.
+RESULT_START = re.compile(rb"\s*[{[]")
+NOT_BLANK = re.compile(rb"\S")
 
 
 class ResultForwarder(LineForwarder):
@@ -593,7 +602,7 @@ class ResultForwarder(LineForwarder):
         end = len(data) - 1
         while True:
             start = data.rfind(b"\n", 0, end) + 1
-            if data[start:end].strip():
+            if NOT_BLANK.search(data, start, end):
                 break
             if start == 0:  # blank lines only: they go with what they follow
                 if self.held or self.held_overlong:
@@ -603,7 +612,7 @@ class ResultForwarder(LineForwarder):
                 return
             end = start - 1
         self.release()
-        if could_be_result(data[start:end]):
+        if could_be_result(data, start, end):
             data, self.held = data[:start], [data[start:]]
         if data:
             LineForwarder.forward(self, data)
@@ -748,11 +757,16 @@ class WebResponse:
 
 def encode_answer(status, payload):
     """``(status, body, headers)`` for a handler's answer: a WebResponse as it is,
-    anything else as JSON.  Raises TypeError for what cannot be sent."""
+    a ResultLine as the action wrote it, anything else as JSON.  Raises TypeError
+    for what cannot be sent."""
     if not isinstance(status, int) or isinstance(status, bool) or not 200 <= status <= 599:
         raise TypeError("the status %r is not an HTTP status" % (status,))
     if isinstance(payload, WebResponse):
         return status, payload.body, payload.headers
+    if isinstance(payload, ResultLine):
+        payload = payload.data or payload.value
+        if isinstance(payload, bytes):
+            return status, payload, [("Content-Type", "application/json")]
     try:
         return status, json_bytes(payload), [("Content-Type", "application/json")]
     except RecursionError:
@@ -1914,7 +1928,19 @@ class Processes:
     def end(self, process):
         """Kills the process's group and every process that carries its marker."""
         kill_group(process)
-        self.kill_marked(process.marker, killed={process.pid})
+        if not self.none_escaped(process):
+            self.kill_marked(process.marker, killed={process.pid})
+
+    def none_escaped(self, process):
+        """True when nothing ``process`` started can be alive, known without a scan of
+        the descendants: it has exited, so all it left are orphans and their
+        children, orphans go to the proxy's main thread, and that thread has no
+        children but the action processes the proxy knows."""
+        if not self.subreaper or process_state(process.pid) != b"Z":
+            return False
+        with self.lock:
+            own = {process.pid for process in self.alive}
+        return own.issuperset(orphans())
 
     def discard(self, process):
         with self.lock:
@@ -1956,7 +1982,9 @@ class Processes:
                 time.sleep(0.002)
 
     def reap_orphans(self, force=False):
-        """Collects the exit status of zombie children no Popen object waits for."""
+        """Collects the exit status of zombie children no Popen object waits for: at
+        the end of an activation (``force``) its orphans, which are the main
+        thread's, and every ``reap_interval`` those of any thread."""
         if not (self.subreaper or os.getpid() == 1):
             return
         if not force and time.monotonic() - self.reaped_at < self.reap_interval:
@@ -1964,8 +1992,8 @@ class Processes:
         self.reaped_at = time.monotonic()
         with self.lock:
             own = {process.pid for process in self.alive}  # their threads wait for them
-        zombies = [pid for pid in children_of(os.getpid())
-                   if pid not in own and process_state(pid) == b"Z"]
+        children = orphans() if force else children_of(os.getpid())
+        zombies = [pid for pid in children if pid not in own and process_state(pid) == b"Z"]
         if zombies:
             import gc
             waited = {process.pid for process in gc.get_objects()
@@ -1992,11 +2020,11 @@ def become_subreaper(logs):
     return False
 
 
-def children_of(pid):
-    """The pids of ``pid``'s children (those of each of its threads)."""
+def children_of(pid, tasks=None):
+    """The pids of ``pid``'s children (those of each of its threads, or of ``tasks``)."""
     found = []
     try:
-        for task in os.listdir("/proc/%d/task" % pid):
+        for task in tasks or os.listdir("/proc/%d/task" % pid):
             with open("/proc/%d/task/%s/children" % (pid, task), "rb") as children:
                 found.extend(int(child) for child in children.read().split())
     except FileNotFoundError:
@@ -2006,6 +2034,13 @@ def children_of(pid):
     except OSError:
         pass  # it is gone, or a thread of it is
     return found
+
+
+def orphans():
+    """The children of the proxy's main thread: every orphan it inherits, as a
+    subreaper or as PID 1, and the processes the main thread itself spawned (those
+    of other threads are their own)."""
+    return children_of(os.getpid(), [os.getpid()])
 
 
 def descendants(pid):
@@ -2153,6 +2188,8 @@ class Pump:
 
     poll_interval = 0.05  # how often to look for the exit where pidfds are missing
     longest_wait = 3600.0  # selectors overflow on far-future deadlines
+    chunk = 65536  # bytes moved at a time: what a pipe holds by default
+    widest = MIB  # what an unprivileged process may make a pipe hold (pipe-max-size)
 
     def __init__(self, process, stdout, stderr, results=None, result_pipe=None):
         self.process = process
@@ -2171,10 +2208,23 @@ class Pump:
     def send(self, data, close=False):
         """Queues ``data`` for the process's stdin, to be closed after it if ``close``."""
         self.pending, self.close_stdin = memoryview(data), close
+        if len(data) > self.chunk:
+            self.widen(len(data))
         if self.write_stdin():
             self.stdin_written()
         else:
             self.selector.register(self.process.stdin, selectors.EVENT_WRITE, "stdin")
+
+    def widen(self, size):
+        """Pipes that hold ``size`` bytes (up to ``widest``) for a large input, and
+        likely output: a few wake-ups move it rather than one per 64 KiB."""
+        import fcntl
+        size = min(size, self.widest)
+        for stream in (self.process.stdin, self.process.stdout):
+            try:
+                self.chunk = max(self.chunk, fcntl.fcntl(stream, F_SETPIPE_SZ, size))
+            except OSError:
+                return  # beyond what this user's pipes may hold: the default it is
 
     def stdin_written(self):
         if self.close_stdin:
@@ -2206,7 +2256,7 @@ class Pump:
 
     def read(self, key):
         """Takes one chunk from a pipe the selector found ready."""
-        chunk = os.read(key.fd, 65536)
+        chunk = os.read(key.fd, self.chunk)
         if chunk:
             key.data.feed(chunk)
         else:
@@ -2218,7 +2268,7 @@ class Pump:
         try:
             while self.pending:
                 self.pending = self.pending[os.write(self.process.stdin.fileno(),
-                                                     self.pending[:65536]):]
+                                                     self.pending[:self.chunk]):]
         except BlockingIOError:
             return False
         except OSError:
@@ -2268,15 +2318,28 @@ def pidfd_for(pid):
         return None
 
 
+class ResultLine:
+    """A result line that holds a JSON object or array: its ``value``, and, when
+    the line is UTF-8, its ``data``, the bytes the answer sends as they came
+    (decoding and encoding a large result again would cost more than running it)."""
+
+    def __init__(self, value, data=None):
+        self.value, self.data = value, data
+
+
 def parse_result(line):
-    """The action's result from its result line: a JSON object or array, else None."""
+    """The action's result line as a ResultLine, or None if it is no JSON object or array."""
     if not isinstance(line, bytes):
         return None
     try:
-        result = strict_json(line.decode("utf-8", "replace"))
+        text, data = line.decode("utf-8"), line.strip()
+    except UnicodeDecodeError:
+        text, data = line.decode("utf-8", "replace"), None
+    try:
+        result = strict_json(text)
     except ValueError:
         return None
-    return result if isinstance(result, (dict, list)) else None
+    return ResultLine(result, data) if isinstance(result, (dict, list)) else None
 
 
 def result_answer(line, logs, limit, echo=True):
@@ -2380,6 +2443,7 @@ class WarmProcess:
         if wait_for_ack:
             ending = self.pump.serve(None, lambda: self.results.lines)
             ack = parse_result(self.results.lines.pop(0)) if ending == "finished" else None
+            ack = ack and ack.value
             if ending == "finished" and not (isinstance(ack, dict) and ack.get("ok") is True):
                 self.stop()
                 raise StartError(START_BAD_ACK + " It acknowledged with something other "
@@ -2480,7 +2544,12 @@ class FunctionProcess(WarmProcess):
             return 502, {"error": RUN_TOO_DEEP.format("result")}
         except (ValueError, TypeError):
             return None
-        return (status, payload) if status in (200, 502) and type(status) is int else None
+        if status not in (200, 502) or type(status) is not int:
+            return None
+        head = b"[%d, " % status  # the worker's own spelling: the payload's text follows
+        if isinstance(payload, (dict, list)) and reply.startswith(head) and reply.endswith(b"]"):
+            payload = ResultLine(payload, reply[len(head):-1])
+        return status, payload
 
     def exited(self):
         return 502, {"error": RUN_EXITED}
@@ -3013,13 +3082,25 @@ class ActionRunner:
 
     def run(self, args, env):
         """Runs one activation with ``args``; returns ``(status, result)``."""
+        status, result = self.execute(args, env)
+        return status, result.value if isinstance(result, ResultLine) else result
+
+    def answer(self, args, env):
+        """What the proxy answers for an activation: ``run()``'s answer, its result
+        sent as the action wrote it unless a subclass's ``run()`` stands between."""
+        if type(self).run is ActionRunner.run:
+            return self.execute(args, env)
+        return self.run(args, env)
+
+    def execute(self, args, env):
+        """``run()``, its result a ResultLine when the action wrote one."""
         if self.current_kind() == "exec":
             try:
-                data = json.dumps(args)
+                data = json.dumps(args).encode()  # ASCII; one copy held while it runs
             except RecursionError:
                 return 502, {"error": RUN_TOO_DEEP.format("argument")}
             argv = [self.binary] if len(data) > MAX_ARG_STRLEN else [self.binary, data]
-            return run_once(argv, data.encode(), env, os.path.dirname(self.binary),
+            return run_once(argv, data, env, os.path.dirname(self.binary),
                             self.logs, self.processes, self.settings.max_result)
         with self.lock:
             self.pool = self.pool or self.warm_pool(self.init_env)
@@ -3125,7 +3206,7 @@ class OpenWhisk:
         if not self.runner.verify():
             self.logs.note(not_runnable(self.runner.binary))
             return 502, {"error": RUN_NO_BINARY}
-        return self.runner.run(value, self.runner.env(message))
+        return self.runner.answer(value, self.runner.env(message))
 
 
 # The fields of a /run body besides "value", as the invoker sends them.
@@ -3241,9 +3322,10 @@ class Knative(OpenWhisk):
         if not message.get("action_name") and self.name:
             message["action_name"] = self.name
         status, result = self.activate(message)
-        if status == 200 and isinstance(result, dict) and set(result) & {
+        value = result.value if isinstance(result, ResultLine) else result
+        if status == 200 and isinstance(value, dict) and set(value) & {
                 "statusCode", "headers", "body"}:
-            return web_response(result)
+            return web_response(value)
         return status, result
 
 

@@ -1552,6 +1552,10 @@ class MyRunner(owproxy.ActionRunner):
             sys.exit(3)
         if args.get("answer") == "text-status":
             return "200", {}
+        if args.get("answer") == "changed":
+            status, result = owproxy.ActionRunner.run(self, args, env)
+            result["changed"] = True
+            return status, result
         return owproxy.ActionRunner.run(self, args, env)
 
 
@@ -5365,6 +5369,59 @@ def test_a_body_declared_over_the_limit_is_refused_without_waiting_for_the_budge
     assert not (proxy.action_dir / "finished").exists(), "the 413 waited for the activation"
     runner.join(30)
     assert slow["answer"].json == {"slow": True}
+
+
+# ---------------------------------------------------------------------------
+# perf: results sent as written, large payloads through widened pipes
+# ---------------------------------------------------------------------------
+
+WRITTEN_RESULT = '{"b":1,"a":[1, 2.50],"\u00e9":"\u00fc \\u00e9"}'
+
+
+def test_a_result_line_is_answered_as_the_bytes_the_action_wrote(proxy):
+    assert proxy.init(bash("printf '%s\\n' 'a log line' '  " + WRITTEN_RESULT + "  '")).status == 200
+    response = proxy.run()
+    assert (response.status, response.body) == (200, WRITTEN_RESULT.encode("utf-8"))
+    assert "a log line" in check_streams(proxy)[0]
+
+
+def test_a_loop_result_line_is_answered_as_written(proxies):
+    proxy = proxies("--loop")
+    assert proxy.init(python_script(r"""
+import os, sys
+results = os.fdopen(3, "w")
+for line in sys.stdin:
+    results.write(%r + "\n")
+    results.flush()
+""" % WRITTEN_RESULT)).status == 200
+    for _ in range(2):
+        response = proxy.run()
+        assert (response.status, response.body) == (200, WRITTEN_RESULT.encode("utf-8"))
+
+
+def test_a_result_line_that_is_not_utf8_is_answered_as_valid_json(proxy):
+    assert proxy.init(bash(r"""printf '{"a": "\xff"}\n'""")).status == 200
+    response = proxy.run()
+    assert response.status == 200
+    assert response.body.decode("utf-8") == '{"a": "\ufffd"}'
+
+
+def test_a_runner_whose_run_changes_the_result_answers_the_change(extended_proxies):
+    proxy = extended_proxies()
+    assert proxy.init("WHO=world").status == 200
+    response = proxy.run({"answer": "changed"})
+    assert (response.status, response.json) == (200, dict(built_result(proxy, "world"),
+                                                          changed=True))
+
+
+@pytest.mark.parametrize("size", [70000, 3 * 1024 * 1024])
+def test_a_large_argument_comes_back_whole_through_stdin(proxy, size):
+    assert proxy.init("#!/bin/sh\ncat\necho\n").status == 200
+    value = {"data": "\u00e9x" * (size // 2)}
+    for _ in range(2):
+        response = proxy.run(value)
+        assert (response.status, response.json) == (200, value)
+    assert check_streams(proxy, 2) == ("", "")
 
 
 # ---------------------------------------------------------------------------
