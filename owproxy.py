@@ -1967,6 +1967,7 @@ class Processes:
             # Those dead before the scan begins have handed their children over.
             exiting = [pid for pid in killed if process_state(pid) not in (None, b"Z", b"X")]
             found = [pid for pid in descendants(os.getpid()) if wanted in environ_of(pid)]
+            found += self.unmarked_orphans()
             for pid in found:
                 try:
                     os.kill(pid, signal.SIGKILL)
@@ -1980,6 +1981,17 @@ class Processes:
                 return
             if exiting and not found:
                 time.sleep(0.002)
+
+    def unmarked_orphans(self):
+        """Live orphans without a marker: an action's that cleared its environment
+        (``env -i``) and left.  Whose it was no one can tell; an orphan is no longer
+        the process an activation waits for, so the next cleanup ends it."""
+        with self.lock:
+            own = {process.pid for process in self.alive}
+        marker = ("\0%s=" % ACTIVATION_MARKER).encode()
+        return [pid for pid in orphans() if pid not in own
+                and process_state(pid) not in (None, b"Z", b"X")
+                and marker not in environ_of(pid)]
 
     def reap_orphans(self, force=False):
         """Collects the exit status of zombie children no Popen object waits for: at

@@ -4064,6 +4064,9 @@ ESCAPES = {
     "setsid": "setsid sleep {seconds} </dev/null >/dev/null 2>&1 &",
     "double fork": "( (sleep {seconds} </dev/null >/dev/null 2>&1 &) & )",
     "own group": "set -m; sleep {seconds} </dev/null >/dev/null 2>&1 &",
+    "no environment": "setsid env -i /bin/sleep {seconds} </dev/null >/dev/null 2>&1 &",
+    "no environment, its children": "setsid env -i /bin/sh -c '/bin/sleep {seconds} & wait' "
+                                    "</dev/null >/dev/null 2>&1 &",
 }
 
 
