@@ -817,13 +817,10 @@ class RequestReader:
         self.deadline = None  # while a head is read: when it must be complete
         self.room = 0  # bytes the head being read may still take
 
-    def head(self, wait):
+    def head(self):
         """The next request's head, or None when the client sends no more (also a
-        head cut short by end-of-file: that is no request).  The clock starts now,
-        or, with ``wait``, once a first byte came within the socket's own timeout
-        (an idle keep-alive connection)."""
-        if wait and not self.rfile.peek(1):
-            return None
+        head cut short by end-of-file: that is no request).  The clock starts now:
+        on a kept-alive connection, once the request's first byte came."""
         self.deadline, self.room = time.monotonic() + self.timeout, self.max_head
         idle = self.sock.gettimeout()
         try:
@@ -1136,7 +1133,9 @@ class ProxyServer(ThreadingHTTPServer):
     def __init__(self, settings, routes, logs, processes):
         self.settings, self.routes, self.logs, self.processes = settings, routes, logs, processes
         self.stopping = self.hurried = False
-        self.in_flight = self.connections = 0
+        # Requests being answered; connections, and those of them busy (all but
+        # kept-alive ones waiting for their next request).
+        self.in_flight = self.connections = self.busy = 0
         self.counting = threading.Lock()
         self.bodies = BodyBudget(settings.body_memory, settings.max_header)
         self.threads = HandlerThreads(self.process_request_thread, keep=16)
@@ -1176,6 +1175,11 @@ class ProxyServer(ThreadingHTTPServer):
         with self.counting:
             self.in_flight += delta
 
+    def resting(self, delta):
+        """A kept-alive connection starts (+1) or stops (-1) waiting for a request."""
+        with self.counting:
+            self.busy -= delta
+
     def process_request(self, request, client_address):
         """A thread for the connection, up to ``max_connections`` of them; past
         that, a 503 from the serving thread itself, so that a flood of connections
@@ -1183,6 +1187,7 @@ class ProxyServer(ThreadingHTTPServer):
         with self.counting:
             admitted = self.connections < self.max_connections
             self.connections += admitted
+            self.busy += admitted
         if not admitted:
             return self.turn_away(request, "The proxy is serving its limit of %d "
                                            "connections." % self.max_connections)
@@ -1201,30 +1206,33 @@ class ProxyServer(ThreadingHTTPServer):
     def connection_ended(self):
         with self.counting:
             self.connections -= 1
+            self.busy -= 1
 
-    def turn_away(self, sock, message):
+    def turn_away(self, sock, message, seconds=0.0):
         """503 and close, without a thread: what the client sent so far is read
-        first, so that closing does not reset the connection."""
+        first, and for ``seconds`` what it still sends, so that closing does not
+        reset the connection."""
         try:
             sock.setblocking(False)
             with contextlib.suppress(BlockingIOError):
                 sock.recv(65536)
             sock.send(error_bytes(503, message))
-            sock.shutdown(socket.SHUT_WR)
         except OSError:
             pass
+        linger(sock, seconds)
         sock.close()
 
-    def turn_away_waiting(self):
+    def turn_away_waiting(self, seconds):
         """At the end: a 503 to every connection still waiting to be accepted,
-        which closing the socket would reset."""
+        which closing the socket would reset; ``seconds`` for all of them to go."""
         self.socket.setblocking(False)
+        end = time.monotonic() + seconds
         while True:
             try:
                 sock, _ = self.socket.accept()
             except OSError:
                 return
-            self.turn_away(sock, SHUTTING_DOWN)
+            self.turn_away(sock, SHUTTING_DOWN, max(0.0, end - time.monotonic()))
 
     def serve_until_idle(self, timeout):
         """Goes on serving while requests are in flight, at most ``timeout`` seconds
@@ -1236,6 +1244,14 @@ class ProxyServer(ThreadingHTTPServer):
         while self.in_flight and not self.hurried and time.monotonic() < end:
             self.handle_request()
         return not self.in_flight
+
+    def finish_connections(self, timeout):
+        """Accepting no more, waits at most ``timeout`` seconds for the busy
+        connections to be answered (a 503 now): a close with a request unread
+        would reset them."""
+        end = time.monotonic() + timeout
+        while self.busy and time.monotonic() < end:
+            time.sleep(0.01)
 
 
 def listening_address(host, port):
@@ -1298,8 +1314,10 @@ class ProxyHandler(BaseHTTPRequestHandler):
         self.close_connection, self.route = True, None
         self.command, self.requestline = "", ""
         self.request_version = self.protocol_version  # what a refusal is answered in
+        if self.served and not self.next_request_begins():
+            return False
         try:
-            head = self.reader.head(wait=self.served > 0)
+            head = self.reader.head()
         except HTTPError as error:
             self.refuse(error.status, error.message)
             return False
@@ -1310,6 +1328,15 @@ class ProxyHandler(BaseHTTPRequestHandler):
         self.request_version, self.headers, self.head = head.version, head.headers, head
         self.close_connection = not head.keep_alive
         return True
+
+    def next_request_begins(self):
+        """Waits, resting, for the first byte of a kept-alive connection's next
+        request; False if the client closes instead."""
+        self.server.resting(+1)
+        try:
+            return bool(self.rfile.peek(1))
+        finally:
+            self.server.resting(-1)
 
     def dispatch(self):
         path, _, query = self.path.partition("?")
@@ -4023,7 +4050,8 @@ def serve(settings, runner):
     processes.kill_all()  # overdue activations
     server.hurried = False
     server.serve_until_idle(2.0)  # their answers
-    server.turn_away_waiting()
+    server.finish_connections(2.0)
+    server.turn_away_waiting(1.0)
     server.server_close()
     return 0
 

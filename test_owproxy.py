@@ -5374,6 +5374,23 @@ def test_a_body_declared_over_the_limit_is_refused_without_waiting_for_the_budge
     assert slow["answer"].json == {"slow": True}
 
 
+def test_a_request_whose_head_is_still_coming_at_shutdown_gets_its_503(proxy):
+    """The proxy has no activation in flight, so it ends at once; the connection it
+    is reading a head from still gets its answer, not a reset or a silent close."""
+    assert proxy.init(ECHO_RESULT).status == 200
+    client = RawClient(proxy)
+    try:
+        client.send(b"POST /run HTTP/1.1\r\n")
+        time.sleep(0.3)  # a handler thread holds the connection, its head half read
+        proxy.process.send_signal(signal.SIGTERM)
+        time.sleep(0.3)
+        client.send(b"Host: x\r\nContent-Length: 2\r\n\r\n{}")
+        response = client.response()
+    finally:
+        client.close()
+    assert (response.status, response.json) == (503, {"error": "The proxy is shutting down."})
+    assert proxy.process.wait(30) == 0
+
 # ---------------------------------------------------------------------------
 # perf: results sent as written, large payloads through widened pipes
 # ---------------------------------------------------------------------------
