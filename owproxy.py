@@ -697,8 +697,9 @@ class HTTPError(Exception):
 
 class Route:
     """What a path accepts: its methods, its handler (a Request in, ``(status,
-    payload)`` out), the lock it runs under, and after which answers the log
-    sentinels close an activation.  A quiet route stays out of the access log.
+    payload)`` out), the lock it runs under, and after which answers (status and
+    request) the log sentinels close an activation.  A quiet route stays out of
+    the access log.
     ``headers`` go with every answer that does not set them itself; with
     ``preflight``, an OPTIONS request gets them at once, without the handler."""
 
@@ -706,7 +707,7 @@ class Route:
                  headers=(), preflight=False):
         self.handle, self.methods = handle, methods
         self.lock = lock or threading.Lock()
-        self.sentinels = sentinels or (lambda status: False)
+        self.sentinels = sentinels or (lambda status, request: False)
         self.quiet = quiet
         self.headers, self.preflight = list(headers), preflight
 
@@ -1373,7 +1374,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
             late = self.shutting_down(route)  # it began while this request waited
             if not late:
                 status, body, headers = self.outcome(route, request)
-                if route.sentinels(status):
+                if route.sentinels(status, request):
                     self.server.logs.sentinels()
         if late:
             return self.refuse(503, SHUTTING_DOWN)
@@ -3189,8 +3190,9 @@ class OpenWhisk:
 
     def routes(self):
         return {
-            "/init": Route(self.init, sentinels=lambda status: status not in (200, 403)),
-            "/run": Route(self.run, lock=self.serial, sentinels=lambda status: True),
+            "/init": Route(self.init,
+                           sentinels=lambda status, request: status not in (200, 403)),
+            "/run": Route(self.run, lock=self.serial, sentinels=lambda status, request: True),
         }
 
     def init(self, request):
@@ -3274,13 +3276,14 @@ class Knative(OpenWhisk):
         self.dedicated = dedicated_init(environ)
         self.namespace = environ.get("__OW_NAMESPACE", "")
         self.accepted = None  # the init this container took, to recognise a repeat of it
+        self.initializing = threading.Lock()
         self.raw = False
         self.name = ""
 
     def routes(self):
         methods = tuple(dict.fromkeys(self.settings.http_methods + ("OPTIONS",)))
         return {"/": Route(self.handle, methods=methods, lock=self.serial,
-                           sentinels=lambda status: status != 403, headers=CORS.items(),
+                           sentinels=self.sentinels, headers=CORS.items(),
                            preflight="OPTIONS" not in self.settings.http_methods)}
 
     def handle(self, request):
@@ -3295,8 +3298,15 @@ class Knative(OpenWhisk):
                 raise HTTPError(403, DEDICATED)
             status, payload = self.knative_init(init)
             if status != 200 or not set(envelope) & {"activation", "value"}:
+                request.init_only = status == 200
                 return status, payload
         return self.web_activate(request, envelope, plain)
+
+    @staticmethod
+    def sentinels(status, request):
+        """After every answer that ran the action or failed to initialise it, as
+        /run and /init: not after a 403, nor after a request that only initialised."""
+        return status != 403 and not getattr(request, "init_only", False)
 
     def envelope(self, request):
         """The body as ``{init, activation, value}``, and whether the request was a
@@ -3334,13 +3344,14 @@ class Knative(OpenWhisk):
         if not isinstance(raw, bool) or not isinstance(name, str):
             raise HTTPError(400, "init.raw must be true or false and init.name a string.")
         key = json.dumps(init, sort_keys=True)
-        if self.initialized and key == self.accepted:
-            return 200, {"ok": True}  # the same init again: clients may send it every time
-        if self.sealed():
-            return self.refuse_init()
-        status, payload = self.initialize(init)
-        if status == 200:
-            self.accepted, self.raw, self.name = key, raw, name
+        with self.initializing:  # concurrent first requests: one init, the others see it
+            if self.initialized and key == self.accepted:
+                return 200, {"ok": True}  # the same init again: clients may send it every time
+            if self.sealed():
+                return self.refuse_init()
+            status, payload = self.initialize(init)
+            if status == 200:
+                self.accepted, self.raw, self.name = key, raw, name
         return status, payload
 
     def web_activate(self, request, envelope, plain):

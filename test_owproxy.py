@@ -5391,6 +5391,38 @@ def test_a_request_whose_head_is_still_coming_at_shutdown_gets_its_503(proxy):
     assert (response.status, response.json) == (503, {"error": "The proxy is shutting down."})
     assert proxy.process.wait(30) == 0
 
+def test_a_knative_request_that_only_initialises_writes_no_sentinels(proxies):
+    proxy = knative(proxies)
+    response = proxy.post("/", {"init": {"code": ECHO_RESULT}})
+    assert response.status == 200
+    assert proxy.logs() == ("", "")  # as a 200 /init
+    assert proxy.post("/", {"value": {}}).json == {"ok": "run"}
+    check_streams(proxy, sentinels=1)
+
+
+def test_concurrent_first_requests_to_a_dedicated_knative_function_start_one_pool(proxies):
+    """Each first request would otherwise initialise, and leave its warm interpreters."""
+    proxy = knative(proxies, __OW_ALLOW_CONCURRENT="true", __OW_ACTION_CODE=(
+        "import time\ndef main(args):\n    time.sleep(0.3)\n    return {'ok': True}\n"))
+    counts = []
+    for _ in range(2):
+        answers = []
+        burst = [threading.Thread(target=lambda: answers.append(proxy.post("/", {"value": {}})))
+                 for _ in range(6)]
+        for thread in burst:
+            thread.start()
+        for thread in burst:
+            thread.join(60)
+        assert [answer.status for answer in answers] == [200] * 6
+        counts.append(len([pid for pid in children_of(proxy.process.pid)
+                           if b"function-worker" in Path("/proc/%d/cmdline" % pid).read_bytes()]))
+    assert counts[0] <= 6 and counts[1] == counts[0], counts
+
+
+def children_of(pid):
+    return [int(child) for task in os.listdir("/proc/%d/task" % pid)
+            for child in Path("/proc/%d/task/%s/children" % (pid, task)).read_text().split()]
+
 # ---------------------------------------------------------------------------
 # perf: results sent as written, large payloads through widened pipes
 # ---------------------------------------------------------------------------
