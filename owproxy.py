@@ -344,6 +344,7 @@ def settings_parser():
     parser = argument_parser(
         prog="owproxy.py",
         description="Serve an OpenWhisk action (the /init and /run protocol) over HTTP.",
+        allow_abbrev=False,  # --compile must not read as a shortening of --compiler
         epilog=COMMANDS_HELP)
     parser.add_argument("--version", action="version", version="owproxy " + __version__)
     for setting in SETTINGS:
@@ -1707,7 +1708,7 @@ def extract_tar(data, dest, max_total):
         with tarfile.open(fileobj=io.BytesIO(data), mode="r|gz", tarinfo=Header) as archive:
             extract_entries(counted(archive, max_total), dest,
                             functools.partial(extract_tar_member, archive))
-    except (tarfile.TarError, EOFError, OSError, zlib.error) as error:
+    except (tarfile.TarError, EOFError, OSError, zlib.error, TypeError, ValueError) as error:
         raise InitError("the code is not a tar.gz archive (%s)" % error)
 
 
@@ -1842,11 +1843,12 @@ def compile_action(compiler, main, src, bin, env, timeout):
         raise InitError("exit status %d" % process.returncode)
 
 
-def compile_command(args):
+def compile_command(args, flags=()):
     """``--compile MAIN`` (the Go proxy's ``-compile MAIN``), at an image's build
     time: the code on stdin unpacked and compiled as /init would, a zip of the
     result on stdout, exit status 0; or the cause on stderr, 1.  An /init of that
-    zip compiles nothing again: its ``exec`` runs as it is."""
+    zip compiles nothing again: its ``exec`` runs as it is.  ``flags``, those given
+    before it, are the proxy's settings (an image's ENTRYPOINT may hold some)."""
     import base64
     import tempfile
     usage = "usage: owproxy.py --compile [MAIN] <CODE >ZIP\n"
@@ -1868,7 +1870,7 @@ def compile_command(args):
         action = os.path.join(folder, "action")
         os.mkdir(action)
         runner = ActionRunner()
-        runner.configure(resolve_settings(["--action-dir", action], os.environ),
+        runner.configure(resolve_settings(list(flags) + ["--action-dir", action], os.environ),
                          Logs(out_fd=2), Processes())  # stdout is the zip's
         zip_tree(runner.install(message).stage, sys.stdout.buffer)
         return 0
@@ -2492,9 +2494,13 @@ class WarmProcess:
             ending = self.pump.serve(time.monotonic() + 0.05)
         self.pump.drain()
         if ending == "exited":
-            self.logs.note(self.exited_at_start())
-            raise StartError(START_EXITED if wait_for_ack else COMMAND_EXITED)
+            raise self.start_failed(wait_for_ack)
         return self
+
+    def start_failed(self, waited_for_ack):
+        """Why the process is gone at start: the Go proxy's words, the cause noted."""
+        self.logs.note(self.exited_at_start())
+        return StartError(START_EXITED if waited_for_ack else COMMAND_EXITED)
 
     def exited_at_start(self):
         return ("%s at start: maybe it is not an ActionLoop program, which reads one "
@@ -2558,6 +2564,9 @@ class FunctionProcess(WarmProcess):
 
     def exited_at_start(self):
         return "the Python function could not be loaded (%s)" % self.stop()
+
+    def start_failed(self, waited_for_ack):
+        return StartError(self.exited_at_start())  # owproxy's own mode: its own words
 
     def frame(self, message):
         self.token = os.urandom(8).hex().encode()
@@ -2682,6 +2691,8 @@ def function_worker(path, name, limit):
     for token, line in channel:
         try:
             status, payload = call_function(main, json.loads(line), int(limit))
+        except OSError:  # the action closed the worker's own streams: a fresh one next
+            sys.exit(1)
         except Exception as error:  # the request itself: a value nested too deeply
             status, payload = 502, json.dumps({"error": "The action could not receive its "
                                                         "argument: %s" % describe(error)})
@@ -4077,8 +4088,10 @@ def run_command(argv):
     """The proxy, or the command ``argv`` names; returns the exit status."""
     if argv[:1] == ["function-worker"]:
         return function_worker(*argv[1:])
-    if argv[:1] in (["--compile"], ["-compile"]):
-        return compile_command(argv[1:])
+    for spelling in ("--compile", "-compile"):  # after the proxy's flags too (an ENTRYPOINT's)
+        if spelling in argv:
+            at = argv.index(spelling)
+            return compile_command(argv[at + 1:], argv[:at])
     if argv[:1] and argv[0] in CLIENT_COMMANDS:
         try:
             args = client_args(argv)

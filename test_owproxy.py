@@ -5423,6 +5423,34 @@ def children_of(pid):
     return [int(child) for task in os.listdir("/proc/%d/task" % pid)
             for child in Path("/proc/%d/task/%s/children" % (pid, task)).read_text().split()]
 
+@pytest.mark.parametrize("spelling", ["--compile", "-compile"])
+def test_compile_takes_the_proxy_s_flags_before_it(tmp_path, spelling):
+    compiler = tmp_path / "compile"
+    compiler.write_text("#!/bin/sh\nprintf '#!/bin/sh\\necho compiled\\n' > \"$3/exec\"\n"
+                        "chmod +x \"$3/exec\"\n")
+    compiler.chmod(0o755)
+    compiled = subprocess.run(
+        proxy_command("--loop", "--compiler", str(compiler), spelling, "main"),
+        input=b"def main(args):\n    return {}\n", env=proxy_env(), capture_output=True,
+        timeout=60)
+    assert compiled.returncode == 0, compiled.stderr
+    archive = zipfile.ZipFile(io.BytesIO(compiled.stdout))
+    assert archive.read("exec") == b"#!/bin/sh\necho compiled\n"
+
+def test_a_function_that_closes_its_stderr_gets_a_fresh_interpreter(proxy):
+    assert proxy.init("import os\ndef main(args):\n    os.close(2)\n    return {'ok': 1}\n"
+                      ).status == 200
+    answers = [proxy.run() for _ in range(4)]
+    assert answers[0].json == {"ok": 1}
+    assert [answer.json for answer in answers[1:]].count({"ok": 1}) >= 1, answers
+
+
+def test_a_gzip_that_is_garbage_is_refused_with_its_cause(proxy):
+    code = base64.b64encode(b"\x1f\x8b\x08" + b"garbage").decode()
+    response = proxy.init(code, binary=True)
+    assert (response.status, response.json) == (502, INIT_FAILED)
+    assert "the code is not a tar.gz archive (" in check_streams(proxy)[1]
+
 # ---------------------------------------------------------------------------
 # perf: results sent as written, large payloads through widened pipes
 # ---------------------------------------------------------------------------
