@@ -4086,7 +4086,7 @@ def main(argv=None):
 
 def run_command(argv):
     """The proxy, or the command ``argv`` names; returns the exit status."""
-    if argv[:1] == ["function-worker"]:
+    if argv[:1] == ["function-worker"] and len(argv) == 4:  # the proxy's own, with fd 3
         return function_worker(*argv[1:])
     for spelling in ("--compile", "-compile"):  # after the proxy's flags too (an ENTRYPOINT's)
         if spelling in argv:
