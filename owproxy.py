@@ -3745,9 +3745,9 @@ class LogRelay:
 
     marks = {"stdout": "\033[2mout|\033[0m ", "stderr": "\033[31merr|\033[0m "}
 
-    def __init__(self, stdout, stderr, marked):
+    def __init__(self, stdout, stderr, marked, source=None):
         self.pipes = {stdout: "stdout", stderr: "stderr"}
-        self.marked = marked
+        self.marked, self.source = marked, source
         self.lines = []
         self.sentinels = dict.fromkeys(self.pipes.values(), 0)
         self.changed = threading.Condition()
@@ -3775,6 +3775,8 @@ class LogRelay:
     def show(self, stream, data):
         now = time.time()
         for line in data.decode("utf-8", "replace").splitlines():
+            if self.source:  # the proxy names a Python source file as it installed it
+                line = line.replace("__main__.py", self.source)
             with self.changed:
                 if line == LOG_SENTINEL:
                     self.sentinels[stream] += 1
@@ -3803,7 +3805,7 @@ class LocalProxy:
     """A proxy of invoke's own on a free loopback port, its logs relayed live.  It
     has no grace period, so that an interrupted ``invoke`` stops at once."""
 
-    def __init__(self, loop):
+    def __init__(self, loop, source=None):
         import tempfile
         self.folder = tempfile.mkdtemp(prefix="owproxy-invoke-")
         action_dir = os.path.join(self.folder, "action")
@@ -3832,7 +3834,8 @@ class LocalProxy:
             remove_tree(self.folder)
             raise ClientError("the local proxy did not start: %s" % failure)
         self.url = "http://127.0.0.1:%d" % self.port
-        self.relay = LogRelay(self.process.stdout, self.process.stderr, sys.stderr.isatty())
+        self.relay = LogRelay(self.process.stdout, self.process.stderr, sys.stderr.isatty(),
+                              source)
         self.activations = 0
 
     def wait_ready(self):
@@ -3887,7 +3890,8 @@ def invoke(args):
     name = args.name or os.path.splitext(os.path.basename(os.path.normpath(args.action)))[0]
     init = init_value(args, name)
     value = parameters(args)
-    proxy = LocalProxy(args.loop)
+    python_file = args.action.endswith(".py") and os.path.isfile(args.action)
+    proxy = LocalProxy(args.loop, args.action if python_file else None)
     try:
         status, payload = proxy.post("/init", {"value": init}, args.timeout + 5)
         if status != 200:

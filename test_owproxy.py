@@ -5451,6 +5451,15 @@ def test_a_gzip_that_is_garbage_is_refused_with_its_cause(proxy):
     assert (response.status, response.json) == (502, INIT_FAILED)
     assert "the code is not a tar.gz archive (" in check_streams(proxy)[1]
 
+def test_invoke_names_a_python_file_as_the_user_wrote_it(tmp_path):
+    source = tmp_path / "broken.py"
+    source.write_text("def main(args)\n    return {}\n")
+    result = cli("invoke", source)
+    assert result.returncode == 2, result
+    assert 'File "%s", line 1' % source in result.stderr, result.stderr
+    assert "owproxy: %s failed to load: SyntaxError" % source in result.stderr
+    assert "__main__.py" not in result.stderr
+
 # ---------------------------------------------------------------------------
 # perf: results sent as written, large payloads through widened pipes
 # ---------------------------------------------------------------------------
