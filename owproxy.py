@@ -21,11 +21,12 @@ and settings (``OW_COMPILER`` ...) unchanged.
 The file reads top to bottom, after a check that this Python can run it:
 
 1. Configuration   settings, each a command-line flag and an environment variable
-2. Logs            the action's log streams and the end-of-activation sentinels
+2. Logs            the action's log streams and the end-of-activation sentinels;
+                   the held-back result line, lines past the limit cut
 3. HTTP layer      errors, routes, requests and their JSON bodies; a strict
                    request reader; limits (body memory, handler threads,
                    connections); the server and where it listens; a thin handler
-4. Init            installing code: source, zip and tar.gz archives, binaries,
+4. Init            installing code: zip and tar.gz archives, single files,
                    runtime images' compile scripts, atomic replacement, scratch
                    space; ``--compile``, the same at an image's build time
 5. Execution       processes, killed and reaped with all they start, and their
@@ -93,11 +94,6 @@ except ImportError as error:
 
 __version__ = "1.0.0"
 OWPROXY_FILE = os.path.abspath(__file__)
-# Frames of the proxy and of the json module, left out of an action's tracebacks.
-# Where a frame of a user's traceback is the proxy's own: this file (under the name
-# it was compiled from, the source's even when started from a .pyc), json, imports.
-PROXY_FRAMES = (unusable_python.__code__.co_filename, os.path.dirname(json.__file__) + os.sep,
-                "<frozen")
 
 
 # ============================================================================
@@ -166,9 +162,10 @@ def parse_port(text):
 
 
 def positive_int(text):
-    if whole_number(text) < 1:
+    number = whole_number(text)
+    if number < 1:
         raise ValueError("not a positive whole number")
-    return whole_number(text)
+    return number
 
 
 def whole_number(text):
@@ -325,16 +322,16 @@ COMMANDS_HELP = """commands (each with its own --help):
 Each flag falls back to its environment variable, then to its default."""
 
 
-def argument_parser(**options):
-    """An argparse parser whose errors are one line, ``owproxy: ...``, exit status 2."""
+def argument_parser(hints=(), **options):
+    """An argparse parser whose errors are one line, ``owproxy: ...``, exit status 2;
+    ``hints`` are (flag, advice) pairs added to an error about that flag."""
     import argparse
 
     class Parser(argparse.ArgumentParser):
         def error(self, message):
             if message.startswith("argument "):
                 message = message[len("argument "):]
-            if message.startswith("-p/--param"):
-                message += ": write -p KEY VALUE, e.g. -p name Ada"
+            message += "".join(advice for flag, advice in hints if message.startswith(flag))
             self.exit(2, "owproxy: %s (see %s --help)\n" % (message, self.prog))
 
     return Parser(formatter_class=argparse.RawDescriptionHelpFormatter, **options)
@@ -415,6 +412,12 @@ def exported(names_and_values, prefix=""):
             raise ValueError("%r cannot be exported as an environment variable" % name)
         entries[key] = text
     return entries
+
+
+def activation_fields(message):
+    """A /run body's fields but ``value``, as the environment has them: ``__OW_<KEY>``."""
+    return exported(((key.upper(), value) for key, value in message.items()
+                     if key != "value"), prefix="__OW_")
 
 
 def exportable(key, text):
@@ -1135,9 +1138,9 @@ class ProxyServer(ThreadingHTTPServer):
     def __init__(self, settings, routes, logs, processes):
         self.settings, self.routes, self.logs, self.processes = settings, routes, logs, processes
         self.stopping = self.hurried = False
-        # Requests being answered; connections, and those of them busy (all but
-        # kept-alive ones waiting for their next request).
-        self.in_flight = self.connections = self.busy = 0
+        # Requests being answered; connections, and those of them resting (kept
+        # alive, waiting for their next request): the others are busy.
+        self.in_flight = self.connections = self.resting_connections = 0
         self.counting = threading.Lock()
         self.bodies = BodyBudget(settings.body_memory, settings.max_header)
         self.threads = HandlerThreads(self.process_request_thread, keep=16)
@@ -1180,7 +1183,7 @@ class ProxyServer(ThreadingHTTPServer):
     def resting(self, delta):
         """A kept-alive connection starts (+1) or stops (-1) waiting for a request."""
         with self.counting:
-            self.busy -= delta
+            self.resting_connections += delta
 
     def process_request(self, request, client_address):
         """A thread for the connection, up to ``max_connections`` of them; past
@@ -1189,7 +1192,6 @@ class ProxyServer(ThreadingHTTPServer):
         with self.counting:
             admitted = self.connections < self.max_connections
             self.connections += admitted
-            self.busy += admitted
         if not admitted:
             return self.turn_away(request, "The proxy is serving its limit of %d "
                                            "connections." % self.max_connections)
@@ -1208,7 +1210,6 @@ class ProxyServer(ThreadingHTTPServer):
     def connection_ended(self):
         with self.counting:
             self.connections -= 1
-            self.busy -= 1
 
     def turn_away(self, sock, message, seconds=0.0):
         """503 and close, without a thread: what the client sent so far is read
@@ -1252,7 +1253,7 @@ class ProxyServer(ThreadingHTTPServer):
         connections to be answered (a 503 now): a close with a request unread
         would reset them."""
         end = time.monotonic() + timeout
-        while self.busy and time.monotonic() < end:
+        while self.connections - self.resting_connections and time.monotonic() < end:
             time.sleep(0.01)
 
 
@@ -1625,13 +1626,16 @@ def archive_path(name):
     return parts
 
 
+ZIP_MAGIC, TAR_GZ_MAGIC = b"PK", b"\x1f\x8b\x08"
+
+
 def unpack(data, dest, max_total, name):
     """Installs ``binary`` code into the empty directory ``dest``: a zip, a tar.gz,
     or anything else as the executable ``name`` itself (a script or a binary)."""
     import io
-    if data[:2] == b"PK":
+    if data.startswith(ZIP_MAGIC):
         extract_zip(data, dest, max_total)
-    elif data[:3] == b"\x1f\x8b\x08":
+    elif data.startswith(TAR_GZ_MAGIC):
         extract_tar(data, dest, max_total)
     elif name.startswith(os.pardir):  # a runner whose binary lies outside its archive's folder
         raise InitError("the code is neither a zip nor a tar.gz archive")
@@ -1772,6 +1776,7 @@ def write_member(path, source, mode):
         shutil.copyfileobj(source, target, MIB)
 
 
+@functools.lru_cache(maxsize=None)
 def path_max():
     """The longest path the system takes (PATH_MAX), so the longest link target made."""
     try:
@@ -1861,7 +1866,7 @@ def compile_command(args, flags=()):
     main = args[0] if args else "main"
     data = sys.stdin.buffer.read()
     message = {"code": base64.b64encode(data).decode(), "binary": True, "main": main}
-    if not data.startswith((b"PK", b"\x1f\x8b\x08")):
+    if not data.startswith((ZIP_MAGIC, TAR_GZ_MAGIC)):
         with contextlib.suppress(UnicodeDecodeError):
             message = {"code": data.decode("utf-8"), "main": main}  # source, as /init takes it
     # The action directory in a folder of its own, so that the staging beside it goes too.
@@ -1968,9 +1973,7 @@ class Processes:
         children but the action processes the proxy knows."""
         if not self.subreaper or process_state(process.pid) != b"Z":
             return False
-        with self.lock:
-            own = {process.pid for process in self.alive}
-        return own.issuperset(orphans())
+        return self.own_pids().issuperset(orphans())
 
     def discard(self, process):
         with self.lock:
@@ -1995,7 +1998,7 @@ class Processes:
         killed, clean = set(killed), 0
         for _ in range(self.kill_rounds):
             # Those dead before the scan begins have handed their children over.
-            exiting = [pid for pid in killed if process_state(pid) not in (None, b"Z", b"X")]
+            exiting = [pid for pid in killed if running(pid)]
             found = [pid for pid in descendants(os.getpid()) if wanted in environ_of(pid)]
             found += self.unmarked_orphans()
             for pid in found:
@@ -2012,15 +2015,18 @@ class Processes:
             if exiting and not found:
                 time.sleep(0.002)
 
+    def own_pids(self):
+        with self.lock:
+            return {process.pid for process in self.alive}
+
     def unmarked_orphans(self):
         """Live orphans without a marker: an action's that cleared its environment
         (``env -i``) and left.  Whose it was no one can tell; an orphan is no longer
         the process an activation waits for, so the next cleanup ends it."""
-        with self.lock:
-            own = {process.pid for process in self.alive}
+        own = self.own_pids()
         marker = ("\0%s=" % ACTIVATION_MARKER).encode()
         return [pid for pid in orphans() if pid not in own
-                and process_state(pid) not in (None, b"Z", b"X")
+                and running(pid)
                 and marker not in environ_of(pid)]
 
     def reap_orphans(self, force=False):
@@ -2032,8 +2038,7 @@ class Processes:
         if not force and time.monotonic() - self.reaped_at < self.reap_interval:
             return
         self.reaped_at = time.monotonic()
-        with self.lock:
-            own = {process.pid for process in self.alive}  # their threads wait for them
+        own = self.own_pids()  # their threads wait for them
         children = orphans() if force else children_of(os.getpid())
         zombies = [pid for pid in children if pid not in own and process_state(pid) == b"Z"]
         if zombies:
@@ -2105,6 +2110,11 @@ def environ_of(pid):
 
 def process_state(pid):
     return stat_fields(pid)[0]
+
+
+def running(pid):
+    """Not gone, nor a zombie: it may still do something."""
+    return process_state(pid) not in (None, b"Z", b"X")
 
 
 def parent_of(pid):
@@ -2345,11 +2355,8 @@ def request_line(message):
     """An ActionLoop request line, its text as the request had it: non-ASCII as
     UTF-8, not escaped (a launcher that reads with ``read line`` would lose the
     backslash of an escape), and no newline but the last (JSON escapes those
-    inside strings).  Only a lone surrogate, which UTF-8 cannot carry, is escaped."""
-    try:
-        return json.dumps(message, ensure_ascii=False).encode("utf-8") + b"\n"
-    except UnicodeEncodeError:
-        return json.dumps(message).encode() + b"\n"
+    inside strings)."""
+    return json_bytes(message) + b"\n"
 
 
 def pidfd_for(pid):
@@ -2367,6 +2374,11 @@ class ResultLine:
 
     def __init__(self, value, data=None):
         self.value, self.data = value, data
+
+
+def result_value(result):
+    """A result as Python values, whether or not it still holds its line."""
+    return result.value if isinstance(result, ResultLine) else result
 
 
 def parse_result(line):
@@ -2779,6 +2791,12 @@ def describe(error):
     return "".join(traceback.format_exception_only(type(error), error)).strip().splitlines()[-1]
 
 
+# Where a frame of a user's traceback is the proxy's own: this file (under the name
+# it was compiled from, the source's even when started from a .pyc), json, imports.
+PROXY_FRAMES = (unusable_python.__code__.co_filename, os.path.dirname(json.__file__) + os.sep,
+                "<frozen")
+
+
 def print_user_traceback(error):
     """The traceback of the action's own code, its files named from the action's
     folder: the frames of the proxy and of the json module are noise there."""
@@ -2796,8 +2814,7 @@ def print_user_traceback(error):
 
 def call_function(main, message, limit):
     """Calls ``main`` for one activation; returns ``(status, payload as JSON text)``."""
-    fields = exported(((key.upper(), value) for key, value in message.items()
-                       if key != "value"), prefix="__OW_")
+    fields = activation_fields(message)
     saved = {key: os.environ.get(key) for key in fields}
     os.environ.update(fields)
     try:
@@ -3122,8 +3139,7 @@ class ActionRunner:
         """The container's environment, the init ``env``, then this activation's
         fields as ``__OW_<KEY>``: a fresh dict, never the proxy's own."""
         try:
-            fields = exported(((key.upper(), value) for key, value in message.items()
-                               if key != "value"), prefix="__OW_")
+            fields = activation_fields(message)
         except ValueError as error:
             raise HTTPError(400, "Activation field %s" % error)
         env = ActivationEnv(os.environ, fields)
@@ -3134,7 +3150,7 @@ class ActionRunner:
     def run(self, args, env):
         """Runs one activation with ``args``; returns ``(status, result)``."""
         status, result = self.execute(args, env)
-        return status, result.value if isinstance(result, ResultLine) else result
+        return status, result_value(result)
 
     def answer(self, args, env):
         """What the proxy answers for an activation: ``run()``'s answer, its result
@@ -3383,7 +3399,7 @@ class Knative(OpenWhisk):
         if not message.get("action_name") and self.name:
             message["action_name"] = self.name
         status, result = self.activate(message)
-        value = result.value if isinstance(result, ResultLine) else result
+        value = result_value(result)
         if status == 200 and isinstance(value, dict) and set(value) & {
                 "statusCode", "headers", "body"}:
             return web_response(value)
@@ -3762,7 +3778,7 @@ class LogRelay:
                               LineForwarder(functools.partial(self.show, stream)))
         while selector.get_map():
             for key, _ in selector.select():
-                chunk = os.read(key.fd, 65536)
+                chunk = os.read(key.fd, Pump.chunk)
                 if chunk:
                     key.data.feed(chunk)
                 else:
@@ -3812,7 +3828,7 @@ class LocalProxy:
         os.mkdir(action_dir)
         # The local proxy is an OpenWhisk one whatever this shell's proxy settings say.
         env = {key: value for key, value in os.environ.items()
-               if key not in {setting.env for setting in SETTINGS}}
+               if key not in {env for setting in SETTINGS for env in setting.envs}}
         for _ in range(5):  # a program that picked the same port earlier may bind it first
             with reserved_port() as reservation:
                 self.port = reservation.getsockname()[1]
@@ -3923,23 +3939,24 @@ def invoke(args):
 
 
 def client_init(args):
-    status, payload = post(args.url, "/init", {"value": init_value(args, args.name)},
-                           args.timeout + 5)
-    if status == 200:
-        show(payload)
-    return outcome("/init", status, payload)
+    return remote(args, "/init", {"value": init_value(args, args.name)})
 
 
 def client_run(args):
-    message = dict(activation(args.name, args.timeout), value=parameters(args))
-    status, payload = post(args.url, "/run", message, args.timeout + 5)
+    return remote(args, "/run", dict(activation(args.name, args.timeout), value=parameters(args)))
+
+
+def remote(args, path, body):
+    """POSTs ``body`` to a running container; the exit status of its answer."""
+    status, payload = post(args.url, path, body, args.timeout + 5)
     if status == 200:
         show(payload)
-    return outcome("/run", status, payload)
+    return outcome(path, status, payload)
 
 
 def client_parser():
-    parser = argument_parser(prog="owproxy.py", description=(
+    parser = argument_parser(hints=[("-p/--param", ": write -p KEY VALUE, e.g. -p name Ada")],
+                             prog="owproxy.py", description=(
         "Try an action locally (invoke), or talk to a running action container (init, run). "
         "Exit status: 0 success, 1 application error, 2 developer error, 130 interrupted."))
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")

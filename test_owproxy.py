@@ -1001,12 +1001,16 @@ def children(pid):
     return found
 
 
+def as_pid_1(port, action_dir):
+    """The command line of a proxy that is PID 1 in a PID namespace of its own."""
+    return (["unshare", "--pid", "--fork", "--mount-proc", "--kill-child"]
+            + proxy_command("--host", "127.0.0.1", "--port", str(port), "--action-dir",
+                            action_dir), {})
+
+
 @pytest.mark.skipif(not pid_namespaces_work(), reason="no PID namespaces (unshare) here")
 def test_as_pid_1_the_proxy_reaps_what_actions_leave_behind(proxies):
-    proxy = proxies(command=lambda port, action_dir: (
-        ["unshare", "--pid", "--fork", "--mount-proc", "--kill-child"]
-        + proxy_command("--host", "127.0.0.1", "--port", str(port), "--action-dir",
-                        action_dir), {}))
+    proxy = proxies(command=as_pid_1)
     (pid_1,) = children(proxy.process.pid)  # unshare's one child: PID 1 inside
     try:
         assert proxy.init(bash("""
@@ -2695,11 +2699,6 @@ def test_readiness_fails_once_shutdown_has_begun(proxies):
     assert proxy.process.wait(30) == 0
 
 
-def test_the_dockerfile_healthcheck_uses_the_liveness_endpoint():
-    dockerfile = (HERE / "Dockerfile").read_text()
-    assert "HEALTHCHECK" in dockerfile and "/healthz" in dockerfile
-
-
 # ---------------------------------------------------------------------------
 # The local workflow: invoke, the init and run client commands, the examples
 # ---------------------------------------------------------------------------
@@ -4142,10 +4141,7 @@ while read line; do echo '{"ok": true}' >&3; done
 
 @pytest.mark.skipif(not pid_namespaces_work(), reason="no PID namespaces (unshare) here")
 def test_as_pid_1_the_proxy_reaps_session_leaders_too(proxies):
-    proxy = proxies(command=lambda port, action_dir: (
-        ["unshare", "--pid", "--fork", "--mount-proc", "--kill-child"]
-        + proxy_command("--host", "127.0.0.1", "--port", str(port), "--action-dir",
-                        action_dir), {}))
+    proxy = proxies(command=as_pid_1)
     (pid_1,) = children(proxy.process.pid)
     try:
         assert proxy.init(bash("""
@@ -5415,14 +5411,10 @@ def test_concurrent_first_requests_to_a_dedicated_knative_function_start_one_poo
         for thread in burst:
             thread.join(60)
         assert [answer.status for answer in answers] == [200] * 6
-        counts.append(len([pid for pid in children_of(proxy.process.pid)
+        counts.append(len([pid for pid in children(proxy.process.pid)
                            if b"function-worker" in Path("/proc/%d/cmdline" % pid).read_bytes()]))
     assert counts[0] <= 6 and counts[1] == counts[0], counts
 
-
-def children_of(pid):
-    return [int(child) for task in os.listdir("/proc/%d/task" % pid)
-            for child in Path("/proc/%d/task/%s/children" % (pid, task)).read_text().split()]
 
 @pytest.mark.parametrize("spelling", ["--compile", "-compile"])
 def test_compile_takes_the_proxy_s_flags_before_it(tmp_path, spelling):

@@ -894,10 +894,7 @@ def measure_result_flood(bench):
     idle, peak = [], []
     for _ in range(bench.counts["flood_rounds"]):
         with Proxy(bench.action_dir("fd3flood"), args=["--loop"]) as proxy:
-            status, body = proxy.init({})
-            if status != 200:
-                raise ProxyError("/init answered %d" % status)
-            idle.append(proxy.status_kib("VmRSS") / 1024)
+            idle.append(idle_rss_mib(proxy))
             status, body = proxy.run(timeout=600)
             if status != 502 or b"larger than the limit" not in body:
                 raise ProxyError("the fd 3 flood answered %d %s" % (status, body[:200]))
