@@ -127,6 +127,7 @@ COMMAND_EXITED = "command exited"
 START_BAD_ACK = "The action did not initialize properly."
 EXEC_ENV_MISMATCH = "Execution environment version mismatch. See logs for details."
 RUN_NO_BINARY = "The action failed to locate a binary. See logs for details."
+RUN_NO_ACTION = "no action defined yet"
 RUN_BAD_ARGUMENT = "The action did not receive a dictionary or array as an argument."
 RUN_BAD_RESULT = "The action did not return a dictionary or array."
 RUN_TIMED_OUT = "The action exceeded its time limit and was stopped at its deadline."
@@ -2472,8 +2473,8 @@ class WarmProcess:
     the ActionLoop protocol: a JSON line in on stdin, a result line out on fd 3.
     """
 
-    def __init__(self, argv, env, cwd, logs, processes, limit=DEFAULT_MAX_RESULT):
-        self.logs, self.processes, self.limit = logs, processes, limit
+    def __init__(self, argv, env, cwd, logs, processes, limit, explain):
+        self.logs, self.processes, self.limit, self.explain = logs, processes, limit, explain
         read_end, write_end = os.pipe()
         if write_end == 3:  # dup2(3, 3) would leave it close-on-exec
             write_end, old = os.dup(write_end), write_end
@@ -2527,7 +2528,7 @@ class WarmProcess:
         self.pump.drain()  # what the process wrote since the last activation
         stale = self.results.take_stale()
         if stale:
-            self.logs.note("dropped %d result line(s) the action wrote outside an activation"
+            self.explain("dropped %d result line(s) the action wrote outside an activation"
                            % stale)
         self.pump.send(self.frame(message))
         ending = self.pump.serve(deadline, lambda: self.results.lines)
@@ -2536,9 +2537,9 @@ class WarmProcess:
             return self.answer(self.results.lines.pop(0))
         if ending == "deadline":
             self.stop()
-            self.logs.note("the action was stopped at its deadline")
+            self.explain("the action was stopped at its deadline")
             return 502, {"error": RUN_TIMED_OUT}
-        self.logs.note(self.stop())
+        self.explain(self.stop())
         return self.exited()
 
     def frame(self, message):
@@ -2588,7 +2589,7 @@ class FunctionProcess(WarmProcess):
         reply = self.reply_of(line)
         if reply is None:
             head = line.head if isinstance(line, Overlong) else line[:80]
-            self.logs.note("the action wrote %r on its worker's result channel: a fresh "
+            self.explain("the action wrote %r on its worker's result channel: a fresh "
                            "interpreter serves the next activation" % head)
             self.stop()
             return 502, {"error": RUN_BROKEN_CHANNEL.format(repr(head[:80]))}
@@ -2616,6 +2617,15 @@ class FunctionProcess(WarmProcess):
         return 502, {"error": RUN_EXITED}
 
 
+class LoopFunctionProcess(FunctionProcess):
+    """A Python function under --loop, which answers as the Python runtime image's
+    launcher does under the Go proxy: an interpreter that ends during a run is 400
+    ``command exited``, one that ends at start the Go proxy's text."""
+
+    exited = WarmProcess.exited
+    start_failed = WarmProcess.start_failed
+
+
 class WarmPool:
     """The warm processes of an action: one per activation in flight, reused;
     ``start(env)`` makes a new one."""
@@ -2626,16 +2636,17 @@ class WarmPool:
         self.idle = []
         self.busy = set()
 
-    def acquire(self, logs):
-        """An idle live process, else a new one (InitError if it will not start)."""
+    def acquire(self, explain):
+        """An idle live process, else a new one (InitError if it will not start);
+        ``explain`` takes the proxy's note about one that ended."""
         with self.lock:
             while self.idle:
                 process = self.idle.pop()
                 if process.alive():
                     self.busy.add(process)
                     return process
-                logs.note("a fresh process replaces one that ended between activations (%s)"
-                          % process.stop())
+                explain("a fresh process replaces one that ended between activations (%s)"
+                        % process.stop())
         process = self.start(self.env)
         with self.lock:
             self.busy.add(process)
@@ -2685,10 +2696,12 @@ def looks_like_python(code):
                          re.MULTILINE) is not None
 
 
-def function_worker(path, name, limit):
+def function_worker(path, name, limit, notes):
     """The warm interpreter of a Python action (started with ``python3 -u``, so its
     logs stream): imports ``path`` once and acks, then for each request calls
     ``name(value)`` with that activation's ``__OW_*`` variables and replies.
+    ``notes`` is "explain" when a result it refuses goes to the logs with why,
+    "quiet" when the logs hold only what the action wrote.
 
     The protocol is the proxy's alone: its two descriptors move to numbers no one
     expects, closed in any child, the request one non-blocking (the action's
@@ -2702,7 +2715,8 @@ def function_worker(path, name, limit):
     channel.reply('{"ok": true}')
     for token, line in channel:
         try:
-            status, payload = call_function(main, json.loads(line), int(limit))
+            status, payload = call_function(main, json.loads(line), int(limit),
+                                            notes == "explain")
         except OSError:  # the action closed the worker's own streams: a fresh one next
             sys.exit(1)
         except Exception as error:  # the request itself: a value nested too deeply
@@ -2812,8 +2826,9 @@ def print_user_traceback(error):
     sys.stderr.write(text.replace(os.getcwd() + os.sep, ""))
 
 
-def call_function(main, message, limit):
-    """Calls ``main`` for one activation; returns ``(status, payload as JSON text)``."""
+def call_function(main, message, limit, explain):
+    """Calls ``main`` for one activation; returns ``(status, payload as JSON text)``.
+    A result refused is shown in the logs, with why, if ``explain``."""
     fields = activation_fields(message)
     saved = {key: os.environ.get(key) for key in fields}
     os.environ.update(fields)
@@ -2835,16 +2850,23 @@ def call_function(main, message, limit):
         message = RUN_UNENCODABLE.format(type(result).__name__, describe(error))
         return 502, json.dumps({"error": message})
     if not isinstance(result, (dict, list)):
-        print(text)
-        worker_note("%s returned %s, not a dictionary or an array" % (
-            main.__name__, "None" if result is None else "a " + type(result).__name__))
-        return 502, json.dumps({"error": RUN_BAD_RESULT})
+        return refused(RUN_BAD_RESULT, text, explain, "%s returned %s, not a dictionary or an "
+                       "array" % (main.__name__, "None" if result is None
+                                  else "a " + type(result).__name__))
     if len(text) > limit:
-        print(text[:LINE_HEAD])
-        worker_note("that result had %d bytes, more than the limit of %d: only its first %d "
-                    "are shown" % (len(text), limit, LINE_HEAD))
-        return 502, json.dumps({"error": RUN_TOO_LARGE.format(len(text), limit)})
+        return refused(RUN_TOO_LARGE.format(len(text), limit), text[:LINE_HEAD], explain,
+                       "that result had %d bytes, more than the limit of %d: only its first "
+                       "%d are shown" % (len(text), limit, LINE_HEAD))
     return 200, text
+
+
+def refused(error, shown, explain, why):
+    """The 502 for a result the worker will not send; if ``explain``, the logs show
+    it (or its head) and why."""
+    if explain:
+        print(shown)
+        worker_note(why)
+    return 502, json.dumps({"error": error})
 
 
 # -- the runner ------------------------------------------------------------------
@@ -3098,7 +3120,7 @@ class ActionRunner:
         if self.kind == "exec":
             return None
         pool = self.warm_pool(init_env)
-        pool.release(pool.acquire(self.logs))
+        pool.release(pool.acquire(self.explain))
         return pool
 
     def warm_pool(self, init_env):
@@ -3115,18 +3137,32 @@ class ActionRunner:
         cwd = os.path.dirname(self.binary)
         try:
             if self.kind == "function":
-                process = FunctionProcess(
+                kind = LoopFunctionProcess if self.settings.loop else FunctionProcess
+                process = kind(
                     [sys.executable, "-u", OWPROXY_FILE, "function-worker"]
-                    + list(self.function) + [str(self.settings.max_result)],
-                    env, cwd, self.logs, self.processes, self.settings.max_result + 64)
+                    + list(self.function) + [str(self.settings.max_result),
+                                             "explain" if self.explains() else "quiet"],
+                    env, cwd, self.logs, self.processes, self.settings.max_result + 64,
+                    self.explain)
             else:
                 process = WarmProcess([self.binary], env, cwd, self.logs, self.processes,
-                                      self.settings.max_result)
+                                      self.settings.max_result, self.explain)
         except OSError as error:  # not an executable, say; the Go proxy's text, and why
             self.logs.note("cannot start the action: %s" % (
                 start_failure(self.binary, error) or error))
             raise StartError(COMMAND_EXITED)
         return process.start(self.kind == "function" or "__OW_WAIT_FOR_ACK" in env)
+
+    def explains(self):
+        """Whether the proxy adds notes of its own to a run's logs: in exec mode, as
+        the dockerskeleton's diagnostics; with --loop, whose logs are the Go proxy's
+        (what the action wrote, nothing else), only with --verbose."""
+        return self.settings.verbose or not self.settings.loop
+
+    def explain(self, text):
+        """A note of the proxy's own about a run, where ``explains()``."""
+        if self.explains():
+            self.logs.note(text)
 
     def close(self, grace):
         """Ends the warm processes, if any, at shutdown."""
@@ -3173,9 +3209,9 @@ class ActionRunner:
             self.pool = self.pool or self.warm_pool(self.init_env)
         pool = self.pool
         try:
-            process = pool.acquire(self.logs)
+            process = pool.acquire(self.explain)
         except InitError as error:
-            self.logs.note(str(error))
+            self.explain(str(error))
             return 502, {"error": RUN_EXITED}
         fields = getattr(env, "fields", env)  # a runner's own env() may give a plain dict
         message = {key[len("__OW_"):].lower(): value for key, value in fields.items()
@@ -3272,8 +3308,9 @@ class OpenWhisk:
         if not isinstance(value, (dict, list)):
             return 404, {"error": RUN_BAD_ARGUMENT}
         if not self.runner.verify():
-            self.logs.note(not_runnable(self.runner.binary))
-            return 502, {"error": RUN_NO_BINARY}
+            self.runner.explain(not_runnable(self.runner.binary))
+            return (500, {"error": RUN_NO_ACTION}) if self.settings.loop else (
+                502, {"error": RUN_NO_BINARY})  # the Go proxy's answer, or the dockerskeleton's
         return self.runner.answer(value, self.runner.env(message))
 
 
@@ -4107,7 +4144,7 @@ def main(argv=None):
 
 def run_command(argv):
     """The proxy, or the command ``argv`` names; returns the exit status."""
-    if argv[:1] == ["function-worker"] and len(argv) == 4:  # the proxy's own, with fd 3
+    if argv[:1] == ["function-worker"] and len(argv) == 5:  # the proxy's own, with fd 3
         return function_worker(*argv[1:])
     for spelling in ("--compile", "-compile"):  # after the proxy's flags too (an ENTRYPOINT's)
         if spelling in argv:

@@ -1769,11 +1769,15 @@ for line in sys.stdin:
 ''')
 
 
-@pytest.fixture
-def loop_proxy(proxies):
-    proxy = proxies("--loop")
+def started_loop(proxies, *args):
+    proxy = proxies("--loop", *args)
     assert proxy.init(LOOP_ACTION, env={"GREETING": "hi"}).status == 200
     return proxy
+
+
+@pytest.fixture
+def loop_proxy(proxies):
+    return started_loop(proxies)
 
 
 def test_a_loop_executable_serves_activations_from_one_warm_process(loop_proxy):
@@ -1813,8 +1817,21 @@ def test_a_loop_process_that_dies_during_a_run_is_the_go_proxys_400_then_replace
     assert (response.status, response.json) == (400, {"error": "command exited"})
     after = loop_proxy.run({}).json
     assert after["pid"] != pid and after["count"] == 1
-    _, err = check_streams(loop_proxy, sentinels=3)
+    out, err = check_streams(loop_proxy, sentinels=3)  # the action's lines, nothing else
+    assert (out.split(), err.split()) == (["log", "from", "None"] * 3, ["err", "from", "None"] * 3)
+
+
+def test_with_verbose_the_loop_logs_say_why_a_process_was_replaced(proxies):
+    proxy = started_loop(proxies, "--verbose")
+    assert proxy.run({"die": True}).status == 400
+    pid = proxy.run({}).json["pid"]
+    os.kill(pid, signal.SIGKILL)
+    assert gone_or_zombie(pid)
+    assert proxy.run({}).status == 200
+    err = check_streams(proxy, sentinels=3)[1]
     assert "owproxy: the action exited with status 7" in err
+    assert ("owproxy: a fresh process replaces one that ended between activations (the action "
+            "was killed by signal 9 (SIGKILL))") in err
 
 
 def test_a_loop_process_that_dies_between_runs_is_replaced(loop_proxy):
@@ -1823,8 +1840,7 @@ def test_a_loop_process_that_dies_between_runs_is_replaced(loop_proxy):
     assert gone_or_zombie(pid)
     after = loop_proxy.run({})
     assert after.status == 200 and after.json["pid"] != pid
-    assert ("a fresh process replaces one that ended between activations (the action was "
-            "killed by signal 9 (SIGKILL))") in loop_proxy.logs()[1]
+    assert "owproxy" not in check_streams(loop_proxy, sentinels=2)[1]
 
 
 def test_a_loop_result_that_is_not_json_is_the_exact_502_and_the_process_serves_on(loop_proxy):
@@ -1889,8 +1905,9 @@ for line in sys.stdin:
 ''')
 
 
-def test_a_loop_result_line_too_many_is_dropped_so_later_runs_get_their_own(proxies):
-    proxy = proxies("--loop")
+@pytest.mark.parametrize("verbose", [False, True])
+def test_a_loop_result_line_too_many_is_dropped_so_later_runs_get_their_own(proxies, verbose):
+    proxy = proxies("--loop", *["--verbose"][:verbose])
     assert proxy.init(TWO_RESULTS_FIRST).status == 200
     first = proxy.run({"n": 1})
     assert (first.status, first.json) == (200, {"count": 1, "line": "first"})
@@ -1898,9 +1915,8 @@ def test_a_loop_result_line_too_many_is_dropped_so_later_runs_get_their_own(prox
         response = proxy.run({"n": n})
         assert (response.status, response.json) == (200, {"count": n, "n": n})
     out, err = check_streams(proxy, sentinels=3)
-    assert out == ""
-    assert err == ("owproxy: dropped 1 result line(s) the action wrote outside "
-                   "an activation")
+    note = "owproxy: dropped 1 result line(s) the action wrote outside an activation"
+    assert (out, note in err, err == "") == ("", verbose, not verbose)
 
 
 ACK_IF_ASKED = python_script(r'''
