@@ -2108,6 +2108,44 @@ def test_sys_exit_gives_an_error_and_a_fresh_interpreter(function_proxy):
     assert "the action exited with status 3" in check_streams(function_proxy, sentinels=3)[1]
 
 
+# What openwhisk-runtime-python's own tests check of its launcher under the Go proxy
+# ("not returning JSON", "detect termination at run", "return on action error").
+QUIET_FUNCTION = '''
+import sys
+def main(args):
+    if args.get("text"):
+        return "not a json object"
+    if args.get("exit"):
+        sys.exit(1)
+    if args.get("fail"):
+        raise ValueError("boom")
+    return {"ok": True}
+'''
+
+
+def test_under_loop_a_python_function_answers_as_the_python_runtime_image(proxies):
+    proxy = proxies("--loop")
+    assert proxy.init(QUIET_FUNCTION).status == 200
+    response = proxy.run({"text": True})
+    assert (response.status, response.json) == (502, BAD_RESULT)
+    response = proxy.run({"exit": True})
+    assert (response.status, response.json) == (400, {"error": "command exited"})
+    assert proxy.run({}).json == {"ok": True}  # a fresh interpreter
+    assert check_streams(proxy, sentinels=3) == ("", "")  # nothing but what main wrote
+    assert proxy.run({"fail": True}).json == {"error": "boom"}
+    out, err = check_streams(proxy, sentinels=4)
+    assert out == "" and "Traceback" in err and "ValueError: boom" in err
+
+
+def test_under_loop_a_python_function_that_exits_at_import_is_the_go_proxys_start_failure(
+        proxies):
+    proxy = proxies("--loop", env={"OW_LOG_INIT_ERROR": "1", "OW_WAIT_FOR_ACK": "1"})
+    response = proxy.init("import sys\nsys.exit(1)\ndef main(args):\n    pass\n")
+    assert (response.status, response.json) == (502, GO_START_FAILED)
+    out, err = check_streams(proxy)
+    assert out == "" and "Command exited abruptly during initialization." in err
+
+
 def test_a_python_function_past_its_deadline_is_stopped(function_proxy):
     deadline = int(time.time() * 1000) + 1000
     response = function_proxy.run({"sleep": 60}, deadline=deadline)
@@ -3779,6 +3817,31 @@ def test_a_loop_binary_that_is_no_executable_is_the_go_proxys_command_exited(pro
     assert (response.status, response.json) == (502, {"error": "cannot start action: "
                                                                 "command exited"})
     assert ("cannot start the action: %s is text without a #! line, and not an ELF binary"
+            % (proxy.action_dir / "exec")) in check_streams(proxy)[1]
+
+
+QUIET_SOURCE = QUIET_FUNCTION.replace("def main", "def hello")
+
+
+def test_the_images_launcher_logs_hold_what_the_action_wrote_and_nothing_else(
+        proxies, tmp_path):
+    proxy = runtime_proxy(proxies, tmp_path)
+    response = proxy.run({})
+    assert (response.status, response.json) == (500, {"error": "no action defined yet"})
+    assert proxy.init(QUIET_SOURCE, main="hello").status == 200
+    assert proxy.run({}).json == {"ok": True}  # prints nothing
+    response = proxy.run({"text": True})  # "not returning JSON"
+    assert (response.status, response.json) == (502, BAD_RESULT)
+    response = proxy.run({"exit": True})  # "detect termination at run"
+    assert (response.status, response.json) == (400, {"error": "command exited"})
+    assert check_streams(proxy, sentinels=4) == ("", "")
+
+
+def test_a_run_before_any_init_is_the_go_proxys_500_and_explained_with_verbose(proxies):
+    proxy = proxies("--loop", "--verbose")
+    response = proxy.run({})
+    assert (response.status, response.json) == (500, {"error": "no action defined yet"})
+    assert ("owproxy: %s is missing: POST /init with the action's code first"
             % (proxy.action_dir / "exec")) in check_streams(proxy)[1]
 
 
