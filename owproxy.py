@@ -302,7 +302,8 @@ SETTINGS = (
     Setting("grace", "--grace", "OWPROXY_GRACE", 8.0, parse_seconds,
             "seconds in-flight activations get to finish on SIGTERM"),
     Setting("verbose", "--verbose", "OWPROXY_VERBOSE", False, parse_flag,
-            "print a start-up banner and an access log on stderr"),
+            "print a start-up banner and an access log on stderr; with --loop, the proxy's "
+            "notes about runs"),
 )
 
 
