@@ -2530,7 +2530,7 @@ class WarmProcess:
         stale = self.results.take_stale()
         if stale:
             self.explain("dropped %d result line(s) the action wrote outside an activation"
-                           % stale)
+                         % stale)
         self.pump.send(self.frame(message))
         ending = self.pump.serve(deadline, lambda: self.results.lines)
         self.pump.drain()
@@ -2591,7 +2591,7 @@ class FunctionProcess(WarmProcess):
         if reply is None:
             head = line.head if isinstance(line, Overlong) else line[:80]
             self.explain("the action wrote %r on its worker's result channel: a fresh "
-                           "interpreter serves the next activation" % head)
+                         "interpreter serves the next activation" % head)
             self.stop()
             return 502, {"error": RUN_BROKEN_CHANNEL.format(repr(head[:80]))}
         return reply
@@ -3308,10 +3308,11 @@ class OpenWhisk:
         value = message.get("value", {})
         if not isinstance(value, (dict, list)):
             return 404, {"error": RUN_BAD_ARGUMENT}
-        if not self.runner.verify():
+        if not self.runner.verify():  # the Go proxy's answer, or the dockerskeleton's
             self.runner.explain(not_runnable(self.runner.binary))
-            return (500, {"error": RUN_NO_ACTION}) if self.settings.loop else (
-                502, {"error": RUN_NO_BINARY})  # the Go proxy's answer, or the dockerskeleton's
+            if self.settings.loop:
+                return 500, {"error": RUN_NO_ACTION}
+            return 502, {"error": RUN_NO_BINARY}
         return self.runner.answer(value, self.runner.env(message))
 
 
