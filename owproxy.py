@@ -73,8 +73,69 @@ def module_exists(name):
         return False
 
 
+# What the imports below pull in and no request uses: http.server's, http.client's,
+# email's and subprocess's own imports (and, with them, html.entities, bz2, lzma,
+# fnmatch).  Each is a stand-in until code first asks it for something.
+DEFERRED_MODULES = (
+    "calendar", "copy", "datetime", "email.parser", "html", "ipaddress", "locale",
+    "mimetypes", "random", "shutil")
+
+
+class DeferredModule(type(sys)):
+    """A module not yet loaded: its first attribute lookup (``from m import x``
+    and ``m.x`` both make one) runs the real module's code in this very object,
+    which then is that module, so every holder of it sees the same one.
+
+    ``importlib.util.LazyLoader`` would not do: an ``import`` statement asks a
+    module for ``__spec__``, which loads a lazy one; a stand-in has its own."""
+
+    loading = None  # one lock for every stand-in: a module's code may load another
+
+    def __getattr__(self, attribute):
+        with DeferredModule.loading:
+            if type(self) is DeferredModule:
+                self.load()
+        return getattr(self, attribute)
+
+    def load(self):
+        package = self.__name__.rpartition(".")[0]
+        path = sys.modules[package].__path__ if package else None
+        spec = next(spec for spec in (finder.find_spec(self.__name__, path)
+                                      for finder in sys.meta_path) if spec)
+        self.__class__ = type(sys)
+        try:
+            for name, value in (("__spec__", spec), ("__loader__", spec.loader),
+                                ("__package__", spec.parent), ("__file__", spec.origin),
+                                ("__cached__", spec.cached)):
+                setattr(self, name, value)
+            if spec.submodule_search_locations is not None:
+                self.__path__ = spec.submodule_search_locations
+            spec.loader.exec_module(self)
+        except BaseException:
+            self.__class__ = DeferredModule
+            raise
+
+
+def defer_modules(names):
+    """Puts a stand-in in sys.modules for each of ``names`` not loaded yet; a
+    submodule's also as its package's attribute, where ``import a.b`` looks."""
+    import _thread
+    DeferredModule.loading = _thread.RLock()
+    for name in names:
+        if name not in sys.modules:
+            module = sys.modules[name] = DeferredModule(name)
+            module.__spec__ = None
+            package, _, child = name.rpartition(".")
+            if package:
+                setattr(__import__(package), child, module)
+
+
 if sys.version_info < (3, 8):
     unusable_python()
+# Only in the proxy's own process: a library user's or a function's code sees
+# modules loaded the ordinary way.
+if __name__ == "__main__" and sys.argv[1:2] != ["function-worker"]:
+    defer_modules(DEFERRED_MODULES)
 try:
     import contextlib
     import functools
@@ -687,7 +748,6 @@ def import_http_server_without_ssl():
 
 import_http_server_without_ssl()
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer  # noqa: E402
-import email.utils  # noqa: E402  (loaded by http.server already)
 import http.client  # noqa: E402
 
 
@@ -1061,10 +1121,20 @@ def error_bytes(status, message):
     status, body, headers = encode_answer(status, {"error": message})
     lines = ["HTTP/1.1 %d %s" % (status, http.HTTPStatus(status).phrase),
              "Server: " + ProxyHandler.server_version,
-             "Date: " + email.utils.formatdate(usegmt=True),
+             "Date: " + http_date(time.time()),
              "Content-Length: %d" % len(body)]
     lines += ["%s: %s" % pair for pair in headers] + ["Connection: close", "", ""]
     return "\r\n".join(lines).encode("latin-1") + body
+
+
+def http_date(seconds):
+    """RFC 9110's date, in English whatever the locale; email.utils.formatdate's
+    would load datetime for it."""
+    moment = time.gmtime(seconds)
+    return "%s, %02d %s %d %02d:%02d:%02d GMT" % (
+        BaseHTTPRequestHandler.weekdayname[moment.tm_wday], moment.tm_mday,
+        BaseHTTPRequestHandler.monthname[moment.tm_mon], moment.tm_year,
+        moment.tm_hour, moment.tm_min, moment.tm_sec)
 
 
 def linger(sock, seconds):
@@ -1265,6 +1335,8 @@ def listening_address(host, port):
         host = host[1:-1]
     if host == "::" and not has_ipv6():
         host = "0.0.0.0"
+    if host.isascii():  # a str host would load the idna codec, for nothing
+        host = host.encode("ascii")
     family, _, _, _, address = socket.getaddrinfo(host, port, 0, socket.SOCK_STREAM, 0,
                                                   socket.AI_PASSIVE)[0]
     return family, address
@@ -1296,6 +1368,9 @@ class ProxyHandler(BaseHTTPRequestHandler):
     timeout = 120  # seconds a client may stall while sending a body or between requests
     linger_seconds = 2.0  # how long a client may go on sending once the proxy closes
     route = None
+
+    def date_time_string(self, timestamp=None):
+        return http_date(timestamp)
 
     def setup(self):
         BaseHTTPRequestHandler.setup(self)
@@ -2053,7 +2128,10 @@ class Processes:
 
 
 def become_subreaper(logs):
-    """Makes orphans of the proxy's descendants its children (Linux 3.4); True if it could."""
+    """Makes orphans of the proxy's descendants its children (Linux 3.4); True if it
+    could.  As PID 1 the kernel gives it every orphan already, without ctypes."""
+    if os.getpid() == 1:
+        return True
     try:
         import ctypes
         libc = ctypes.CDLL(None, use_errno=True)
