@@ -2190,6 +2190,12 @@ def process_state(pid):
     return stat_fields(pid)[0]
 
 
+def asleep(pid):
+    """True when ``pid`` and every descendant are sleeping (waiting for input, a
+    child, a timer), none running, exiting or gone."""
+    return all(process_state(each) == b"S" for each in [pid] + descendants(pid))
+
+
 def running(pid):
     """Not gone, nor a zombie: it may still do something."""
     return process_state(pid) not in (None, b"Z", b"X")
@@ -2550,6 +2556,12 @@ class WarmProcess:
     the ActionLoop protocol: a JSON line in on stdin, a result line out on fd 3.
     """
 
+    # Without an ack, a start is over once the process (and all it started) sleeps,
+    # as one waiting for its first request does, or once it has exited; at most
+    # this many seconds, for a process busy at its start.
+    start_window = 0.05
+    start_look_interval = 0.001
+
     def __init__(self, argv, env, cwd, logs, processes, limit=DEFAULT_MAX_RESULT):
         self.logs, self.processes, self.limit = logs, processes, limit
         read_end, write_end = os.pipe()
@@ -2570,8 +2582,8 @@ class WarmProcess:
                          LineForwarder(logs.err, limit), self.results, self.result_pipe)
 
     def start(self, wait_for_ack):
-        """Waits for the ack line, ``{"ok": true}``, or a moment to see that the
-        process stays up."""
+        """Waits for the ack line, ``{"ok": true}``, or, without one, until the
+        process is up and waiting (``settled``)."""
         if wait_for_ack:
             ending = self.pump.serve(None, lambda: self.results.lines)
             ack = parse_result(self.results.lines.pop(0)) if ending == "finished" else None
@@ -2581,11 +2593,20 @@ class WarmProcess:
                 raise StartError(START_BAD_ACK + " It acknowledged with something other "
                                  "than {\"ok\": true}.")
         else:
-            ending = self.pump.serve(time.monotonic() + 0.05)
+            ending = self.settled()
         self.pump.drain()
         if ending == "exited":
             raise self.start_failed(wait_for_ack)
         return self
+
+    def settled(self):
+        """Serves the pipes until the process sleeps, tree and all, or exits, or the
+        start window ends; returns "exited" or "deadline"."""
+        end = time.monotonic() + self.start_window
+        while True:
+            ending = self.pump.serve(min(end, time.monotonic() + self.start_look_interval))
+            if ending == "exited" or time.monotonic() >= end or asleep(self.process.pid):
+                return ending
 
     def start_failed(self, waited_for_ack):
         """Why the process is gone at start: the Go proxy's words, the cause noted."""
