@@ -3277,6 +3277,7 @@ def dockerfile_lines(path):
 
 DOCKERFILES = [HERE / "Dockerfile", HERE / "examples" / "c" / "Dockerfile"]
 COMPILE_STEP = "RUN python3 -m compileall -b -q /owproxy.py"
+IMAGE_START = ["python3", "-S", "/owproxy.pyc"]
 FUNCTION_FAILING = """
 def main(args):
     if args.get("fail"):
@@ -3285,12 +3286,13 @@ def main(args):
 """
 
 
-def test_the_images_start_from_bytecode_compiled_at_build_time(proxies, tmp_path):
-    """The Dockerfiles' compile step, run here, then the proxy and its Python
-    function worker started from the .pyc alone (the source is gone)."""
+def test_the_images_start_from_bytecode_compiled_at_build_time_without_site(proxies, tmp_path):
+    """The Dockerfiles' compile step, run here, then the proxy started as their CMD
+    says, without site, and its Python function worker, with site, from the .pyc
+    alone (the source is gone)."""
     for dockerfile in DOCKERFILES:
         lines = dockerfile_lines(dockerfile)
-        assert COMPILE_STEP in lines and lines[-1] == 'CMD ["python3", "/owproxy.pyc"]'
+        assert COMPILE_STEP in lines and lines[-1] == "CMD " + json.dumps(IMAGE_START)
         assert lines.index("COPY owproxy.py /owproxy.py") < lines.index(COMPILE_STEP)
     image = tmp_path / "image"
     image.mkdir()
@@ -3298,12 +3300,17 @@ def test_the_images_start_from_bytecode_compiled_at_build_time(proxies, tmp_path
     step = COMPILE_STEP[len("RUN "):].replace("/owproxy.py", str(image / "owproxy.py"))
     subprocess.run([PYTHON] + step.split()[1:], check=True)
     (image / "owproxy.py").unlink()
-    compiled = str(image / "owproxy.pyc")
+    start = [PYTHON] + IMAGE_START[1:-1] + [str(image / "owproxy.pyc")]
     proxy = proxies(command=lambda port, action_dir: (
-        [PYTHON, compiled, "--host", "127.0.0.1", "--port", str(port),
-         "--action-dir", action_dir], {}))
-    assert proxy.init(FUNCTION_FAILING).status == 200
-    assert (proxy.run().status, proxy.run().json) == (200, {"ok": "function"})
+        start + ["--host", "127.0.0.1", "--port", str(port), "--action-dir", action_dir], {}))
+    reporting_site = FUNCTION_FAILING.replace(
+        'return {"ok": "function"}',
+        'import sys\n    return {"ok": "function", "no_site": sys.flags.no_site}')
+    assert proxy.init(reporting_site).status == 200
+    with open("/proc/%d/cmdline" % proxy.process.pid, "rb") as cmdline:
+        assert cmdline.read().split(b"\0")[1] == b"-S"
+    response = proxy.run()
+    assert (response.status, response.json) == (200, {"ok": "function", "no_site": 0})
     response = proxy.run({"fail": True})
     assert (response.status, response.json) == (200, {"error": "boom"})
     err = proxy.logs()[1]
@@ -4000,7 +4007,8 @@ def test_the_runtime_image_example_replaces_the_go_proxy_and_keeps_the_images_se
     assert "\nFROM openwhisk/action-python-v3" in dockerfile
     assert "\nCOPY owproxy.py /owproxy.py\n" in dockerfile
     assert "\nENV OWPROXY_LOOP=true\n" in dockerfile
-    assert '\nENTRYPOINT ["python3", "/owproxy.py"]\n' in dockerfile
+    assert "\n%s\n" % COMPILE_STEP in dockerfile
+    assert "\nENTRYPOINT %s\n" % json.dumps(IMAGE_START) in dockerfile
     assert "OW_COMPILER" not in dockerfile.split("FROM", 1)[1]  # the image's own settings
     readme = (HERE / "README.md").read_text()
     recipe = readme.split("## In an official runtime image")[1].split("```dockerfile\n")[1]
