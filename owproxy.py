@@ -119,8 +119,8 @@ class DeferredModule(type(sys)):
 def defer_modules(names):
     """Puts a stand-in in sys.modules for each of ``names`` not loaded yet; a
     submodule's also as its package's attribute, where ``import a.b`` looks."""
-    import _thread
-    DeferredModule.loading = _thread.RLock()
+    import threading
+    DeferredModule.loading = threading.RLock()
     for name in names:
         if name not in sys.modules:
             module = sys.modules[name] = DeferredModule(name)

@@ -3243,6 +3243,106 @@ def test_the_incomplete_python_check_knows_every_module_the_proxy_imports():
     assert imported - {"sys"} == set(owproxy.STANDARD_MODULES)
 
 
+# How the standard library itself uses each module the proxy defers, each true.
+DEFERRED_USES = {
+    "calendar": "calendar.timegm((2020, 1, 1, 0, 0, 0)) == 1577836800",
+    "copy": "copy.deepcopy({'a': [1]}) == {'a': [1]}",
+    "datetime": "email.utils.format_datetime(datetime.datetime(2020, 1, 2, "
+                "tzinfo=datetime.timezone.utc)) == 'Thu, 02 Jan 2020 00:00:00 +0000'",
+    "email.parser": "http.client.parse_headers(io.BytesIO(b'A: b\\r\\n\\r\\n'))['A'] == 'b'",
+    "html": "html.escape('<') + html.unescape('&eacute;') == '&lt;\\xe9'",
+    "ipaddress": "urllib.parse.urlsplit('http://[::1]:8/').hostname == '::1' "
+                 "and ipaddress.ip_address('::1').version == 6",
+    "locale": "isinstance(locale.getpreferredencoding(False), str)",
+    "mimetypes": "mimetypes.guess_type('a.json')[0] == 'application/json'",
+    "random": "email.utils.make_msgid(domain='x').endswith('@x>') and 0 <= random.random() < 1",
+    "shutil": "shutil.which('sh') is not None",
+}
+
+# Python 3.8's http.server reads mimetypes' tables as it is imported.
+PROXY_PYTHON_VERSION = tuple(json.loads(subprocess.run(
+    [PYTHON, "-c", "import sys; print(list(sys.version_info[:2]))"], capture_output=True,
+    check=True, timeout=60).stdout))
+USED_AT_IMPORT = {"mimetypes"} if PROXY_PYTHON_VERSION < (3, 9) else set()
+
+# The proxy run as its own __main__ by a script that, on SIGUSR1, uses the module
+# USE_MODULE names (DEFERRED_USES), says whether every holder of it holds the same
+# ordinary module, and at exit says which deferred modules were never loaded.
+DEFERRED_PROBE = """
+import json, os, signal, sys
+
+USES = json.loads(os.environ["DEFERRED_USES"])
+
+
+def use(signum, frame):
+    import email.utils, http.client, importlib, io, urllib.parse
+    name = os.environ["USE_MODULE"]
+    deferred = type(sys.modules.get(name)).__name__ == "DeferredModule"
+    module = importlib.import_module(name)
+    top = name.partition(".")[0]
+    used = eval(USES[name], {top: sys.modules[top], "email": email, "http": http, "io": io,
+                             "urllib": urllib})
+    holders = [vars(other).get(name.rpartition(".")[2]) for other in list(sys.modules.values())
+               if other is not None]
+    same = all(holder is module for holder in holders
+               if isinstance(holder, type(sys)) and holder.__name__ == name)
+    sys.stderr.write("used %s: deferred %s, %s, %s, one module: %s\\n"
+                     % (name, deferred, used, type(module) is type(sys), same))
+    sys.stderr.flush()
+
+
+def unloaded():
+    sys.stderr.write("never loaded: %s\\n" % " ".join(sorted(
+        name for name in USES if type(sys.modules.get(name)).__name__ == "DeferredModule")))
+
+
+signal.signal(signal.SIGUSR1, use)
+import atexit
+atexit.register(unloaded)
+path = sys.argv[0] = os.environ["PROBED_PROXY"]
+with open(path) as source:
+    code = compile(source.read(), path, "exec")
+exec(code, {"__name__": "__main__", "__file__": path, "__builtins__": __builtins__})
+"""
+
+
+def probed_proxy(proxies, tmp_path, use=""):
+    probe = tmp_path / "probe.py"
+    probe.write_text(DEFERRED_PROBE)
+    env = {"PROBED_PROXY": OWPROXY, "USE_MODULE": use, "DEFERRED_USES": json.dumps(DEFERRED_USES)}
+    return proxies(command=lambda port, action_dir: ([PYTHON, str(probe)], dict(
+        env, OWPROXY_HOST="127.0.0.1", FLASK_PROXY_PORT=str(port),
+        OWPROXY_ACTION_DIR=action_dir)))  # no arguments, as an image starts it
+
+
+def test_a_start_and_its_runs_of_a_baked_action_load_none_of_the_deferred_modules(proxies, tmp_path):
+    assert sorted(DEFERRED_USES) == sorted(owproxy.DEFERRED_MODULES)
+    proxy = probed_proxy(proxies, tmp_path)
+    (proxy.action_dir / "exec").write_text(ECHO_RESULT)  # baked into the image
+    (proxy.action_dir / "exec").chmod(0o755)
+    assert proxy.post("/init", {}).status == 200
+    assert proxy.run().json == {"ok": "run"}
+    assert proxy.request("GET", "/healthz").status == 200
+    assert proxy.stop() == 0
+    never = proxy.logs()[1].split("never loaded: ")[1].split()
+    assert never == sorted(set(owproxy.DEFERRED_MODULES) - USED_AT_IMPORT)
+
+
+@pytest.mark.parametrize("name", owproxy.DEFERRED_MODULES)
+def test_a_deferred_module_loads_on_first_use_and_the_proxy_works_after(proxies, tmp_path,
+                                                                         name):
+    proxy = probed_proxy(proxies, tmp_path, use=name)
+    proxy.process.send_signal(signal.SIGUSR1)
+    assert wait_for(lambda: "used " in proxy.logs()[1])
+    assert ("used %s: deferred %s, True, True, one module: True\n"
+            % (name, name not in USED_AT_IMPORT) in proxy.logs()[1]), proxy.logs()
+    assert proxy.init_zip({"exec": ECHO_RESULT}).status == 200
+    assert proxy.run().json == {"ok": "run"}
+    assert proxy.stop() == 0
+    never = proxy.logs()[1].split("never loaded: ")[1].split()
+    assert name not in never
+
+
 def old_pythons():
     """The pyenv interpreters older than 3.8 on this machine."""
     def run(*argv):
