@@ -4280,6 +4280,25 @@ def test_without_a_subreaper_the_process_group_is_killed_and_stderr_says_so_once
     assert "what an action moves out of its process group may outlive its activation" in err
 
 
+@pytest.mark.skipif(not pid_namespaces_work(), reason="no PID namespaces (unshare) here")
+def test_as_pid_1_the_proxy_needs_no_ctypes_to_end_what_escaped_its_group(proxies, tmp_path):
+    """Orphans come to PID 1 by themselves: without ctypes it is still a subreaper."""
+    (tmp_path / "sitecustomize.py").write_text("import sys\nsys.modules['ctypes'] = None\n")
+    proxy = proxies(command=as_pid_1, env={"PYTHONPATH": str(tmp_path)})
+    (pid_1,) = children(proxy.process.pid)
+    seconds = unique_sleep()
+    try:
+        assert proxy.init(bash(ESCAPES["setsid"].format(seconds=seconds)
+                               + "\necho '{\"ok\": true}'")).status == 200
+        assert proxy.run().json == {"ok": True}
+        assert wait_for(lambda: not processes_with(seconds))
+        assert proxy.run().json == {"ok": True}
+    finally:
+        os.kill(pid_1, signal.SIGTERM)
+    assert proxy.process.wait(10) == 0
+    assert "cannot become a child subreaper" not in proxy.logs()[1]
+
+
 def test_the_proxy_reaps_the_orphans_it_inherits(proxy):
     assert proxy.init(bash("""
 (setsid sh -c 'exit 0' &)
