@@ -2060,6 +2060,16 @@ def test_a_python_function_has_the_whole_standard_library(proxy):
     assert proxy.run().json == {"https": True, "ssl": True}
 
 
+def test_a_python_function_sees_ordinary_modules_where_the_proxy_defers_them(proxy):
+    code = ("import sys, types\n" + "".join("import %s\n" % name for name in
+                                          owproxy.DEFERRED_MODULES)
+            + "def main(args):\n    return sorted(name for name in %r\n"
+              "        if type(sys.modules[name]) is not types.ModuleType)\n"
+            % (owproxy.DEFERRED_MODULES,))
+    assert proxy.init(code).status == 200
+    assert proxy.run().json == []
+
+
 def test_an_exception_is_an_application_error_with_the_traceback_on_stderr(function_proxy):
     response = function_proxy.run({"fail": "bad input"})
     assert (response.status, response.json) == (200, {"error": "boom: bad input"})
@@ -5677,6 +5687,22 @@ def test_a_start_without_arguments_imports_neither_ssl_nor_argparse_yet_both_wor
              % (str(HERE), str(HERE)))
     result = subprocess.run([PYTHON, "-c", probe], capture_output=True, text=True, timeout=30)
     assert result.stdout.split() == ["False", "False", "True", "True"], result
+
+
+def test_the_date_is_the_one_email_utils_writes_without_datetime():
+    import email.utils
+    for seconds in (0, 951782400, 1735689599.9, time.time()):
+        assert owproxy.http_date(seconds) == email.utils.formatdate(seconds, usegmt=True)
+
+
+@pytest.mark.parametrize("host, family", [("127.0.0.1", socket.AF_INET),
+                                          ("localhost", None), ("[::1]", socket.AF_INET6)])
+def test_a_listening_host_resolves_as_getaddrinfo_has_it(host, family):
+    if family == socket.AF_INET6 and not IPV6:
+        pytest.skip("no IPv6 here")
+    expected = socket.getaddrinfo(host.strip("[]"), 8080, 0, socket.SOCK_STREAM, 0,
+                                  socket.AI_PASSIVE)[0]
+    assert owproxy.listening_address(host, 8080) == (expected[0], expected[4])
 
 
 def test_binding_looks_up_no_name(monkeypatch):
