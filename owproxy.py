@@ -18,7 +18,10 @@ functions, it speaks Knative, and with ``--loop`` it stands in for the Go
 ActionLoop proxy of OpenWhisk's runtime images, their compile scripts, launchers
 and settings (``OW_COMPILER`` ...) unchanged.
 
-The file reads top to bottom, after a check that this Python can run it:
+The file reads top to bottom, after a check that this Python can run it and
+stand-ins for the modules the imports pull in and no request uses (calendar,
+copy, datetime, email.parser, html, ipaddress, locale, mimetypes, random,
+shutil: ``DEFERRED_MODULES``, each loaded where something first uses it):
 
 1. Configuration   settings, each a command-line flag and an environment variable
 2. Logs            the action's log streams and the end-of-activation sentinels;

@@ -10,6 +10,21 @@ thrown away, and prints a table and then one JSON line with every figure.
 Each figure is a median over repeated runs and comes with a floor measured in
 the same bench run, as a difference or a ratio, next to its target:
 
+image           the proxy as the Dockerfile starts it (``python3 -S owproxy.pyc``)
+                against the 60-line server (BARE_SERVER below, compiled and
+                started the same way, importing only what a request needs):
+                cold start to the first /run (target: x1.15 of the server's),
+                VmRSS idle after it (target: the server's + 1 MiB), the --loop
+                cold start (target: x1.15 of the server's cold start + the Go
+                proxy's --loop cold start), throughput of an instant action from
+                8 and 64 clients, ``__OW_ALLOW_CONCURRENT=true`` (target at 8:
+                x0.95 of the server's), with the machine's context switches per
+                request (/proc/stat), and a warm Python function's /run against
+                the Python runtime image's (the Go proxy and its launcher.py;
+                target: x1.25).  The Go figures need OWPROXY_BENCH_GO_PROXY (the
+                Go proxy's executable; it listens on 8080) and, for the function,
+                OWPROXY_BENCH_LAUNCHER (openwhisk-runtime-python's launcher.py);
+                without them they are n/a, with a note that says so.
 cold start      spawn of ``python3 owproxy.py`` until the first /run is
                 answered (a baked-in action, ``/init {}`` first).  Floors: spawn
                 to exit of ``python3 -c pass`` and of ``python3 -c "import
