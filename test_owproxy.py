@@ -3325,7 +3325,8 @@ def probed_proxy(proxies, tmp_path, use=""):
         OWPROXY_ACTION_DIR=action_dir)))  # no arguments, as an image starts it
 
 
-def test_a_start_and_its_runs_of_a_baked_action_load_none_of_the_deferred_modules(proxies, tmp_path):
+def test_a_start_and_runs_of_a_baked_action_load_none_of_the_deferred_modules(proxies,
+                                                                           tmp_path):
     assert sorted(DEFERRED_USES) == sorted(owproxy.DEFERRED_MODULES)
     proxy = probed_proxy(proxies, tmp_path)
     (proxy.action_dir / "exec").write_text(ECHO_RESULT)  # baked into the image

@@ -859,7 +859,7 @@ def measure_image_throughput(bench, clients):
                target=(lambda value, vs: vs >= 0.95) if clients == 8 else None,
                target_label=">= x0.95 floor" if clients == 8 else ""),
         Figure("image_switches_%d" % clients, "context switches per request, %d clients"
-               % clients, statistics.median(switches["proxy"]), "", 
+               % clients, statistics.median(switches["proxy"]), "",
                statistics.median(switches["small"]), "60-line server", compare="ratio"),
     ]
 
