@@ -47,7 +47,7 @@ import sys
 # Every standard module the proxy imports, here or where it needs one; trimmed
 # Pythons (Debian's python3-minimal) lack some.
 STANDARD_MODULES = (
-    "argparse", "ast", "base64", "binascii", "contextlib", "ctypes", "difflib", "email",
+    "argparse", "ast", "base64", "binascii", "contextlib", "ctypes", "difflib",
     "errno", "fcntl", "functools", "gc", "glob", "http", "importlib", "io", "itertools", "json",
     "os", "re", "resource", "select", "selectors", "shutil", "signal", "site", "socket",
     "socketserver", "stat", "subprocess", "tarfile", "tempfile", "threading", "time",
@@ -69,11 +69,19 @@ def unusable_python(missing=None):
 
 
 def module_exists(name):
-    import importlib.util
     try:
-        return importlib.util.find_spec(name) is not None
+        return found_spec(name) is not None
     except ImportError:
         return False
+
+
+def found_spec(name):
+    """The spec the import system finds for ``name``, whatever sys.modules holds
+    (a stand-in, say); None if there is none."""
+    package = name.rpartition(".")[0]
+    path = sys.modules[package].__path__ if package else None
+    finders = (getattr(finder, "find_spec", None) for finder in sys.meta_path)
+    return next((spec for spec in (find(name, path) for find in finders if find) if spec), None)
 
 
 # What the imports below pull in and no request uses: http.server's, http.client's,
@@ -101,10 +109,9 @@ class DeferredModule(type(sys)):
         return getattr(self, attribute)
 
     def load(self):
-        package = self.__name__.rpartition(".")[0]
-        path = sys.modules[package].__path__ if package else None
-        spec = next(spec for spec in (finder.find_spec(self.__name__, path)
-                                      for finder in sys.meta_path) if spec)
+        spec = found_spec(self.__name__)
+        if spec is None:
+            raise ModuleNotFoundError("No module named %r" % self.__name__, name=self.__name__)
         self.__class__ = type(sys)
         try:
             for name, value in (("__spec__", spec), ("__loader__", spec.loader),
