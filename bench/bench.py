@@ -235,8 +235,10 @@ PYTHON_FUNCTION = 'def main(args):\n    return {"ok": True}\n'
 # with BARE_ACTION set, answering with the last line of a subprocess.run of it:
 # the 60-line server, importing only what a request needs, of the image figures.
 BARE_SERVER = r'''
-import json, os, socket, socketserver, subprocess
+import json, os, socket, socketserver, subprocess, sys
+sys.modules["ssl"] = None  # as owproxy keeps it out: 4 MiB that no request needs
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+del sys.modules["ssl"]
 
 ACTION = os.environ.get("BARE_ACTION")
 
