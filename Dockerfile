@@ -20,4 +20,6 @@ EXPOSE 8080
 # Liveness: /healthz (readiness, for orchestrators: /readyz), on the port the
 # proxy listens on, over IPv6 or IPv4 loopback, whichever it listens on.
 HEALTHCHECK --interval=30s --timeout=3s CMD python3 -c "import os, socket; c = socket.create_connection((None, os.environ.get('FLASK_PROXY_PORT') or os.environ.get('PORT') or 8080), 2); c.sendall(b'GET /healthz HTTP/1.0\r\n\r\n'); raise SystemExit(c.makefile('rb').readline().split()[1] != b'200')"
-CMD ["python3", "/owproxy.pyc"]
+# -S: the proxy needs nothing from site-packages, and skipping site is a tenth of a start
+# (a Python function's worker still gets them).
+CMD ["python3", "-S", "/owproxy.pyc"]

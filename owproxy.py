@@ -18,7 +18,10 @@ functions, it speaks Knative, and with ``--loop`` it stands in for the Go
 ActionLoop proxy of OpenWhisk's runtime images, their compile scripts, launchers
 and settings (``OW_COMPILER`` ...) unchanged.
 
-The file reads top to bottom, after a check that this Python can run it:
+The file reads top to bottom, after a check that this Python can run it and
+stand-ins for the modules the imports pull in and no request uses (calendar,
+copy, datetime, email.parser, html, ipaddress, locale, mimetypes, random,
+shutil: ``DEFERRED_MODULES``, each loaded where something first uses it):
 
 1. Configuration   settings, each a command-line flag and an environment variable
 2. Logs            the action's log streams and the end-of-activation sentinels;
@@ -44,7 +47,7 @@ import sys
 # Every standard module the proxy imports, here or where it needs one; trimmed
 # Pythons (Debian's python3-minimal) lack some.
 STANDARD_MODULES = (
-    "argparse", "ast", "base64", "binascii", "contextlib", "ctypes", "difflib", "email",
+    "argparse", "ast", "base64", "binascii", "contextlib", "ctypes", "difflib",
     "errno", "fcntl", "functools", "gc", "glob", "http", "importlib", "io", "itertools", "json",
     "os", "re", "resource", "select", "selectors", "shutil", "signal", "site", "socket",
     "socketserver", "stat", "subprocess", "tarfile", "tempfile", "threading", "time",
@@ -66,15 +69,83 @@ def unusable_python(missing=None):
 
 
 def module_exists(name):
-    import importlib.util
     try:
-        return importlib.util.find_spec(name) is not None
+        return found_spec(name) is not None
     except ImportError:
         return False
 
 
+def found_spec(name):
+    """The spec the import system finds for ``name``, whatever sys.modules holds
+    (a stand-in, say); None if there is none."""
+    package = name.rpartition(".")[0]
+    path = sys.modules[package].__path__ if package else None
+    finders = (getattr(finder, "find_spec", None) for finder in sys.meta_path)
+    return next((spec for spec in (find(name, path) for find in finders if find) if spec), None)
+
+
+# What the imports below pull in and no request uses: http.server's, http.client's,
+# email's and subprocess's own imports (and, with them, html.entities, bz2, lzma,
+# fnmatch).  Each is a stand-in until code first asks it for something.
+DEFERRED_MODULES = (
+    "calendar", "copy", "datetime", "email.parser", "html", "ipaddress", "locale",
+    "mimetypes", "random", "shutil")
+
+
+class DeferredModule(type(sys)):
+    """A module not yet loaded: its first attribute lookup (``from m import x``
+    and ``m.x`` both make one) runs the real module's code in this very object,
+    which then is that module, so every holder of it sees the same one.
+
+    ``importlib.util.LazyLoader`` would not do: an ``import`` statement asks a
+    module for ``__spec__``, which loads a lazy one; a stand-in has its own."""
+
+    loading = None  # one lock for every stand-in: a module's code may load another
+
+    def __getattr__(self, attribute):
+        with DeferredModule.loading:
+            if type(self) is DeferredModule:
+                self.load()
+        return getattr(self, attribute)
+
+    def load(self):
+        spec = found_spec(self.__name__)
+        if spec is None:
+            raise ModuleNotFoundError("No module named %r" % self.__name__, name=self.__name__)
+        self.__class__ = type(sys)
+        try:
+            for name, value in (("__spec__", spec), ("__loader__", spec.loader),
+                                ("__package__", spec.parent), ("__file__", spec.origin),
+                                ("__cached__", spec.cached)):
+                setattr(self, name, value)
+            if spec.submodule_search_locations is not None:
+                self.__path__ = spec.submodule_search_locations
+            spec.loader.exec_module(self)
+        except BaseException:
+            self.__class__ = DeferredModule
+            raise
+
+
+def defer_modules(names):
+    """Puts a stand-in in sys.modules for each of ``names`` not loaded yet; a
+    submodule's also as its package's attribute, where ``import a.b`` looks."""
+    import threading
+    DeferredModule.loading = threading.RLock()
+    for name in names:
+        if name not in sys.modules:
+            module = sys.modules[name] = DeferredModule(name)
+            module.__spec__ = None
+            package, _, child = name.rpartition(".")
+            if package:
+                setattr(__import__(package), child, module)
+
+
 if sys.version_info < (3, 8):
     unusable_python()
+# Only in the proxy's own process: a library user's or a function's code sees
+# modules loaded the ordinary way.
+if __name__ == "__main__" and sys.argv[1:2] != ["function-worker"]:
+    defer_modules(DEFERRED_MODULES)
 try:
     import contextlib
     import functools
@@ -689,7 +760,6 @@ def import_http_server_without_ssl():
 
 import_http_server_without_ssl()
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer  # noqa: E402
-import email.utils  # noqa: E402  (loaded by http.server already)
 import http.client  # noqa: E402
 
 
@@ -1063,10 +1133,20 @@ def error_bytes(status, message):
     status, body, headers = encode_answer(status, {"error": message})
     lines = ["HTTP/1.1 %d %s" % (status, http.HTTPStatus(status).phrase),
              "Server: " + ProxyHandler.server_version,
-             "Date: " + email.utils.formatdate(usegmt=True),
+             "Date: " + http_date(time.time()),
              "Content-Length: %d" % len(body)]
     lines += ["%s: %s" % pair for pair in headers] + ["Connection: close", "", ""]
     return "\r\n".join(lines).encode("latin-1") + body
+
+
+def http_date(seconds):
+    """RFC 9110's date, in English whatever the locale; email.utils.formatdate's
+    would load datetime for it."""
+    moment = time.gmtime(seconds)
+    return "%s, %02d %s %d %02d:%02d:%02d GMT" % (
+        BaseHTTPRequestHandler.weekdayname[moment.tm_wday], moment.tm_mday,
+        BaseHTTPRequestHandler.monthname[moment.tm_mon], moment.tm_year,
+        moment.tm_hour, moment.tm_min, moment.tm_sec)
 
 
 def linger(sock, seconds):
@@ -1267,6 +1347,8 @@ def listening_address(host, port):
         host = host[1:-1]
     if host == "::" and not has_ipv6():
         host = "0.0.0.0"
+    if host.isascii():  # a str host would load the idna codec, for nothing
+        host = host.encode("ascii")
     family, _, _, _, address = socket.getaddrinfo(host, port, 0, socket.SOCK_STREAM, 0,
                                                   socket.AI_PASSIVE)[0]
     return family, address
@@ -1298,6 +1380,9 @@ class ProxyHandler(BaseHTTPRequestHandler):
     timeout = 120  # seconds a client may stall while sending a body or between requests
     linger_seconds = 2.0  # how long a client may go on sending once the proxy closes
     route = None
+
+    def date_time_string(self, timestamp=None):
+        return http_date(timestamp)
 
     def setup(self):
         BaseHTTPRequestHandler.setup(self)
@@ -2055,7 +2140,10 @@ class Processes:
 
 
 def become_subreaper(logs):
-    """Makes orphans of the proxy's descendants its children (Linux 3.4); True if it could."""
+    """Makes orphans of the proxy's descendants its children (Linux 3.4); True if it
+    could.  As PID 1 the kernel gives it every orphan already, without ctypes."""
+    if os.getpid() == 1:
+        return True
     try:
         import ctypes
         libc = ctypes.CDLL(None, use_errno=True)
@@ -2112,6 +2200,12 @@ def environ_of(pid):
 
 def process_state(pid):
     return stat_fields(pid)[0]
+
+
+def asleep(pid):
+    """True when ``pid`` and every descendant are sleeping (waiting for input, a
+    child, a timer), none running, exiting or gone."""
+    return all(process_state(each) == b"S" for each in [pid] + descendants(pid))
 
 
 def running(pid):
@@ -2474,6 +2568,12 @@ class WarmProcess:
     the ActionLoop protocol: a JSON line in on stdin, a result line out on fd 3.
     """
 
+    # Without an ack, a start is over once the process (and all it started) sleeps,
+    # as one waiting for its first request does, or once it has exited; at most
+    # this many seconds, for a process busy at its start.
+    start_window = 0.05
+    start_look_interval = 0.001
+
     def __init__(self, argv, env, cwd, logs, processes, limit, explain):
         self.logs, self.processes, self.limit, self.explain = logs, processes, limit, explain
         read_end, write_end = os.pipe()
@@ -2494,8 +2594,8 @@ class WarmProcess:
                          LineForwarder(logs.err, limit), self.results, self.result_pipe)
 
     def start(self, wait_for_ack):
-        """Waits for the ack line, ``{"ok": true}``, or a moment to see that the
-        process stays up."""
+        """Waits for the ack line, ``{"ok": true}``, or, without one, until the
+        process is up and waiting (``settled``)."""
         if wait_for_ack:
             ending = self.pump.serve(None, lambda: self.results.lines)
             ack = parse_result(self.results.lines.pop(0)) if ending == "finished" else None
@@ -2505,11 +2605,20 @@ class WarmProcess:
                 raise StartError(START_BAD_ACK + " It acknowledged with something other "
                                  "than {\"ok\": true}.")
         else:
-            ending = self.pump.serve(time.monotonic() + 0.05)
+            ending = self.settled()
         self.pump.drain()
         if ending == "exited":
             raise self.start_failed(wait_for_ack)
         return self
+
+    def settled(self):
+        """Serves the pipes until the process sleeps, tree and all, or exits, or the
+        start window ends; returns "exited" or "deadline"."""
+        end = time.monotonic() + self.start_window
+        while True:
+            ending = self.pump.serve(min(end, time.monotonic() + self.start_look_interval))
+            if ending == "exited" or time.monotonic() >= end or asleep(self.process.pid):
+                return ending
 
     def start_failed(self, waited_for_ack):
         """Why the process is gone at start: the Go proxy's words, the cause noted."""

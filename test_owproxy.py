@@ -2076,6 +2076,16 @@ def test_a_python_function_has_the_whole_standard_library(proxy):
     assert proxy.run().json == {"https": True, "ssl": True}
 
 
+def test_a_python_function_sees_ordinary_modules_where_the_proxy_defers_them(proxy):
+    code = ("import sys, types\n" + "".join("import %s\n" % name for name in
+                                          owproxy.DEFERRED_MODULES)
+            + "def main(args):\n    return sorted(name for name in %r\n"
+              "        if type(sys.modules[name]) is not types.ModuleType)\n"
+            % (owproxy.DEFERRED_MODULES,))
+    assert proxy.init(code).status == 200
+    assert proxy.run().json == []
+
+
 def test_an_exception_is_an_application_error_with_the_traceback_on_stderr(function_proxy):
     response = function_proxy.run({"fail": "bad input"})
     assert (response.status, response.json) == (200, {"error": "boom: bad input"})
@@ -3297,6 +3307,107 @@ def test_the_incomplete_python_check_knows_every_module_the_proxy_imports():
     assert imported - {"sys"} == set(owproxy.STANDARD_MODULES)
 
 
+# How the standard library itself uses each module the proxy defers, each true.
+DEFERRED_USES = {
+    "calendar": "calendar.timegm((2020, 1, 1, 0, 0, 0)) == 1577836800",
+    "copy": "copy.deepcopy({'a': [1]}) == {'a': [1]}",
+    "datetime": "email.utils.format_datetime(datetime.datetime(2020, 1, 2, "
+                "tzinfo=datetime.timezone.utc)) == 'Thu, 02 Jan 2020 00:00:00 +0000'",
+    "email.parser": "http.client.parse_headers(io.BytesIO(b'A: b\\r\\n\\r\\n'))['A'] == 'b'",
+    "html": "html.escape('<') + html.unescape('&eacute;') == '&lt;\\xe9'",
+    "ipaddress": "urllib.parse.urlsplit('http://[::1]:8/').hostname == '::1' "
+                 "and ipaddress.ip_address('::1').version == 6",
+    "locale": "isinstance(locale.getpreferredencoding(False), str)",
+    "mimetypes": "mimetypes.guess_type('a.json')[0] == 'application/json'",
+    "random": "email.utils.make_msgid(domain='x').endswith('@x>') and 0 <= random.random() < 1",
+    "shutil": "shutil.which('sh') is not None",
+}
+
+# Python 3.8's http.server reads mimetypes' tables as it is imported.
+PROXY_PYTHON_VERSION = tuple(json.loads(subprocess.run(
+    [PYTHON, "-c", "import sys; print(list(sys.version_info[:2]))"], capture_output=True,
+    check=True, timeout=60).stdout))
+USED_AT_IMPORT = {"mimetypes"} if PROXY_PYTHON_VERSION < (3, 9) else set()
+
+# The proxy run as its own __main__ by a script that, on SIGUSR1, uses the module
+# USE_MODULE names (DEFERRED_USES), says whether every holder of it holds the same
+# ordinary module, and at exit says which deferred modules were never loaded.
+DEFERRED_PROBE = """
+import json, os, signal, sys
+
+USES = json.loads(os.environ["DEFERRED_USES"])
+
+
+def use(signum, frame):
+    import email.utils, http.client, importlib, io, urllib.parse
+    name = os.environ["USE_MODULE"]
+    deferred = type(sys.modules.get(name)).__name__ == "DeferredModule"
+    module = importlib.import_module(name)
+    top = name.partition(".")[0]
+    used = eval(USES[name], {top: sys.modules[top], "email": email, "http": http, "io": io,
+                             "urllib": urllib})
+    holders = [vars(other).get(name.rpartition(".")[2]) for other in list(sys.modules.values())
+               if other is not None]
+    same = all(holder is module for holder in holders
+               if isinstance(holder, type(sys)) and holder.__name__ == name)
+    sys.stderr.write("used %s: deferred %s, %s, %s, one module: %s\\n"
+                     % (name, deferred, used, type(module) is type(sys), same))
+    sys.stderr.flush()
+
+
+def unloaded():
+    sys.stderr.write("never loaded: %s\\n" % " ".join(sorted(
+        name for name in USES if type(sys.modules.get(name)).__name__ == "DeferredModule")))
+
+
+signal.signal(signal.SIGUSR1, use)
+import atexit
+atexit.register(unloaded)
+path = sys.argv[0] = os.environ["PROBED_PROXY"]
+with open(path) as source:
+    code = compile(source.read(), path, "exec")
+exec(code, {"__name__": "__main__", "__file__": path, "__builtins__": __builtins__})
+"""
+
+
+def probed_proxy(proxies, tmp_path, use=""):
+    probe = tmp_path / "probe.py"
+    probe.write_text(DEFERRED_PROBE)
+    env = {"PROBED_PROXY": OWPROXY, "USE_MODULE": use, "DEFERRED_USES": json.dumps(DEFERRED_USES)}
+    return proxies(command=lambda port, action_dir: ([PYTHON, str(probe)], dict(
+        env, OWPROXY_HOST="127.0.0.1", FLASK_PROXY_PORT=str(port),
+        OWPROXY_ACTION_DIR=action_dir)))  # no arguments, as an image starts it
+
+
+def test_a_start_and_runs_of_a_baked_action_load_none_of_the_deferred_modules(proxies,
+                                                                           tmp_path):
+    assert sorted(DEFERRED_USES) == sorted(owproxy.DEFERRED_MODULES)
+    proxy = probed_proxy(proxies, tmp_path)
+    (proxy.action_dir / "exec").write_text(ECHO_RESULT)  # baked into the image
+    (proxy.action_dir / "exec").chmod(0o755)
+    assert proxy.post("/init", {}).status == 200
+    assert proxy.run().json == {"ok": "run"}
+    assert proxy.request("GET", "/healthz").status == 200
+    assert proxy.stop() == 0
+    never = proxy.logs()[1].split("never loaded: ")[1].split()
+    assert never == sorted(set(owproxy.DEFERRED_MODULES) - USED_AT_IMPORT)
+
+
+@pytest.mark.parametrize("name", owproxy.DEFERRED_MODULES)
+def test_a_deferred_module_loads_on_first_use_and_the_proxy_works_after(proxies, tmp_path,
+                                                                         name):
+    proxy = probed_proxy(proxies, tmp_path, use=name)
+    proxy.process.send_signal(signal.SIGUSR1)
+    assert wait_for(lambda: "used " in proxy.logs()[1])
+    assert ("used %s: deferred %s, True, True, one module: True\n"
+            % (name, name not in USED_AT_IMPORT) in proxy.logs()[1]), proxy.logs()
+    assert proxy.init_zip({"exec": ECHO_RESULT}).status == 200
+    assert proxy.run().json == {"ok": "run"}
+    assert proxy.stop() == 0
+    never = proxy.logs()[1].split("never loaded: ")[1].split()
+    assert name not in never
+
+
 def old_pythons():
     """The pyenv interpreters older than 3.8 on this machine."""
     def run(*argv):
@@ -3331,6 +3442,7 @@ def dockerfile_lines(path):
 
 DOCKERFILES = [HERE / "Dockerfile", HERE / "examples" / "c" / "Dockerfile"]
 COMPILE_STEP = "RUN python3 -m compileall -b -q /owproxy.py"
+IMAGE_START = ["python3", "-S", "/owproxy.pyc"]
 FUNCTION_FAILING = """
 def main(args):
     if args.get("fail"):
@@ -3339,12 +3451,13 @@ def main(args):
 """
 
 
-def test_the_images_start_from_bytecode_compiled_at_build_time(proxies, tmp_path):
-    """The Dockerfiles' compile step, run here, then the proxy and its Python
-    function worker started from the .pyc alone (the source is gone)."""
+def test_the_images_start_from_bytecode_compiled_at_build_time_without_site(proxies, tmp_path):
+    """The Dockerfiles' compile step, run here, then the proxy started as their CMD
+    says, without site, and its Python function worker, with site, from the .pyc
+    alone (the source is gone)."""
     for dockerfile in DOCKERFILES:
         lines = dockerfile_lines(dockerfile)
-        assert COMPILE_STEP in lines and lines[-1] == 'CMD ["python3", "/owproxy.pyc"]'
+        assert COMPILE_STEP in lines and lines[-1] == "CMD " + json.dumps(IMAGE_START)
         assert lines.index("COPY owproxy.py /owproxy.py") < lines.index(COMPILE_STEP)
     image = tmp_path / "image"
     image.mkdir()
@@ -3352,12 +3465,17 @@ def test_the_images_start_from_bytecode_compiled_at_build_time(proxies, tmp_path
     step = COMPILE_STEP[len("RUN "):].replace("/owproxy.py", str(image / "owproxy.py"))
     subprocess.run([PYTHON] + step.split()[1:], check=True)
     (image / "owproxy.py").unlink()
-    compiled = str(image / "owproxy.pyc")
+    start = [PYTHON] + IMAGE_START[1:-1] + [str(image / "owproxy.pyc")]
     proxy = proxies(command=lambda port, action_dir: (
-        [PYTHON, compiled, "--host", "127.0.0.1", "--port", str(port),
-         "--action-dir", action_dir], {}))
-    assert proxy.init(FUNCTION_FAILING).status == 200
-    assert (proxy.run().status, proxy.run().json) == (200, {"ok": "function"})
+        start + ["--host", "127.0.0.1", "--port", str(port), "--action-dir", action_dir], {}))
+    reporting_site = FUNCTION_FAILING.replace(
+        'return {"ok": "function"}',
+        'import sys\n    return {"ok": "function", "no_site": sys.flags.no_site}')
+    assert proxy.init(reporting_site).status == 200
+    with open("/proc/%d/cmdline" % proxy.process.pid, "rb") as cmdline:
+        assert cmdline.read().split(b"\0")[1] == b"-S"
+    response = proxy.run()
+    assert (response.status, response.json) == (200, {"ok": "function", "no_site": 0})
     response = proxy.run({"fail": True})
     assert (response.status, response.json) == (200, {"error": "boom"})
     err = proxy.logs()[1]
@@ -4079,7 +4197,8 @@ def test_the_runtime_image_example_replaces_the_go_proxy_and_keeps_the_images_se
     assert "\nFROM openwhisk/action-python-v3" in dockerfile
     assert "\nCOPY owproxy.py /owproxy.py\n" in dockerfile
     assert "\nENV OWPROXY_LOOP=true\n" in dockerfile
-    assert '\nENTRYPOINT ["python3", "/owproxy.py"]\n' in dockerfile
+    assert "\n%s\n" % COMPILE_STEP in dockerfile
+    assert "\nENTRYPOINT %s\n" % json.dumps(IMAGE_START) in dockerfile
     assert "OW_COMPILER" not in dockerfile.split("FROM", 1)[1]  # the image's own settings
     readme = (HERE / "README.md").read_text()
     recipe = readme.split("## In an official runtime image")[1].split("```dockerfile\n")[1]
@@ -4249,6 +4368,25 @@ def test_without_a_subreaper_the_process_group_is_killed_and_stderr_says_so_once
     err = check_streams(proxy, 2)[1]
     assert err.count("owproxy: cannot become a child subreaper") == 1, err
     assert "what an action moves out of its process group may outlive its activation" in err
+
+
+@pytest.mark.skipif(not pid_namespaces_work(), reason="no PID namespaces (unshare) here")
+def test_as_pid_1_the_proxy_needs_no_ctypes_to_end_what_escaped_its_group(proxies, tmp_path):
+    """Orphans come to PID 1 by themselves: without ctypes it is still a subreaper."""
+    (tmp_path / "sitecustomize.py").write_text("import sys\nsys.modules['ctypes'] = None\n")
+    proxy = proxies(command=as_pid_1, env={"PYTHONPATH": str(tmp_path)})
+    (pid_1,) = children(proxy.process.pid)
+    seconds = unique_sleep()
+    try:
+        assert proxy.init(bash(ESCAPES["setsid"].format(seconds=seconds)
+                               + "\necho '{\"ok\": true}'")).status == 200
+        assert proxy.run().json == {"ok": True}
+        assert wait_for(lambda: not processes_with(seconds))
+        assert proxy.run().json == {"ok": True}
+    finally:
+        os.kill(pid_1, signal.SIGTERM)
+    assert proxy.process.wait(10) == 0
+    assert "cannot become a child subreaper" not in proxy.logs()[1]
 
 
 def test_the_proxy_reaps_the_orphans_it_inherits(proxy):
@@ -5629,6 +5767,22 @@ def test_a_start_without_arguments_imports_neither_ssl_nor_argparse_yet_both_wor
              % (str(HERE), str(HERE)))
     result = subprocess.run([PYTHON, "-c", probe], capture_output=True, text=True, timeout=30)
     assert result.stdout.split() == ["False", "False", "True", "True"], result
+
+
+def test_the_date_is_the_one_email_utils_writes_without_datetime():
+    import email.utils
+    for seconds in (0, 951782400, 1735689599.9, time.time()):
+        assert owproxy.http_date(seconds) == email.utils.formatdate(seconds, usegmt=True)
+
+
+@pytest.mark.parametrize("host, family", [("127.0.0.1", socket.AF_INET),
+                                          ("localhost", None), ("[::1]", socket.AF_INET6)])
+def test_a_listening_host_resolves_as_getaddrinfo_has_it(host, family):
+    if family == socket.AF_INET6 and not IPV6:
+        pytest.skip("no IPv6 here")
+    expected = socket.getaddrinfo(host.strip("[]"), 8080, 0, socket.SOCK_STREAM, 0,
+                                  socket.AI_PASSIVE)[0]
+    assert owproxy.listening_address(host, 8080) == (expected[0], expected[4])
 
 
 def test_binding_looks_up_no_name(monkeypatch):

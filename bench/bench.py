@@ -10,6 +10,21 @@ thrown away, and prints a table and then one JSON line with every figure.
 Each figure is a median over repeated runs and comes with a floor measured in
 the same bench run, as a difference or a ratio, next to its target:
 
+image           the proxy as the Dockerfile starts it (``python3 -S owproxy.pyc``)
+                against the 60-line server (BARE_SERVER below, compiled and
+                started the same way, importing only what a request needs):
+                cold start to the first /run (target: x1.15 of the server's),
+                VmRSS idle after it (target: the server's + 1 MiB), the --loop
+                cold start (target: x1.15 of the server's cold start + the Go
+                proxy's --loop cold start), throughput of an instant action from
+                8 and 64 clients, ``__OW_ALLOW_CONCURRENT=true`` (target at 8:
+                x0.95 of the server's), with the machine's context switches per
+                request (/proc/stat), and a warm Python function's /run against
+                the Python runtime image's (the Go proxy and its launcher.py;
+                target: x1.25).  The Go figures need OWPROXY_BENCH_GO_PROXY (the
+                Go proxy's executable; it listens on 8080) and, for the function,
+                OWPROXY_BENCH_LAUNCHER (openwhisk-runtime-python's launcher.py);
+                without them they are n/a, with a note that says so.
 cold start      spawn of ``python3 owproxy.py`` until the first /run is
                 answered (a baked-in action, ``/init {}`` first).  Floors: spawn
                 to exit of ``python3 -c pass`` and of ``python3 -c "import
@@ -217,12 +232,20 @@ int main(void) {
 PYTHON_FUNCTION = 'def main(args):\n    return {"ok": True}\n'
 
 # The HTTP floor: the stdlib server owproxy is built on, answering at once, or,
-# with BARE_ACTION set, answering with the last line of a subprocess.run of it.
+# with BARE_ACTION set, answering with the last line of a subprocess.run of it:
+# the 60-line server, importing only what a request needs, of the image figures.
 BARE_SERVER = r'''
-import json, os, subprocess
+import json, os, socket, socketserver, subprocess, sys
+sys.modules["ssl"] = None  # as owproxy keeps it out: 4 MiB that no request needs
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+del sys.modules["ssl"]
 
 ACTION = os.environ.get("BARE_ACTION")
+
+class Server(ThreadingHTTPServer):
+    request_queue_size = socket.SOMAXCONN  # 5 would drop connections of 64 clients
+    def server_bind(self):  # without HTTPServer's reverse DNS lookup of its address
+        socketserver.TCPServer.server_bind(self)
 
 class Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
@@ -245,7 +268,7 @@ class Handler(BaseHTTPRequestHandler):
         pass
 
 port = int(os.environ["FLASK_PROXY_PORT"])
-ThreadingHTTPServer(("127.0.0.1", port), Handler).serve_forever()
+Server(("127.0.0.1", port), Handler).serve_forever()
 '''
 
 
@@ -316,8 +339,8 @@ class Proxy:
     a pipe undrained, and the logs are not what it measures.
     """
 
-    def __init__(self, action_dir, args=(), env=None, command=None):
-        self.port = free_port()
+    def __init__(self, action_dir, args=(), env=None, command=None, cwd=None, port=None):
+        self.port = port or free_port()
         # Settings from the environment, as an image sets them: a start with no
         # arguments is the one to measure.
         settings = {"OWPROXY_HOST": "127.0.0.1", "FLASK_PROXY_PORT": str(self.port),
@@ -327,7 +350,7 @@ class Proxy:
         self.process = subprocess.Popen(
             (command or [PYTHON, OWPROXY]) + list(args), stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=clean_env(settings),
-            start_new_session=True)
+            cwd=cwd, start_new_session=True)
         self.pid = self.process.pid
 
     def __enter__(self):
@@ -411,9 +434,10 @@ def proc_status_kib(pid, field):
     raise ProxyError("no %s in /proc/%d/status" % (field, pid))
 
 
-def started_proxy(action_dir, init_value=None, args=(), env=None, command=None, expected=OK):
+def started_proxy(action_dir, init_value=None, args=(), env=None, command=None, expected=OK,
+                  cwd=None, port=None):
     """A proxy that answered /init and a first /run as it should, or ProxyError saying why."""
-    proxy = Proxy(action_dir, args, env, command)
+    proxy = Proxy(action_dir, args, env, command, cwd, port)
     try:
         status, body = proxy.init({} if init_value is None else init_value)
         if status != 200:
@@ -623,7 +647,24 @@ class Bench:
         subprocess.run([PYTHON, "-m", "py_compile", source], check=True)
         subprocess.run([PYTHON, "-m", "compileall", "-b", "-q", source], check=True)
         self.compiled_command = [PYTHON, source + "c"]
+        self.image_command = [PYTHON, "-S", source + "c"]
+        self.small_command = [PYTHON, "-S", self.compiled(BARE_SERVER, "small_server.py")]
         return directory
+
+    def compiled(self, text, name):
+        """``text`` as a script compiled to bytecode as the Dockerfile compiles owproxy.py."""
+        source = os.path.join(self.scratch, name)
+        with open(source, "w") as script:
+            script.write(text)
+        subprocess.run([PYTHON, "-m", "compileall", "-b", "-q", source], check=True)
+        return source + "c"
+
+    def binary_code(self, action):
+        """An /init value that installs ``action`` as an executable."""
+        import base64
+        with open(self.actions[action], "rb") as executable:
+            return {"code": base64.b64encode(executable.read()).decode(), "binary": True,
+                    "main": "main"}
 
 
 def import_statement(modules):
@@ -700,6 +741,145 @@ def fresh_compile_ms():
     output = subprocess.run([PYTHON, "-c", probe], check=True, stdout=subprocess.PIPE,
                             universal_newlines=True).stdout
     return 1000 * float(output)
+
+
+def context_switches():
+    """Every context switch the machine has made: a server's threads that come and
+    go with its connections leave no count of their own behind in /proc."""
+    with open("/proc/stat") as stat:
+        for line in stat:
+            if line.startswith("ctxt "):
+                return int(line.split()[1])
+    return 0
+
+
+# The runtime image's own proxy and launcher, for the figures that compare with it
+# (the bench ships neither): the Go proxy's executable (it listens on 8080, in
+# its working directory's ./action) and openwhisk-runtime-python's launcher.py.
+GO_PROXY = os.environ.get("OWPROXY_BENCH_GO_PROXY")
+LAUNCHER = os.environ.get("OWPROXY_BENCH_LAUNCHER")
+GO_PORT = 8080
+NO_GO = ("no Go proxy: set OWPROXY_BENCH_GO_PROXY to its executable "
+         "(and OWPROXY_BENCH_LAUNCHER to launcher.py)")
+
+
+def go_proxy(bench, init_value, env=None):
+    """The Go ActionLoop proxy, initialised with ``init_value``, as a runtime image runs it."""
+    home = bench.action_dir()
+    return started_proxy(home, init_value, command=[GO_PROXY], env=env, cwd=home, port=GO_PORT)
+
+
+def runtime_image_function(bench):
+    """An /init value that is what the Python runtime image's compile script makes
+    of PYTHON_FUNCTION: the launcher beside main__.py, started by exec."""
+    source = bench.action_dir()
+    with open(LAUNCHER) as launcher, open(os.path.join(source, "exec__.py"), "w") as copy:
+        copy.write(launcher.read())
+    with open(os.path.join(source, "main__.py"), "w") as function:
+        function.write(PYTHON_FUNCTION)
+    return {"code": "#!/bin/sh\ncd %s\nexec %s exec__.py \"$@\"\n" % (source, PYTHON),
+            "main": "main"}
+
+
+def measure_image(bench):
+    """The proxy as the Dockerfile starts it (``python3 -S owproxy.pyc``) against the
+    60-line server (BARE_SERVER, started the same way) and, where the bench has
+    it, the Go proxy: cold starts, idle memory, throughput, a function's round trip."""
+    figures = measure_image_starts(bench)
+    for clients in (8, 64):
+        figures.extend(measure_image_throughput(bench, clients))
+    figures.append(measure_function_round_trip(bench))
+    return figures
+
+
+def measure_image_starts(bench):
+    small_env = {"BARE_ACTION": bench.actions["tiny"]}
+    loop_env = {"OWPROXY_LOOP": "true"}
+    loop_code = bench.binary_code("loop")
+    rss = {"small": [], "proxy": []}
+
+    def cold_start(command, action, init_value, env, memory=None, **where):
+        with started_proxy(bench.action_dir(action), init_value, command=command, env=env,
+                           **where) as server:
+            if memory is not None:
+                rss[memory].append(server.status_kib("VmRSS") / 1024)
+
+    starts = [
+        lambda: cold_start(bench.small_command, None, {}, small_env, "small"),
+        lambda: cold_start(bench.image_command, "tiny", {}, None, "proxy"),
+        lambda: cold_start(bench.image_command, None, loop_code, loop_env),
+    ]
+    if GO_PROXY:
+        starts.append(lambda: cold_start([GO_PROXY], None, loop_code, None,
+                                         cwd=bench.action_dir(), port=GO_PORT))
+    timings = interleaved_ms(starts, bench.counts["cold"], 1)
+    small, proxy, loop = timings[:3]
+    go_loop = timings[3] if GO_PROXY else None
+    small_rss, proxy_rss = statistics.median(rss["small"]), statistics.median(rss["proxy"])
+    loop_floor = 1.15 * small + (go_loop or 0)
+    return [
+        Figure("image_floor_cold", "floor: 60-line server, python3 -S .pyc -> 1st /run",
+               small, "ms"),
+        Figure("image_cold", "cold start: python3 -S owproxy.pyc -> 1st /run", proxy, "ms",
+               small, "60-line server", compare="ratio", target=lambda value, vs: vs <= 1.15,
+               target_label="<= x1.15 floor"),
+        Figure("image_idle_rss", "idle VmRSS after the 1st /run, python3 -S owproxy.pyc",
+               proxy_rss, "MiB", small_rss, "60-line server",
+               target=lambda value, vs: vs <= 1.0, target_label="<= floor + 1 MiB"),
+        Figure("image_go_loop_cold", "Go proxy --loop: spawn -> 1st /run", go_loop, "ms",
+               note="" if GO_PROXY else NO_GO),
+        Figure("image_loop_cold", "--loop cold start: python3 -S owproxy.pyc -> 1st /run",
+               loop, "ms", loop_floor if GO_PROXY else None, "x1.15 floor + Go --loop",
+               compare="ratio", target=(lambda value, vs: vs <= 1.0) if GO_PROXY else None,
+               target_label="<= x1.00", note="x%.2f of the 60-line server's cold start%s"
+               % (loop / small, "" if GO_PROXY else "; " + NO_GO)),
+    ]
+
+
+def measure_image_throughput(bench, clients):
+    """An instant action, ``__OW_ALLOW_CONCURRENT=true``, rounds alternating with the
+    60-line server's; context switches per request, the whole machine's."""
+    calls = bench.counts["throughput_calls"] * max(1, clients // CLIENTS)
+    rates = {"small": [], "proxy": []}
+    switches = {"small": [], "proxy": []}
+    with started_proxy(bench.action_dir(), command=bench.small_command,
+                       env={"BARE_ACTION": bench.actions["tiny"]}) as small, \
+            started_proxy(bench.action_dir("tiny"), command=bench.image_command,
+                          env={"__OW_ALLOW_CONCURRENT": "true"}) as proxy:
+        for _ in range(bench.counts["throughput_rounds"]):
+            for name, server in (("small", small), ("proxy", proxy)):
+                before = context_switches()
+                seconds, failures = hammer(server.run_ok, calls, clients)
+                switches[name].append((context_switches() - before) / calls)
+                if failures:
+                    raise ProxyError("%d failed runs, e.g. %s" % (len(failures), failures[0]))
+                rates[name].append(calls / seconds)
+    small_rate, proxy_rate = statistics.median(rates["small"]), statistics.median(rates["proxy"])
+    return [
+        Figure("image_throughput_%d" % clients, "throughput, %d clients, instant action"
+               % clients, proxy_rate, "req/s", small_rate, "60-line server", compare="ratio",
+               target=(lambda value, vs: vs >= 0.95) if clients == 8 else None,
+               target_label=">= x0.95 floor" if clients == 8 else ""),
+        Figure("image_switches_%d" % clients, "context switches per request, %d clients"
+               % clients, statistics.median(switches["proxy"]), "",
+               statistics.median(switches["small"]), "60-line server", compare="ratio"),
+    ]
+
+
+def measure_function_round_trip(bench):
+    """A warm Python function's /run: owproxy's worker against the Python runtime
+    image's Go proxy and launcher, interleaved."""
+    label = "warm Python function /run vs the runtime image"
+    if not (GO_PROXY and LAUNCHER):
+        return Figure("image_function", label, None, "ms", note=NO_GO)
+    with started_proxy(bench.action_dir(), {"code": PYTHON_FUNCTION},
+                       command=bench.image_command) as proxy, \
+            go_proxy(bench, runtime_image_function(bench), {"OW_WAIT_FOR_ACK": "1"}) as image:
+        value, floor = interleaved_ms([proxy.run, image.run], bench.counts["warm_rounds"],
+                                      bench.counts["warm_calls"])
+    return Figure("image_function", label, value, "ms", floor, "Go proxy + launcher.py",
+                  compare="ratio", target=lambda value, vs: vs <= 1.25,
+                  target_label="<= x1.25 floor")
 
 
 def measure_warm_runs(bench):
@@ -1082,6 +1262,7 @@ def big_bodies(proxy, size):
 
 
 MEASUREMENTS = [
+    ("image", measure_image),
     ("cold", measure_cold_start),
     ("warm", measure_warm_runs),
     ("throughput", measure_throughput),
