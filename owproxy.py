@@ -105,8 +105,11 @@ LOG_SENTINEL = "XXX_THE_END_OF_A_WHISK_ACTIVATION_XXX"
 # Linux's MAX_ARG_STRLEN: the longest single argument execve() accepts.
 MAX_ARG_STRLEN = 131071
 
-# An archive with more entries than this is refused whatever their size.
+# An archive with more entries than this is refused whatever their size, and a
+# tar whose extended header (a pax header, a GNU long name), or whose global pax
+# headers together, take more bytes than this: long names take at most PATH_MAX.
 MAX_ARCHIVE_ENTRIES = 250000
+MAX_EXTENDED_HEADER = 64 * 1024
 
 # The environment variable that marks every process of one activation (or warm
 # process), prctl()'s option that makes orphaned descendants the proxy's, and
@@ -1530,12 +1533,51 @@ def is_executable(path):
     return os.path.isfile(path) and os.access(path, os.X_OK)
 
 
+FOLDER_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW
+
+
 def remove_tree(path):
-    import shutil
-    if is_directory(path):
-        shutil.rmtree(path, ignore_errors=True)
-    elif os.path.lexists(path):
-        os.unlink(path)
+    """Removes a file, or a folder with all it holds, never through a link, as far
+    as it can.  Without recursion (shutil.rmtree recurses up to Python 3.12, and an
+    archive may nest folders deeper than the stack) and with one folder open at a
+    time, each listed once: linear in what it removes, whatever the depth."""
+    if not is_directory(path):
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+        return
+    with contextlib.suppress(OSError):
+        folder = os.open(path, FOLDER_FLAGS)
+        try:
+            below = [(None, emptied(folder))]  # from ``path`` down: (name, subfolders left)
+            while len(below) > 1 or below[0][1]:
+                name, left = below[-1]
+                if left:
+                    inner = left.pop()
+                    opened = os.open(inner, FOLDER_FLAGS, dir_fd=folder)
+                    os.close(folder)
+                    folder = opened
+                    below.append((inner, emptied(folder)))
+                else:
+                    below.pop()
+                    opened = os.open(os.pardir, FOLDER_FLAGS, dir_fd=folder)
+                    os.close(folder)
+                    folder = opened
+                    os.rmdir(name, dir_fd=folder)
+        finally:
+            os.close(folder)
+        os.rmdir(path)
+
+
+def emptied(folder):
+    """Removes what the open ``folder`` holds but folders; returns their names."""
+    inner = []
+    with os.scandir(folder) as entries:
+        for entry in entries:
+            if entry.is_dir(follow_symlinks=False):
+                inner.append(entry.name)
+            else:
+                os.unlink(entry.name, dir_fd=folder)
+    return inner
 
 
 def put(path, target):
@@ -1695,21 +1737,31 @@ def extract_member(archive, member, path):
 def extract_tar(data, dest, max_total):
     """Extracts a tar.gz archive into the empty directory ``dest`` under the rules
     of ``extract_zip``.  gzip declares no sizes, so they are counted as the
-    archive streams by, and an extended header (a long name) is bounded too."""
+    archive streams by, and extended headers (long names) are bounded too."""
     import io
     import tarfile
     import zlib
 
     class Header(tarfile.TarInfo):
+        """tarfile reads an extended header whole, and keeps every global one for
+        the rest of the archive: both are bounded, before anything is read."""
+
         def _proc_member(self, tarfile_):
-            if self.type in EXTENDED_HEADERS and self.size > MIB:
-                raise InitError("the archive has an extended header of %d bytes" % self.size)
+            if self.type in EXTENDED_HEADERS:
+                size = self.size + (tarfile_.global_sizes if self.type == tarfile.XGLTYPE
+                                    else 0)
+                if size > MAX_EXTENDED_HEADER:
+                    raise InitError("the archive has an extended header of %d bytes, more "
+                                    "than the limit of %d" % (size, MAX_EXTENDED_HEADER))
+                if self.type == tarfile.XGLTYPE:
+                    tarfile_.global_sizes = size
             return tarfile.TarInfo._proc_member(self, tarfile_)
 
     EXTENDED_HEADERS = (tarfile.GNUTYPE_LONGNAME, tarfile.GNUTYPE_LONGLINK, tarfile.XHDTYPE,
                         tarfile.XGLTYPE, tarfile.SOLARIS_XHDTYPE)
     try:
         with tarfile.open(fileobj=io.BytesIO(data), mode="r|gz", tarinfo=Header) as archive:
+            archive.global_sizes = 0  # of the global headers so far, which tarfile keeps
             extract_entries(counted(archive, max_total), dest,
                             functools.partial(extract_tar_member, archive))
     except (tarfile.TarError, EOFError, OSError, zlib.error, TypeError, ValueError) as error:
@@ -1799,12 +1851,10 @@ def link_target(name, target):
 
 def make_links(dest, names, links):
     """Creates an archive's symbolic links, last, once no other entry lies below one."""
-    linked = set(tuple(parts) for parts, _ in links)
-    for parts in names:
-        for depth in range(1, len(parts)):
-            if tuple(parts[:depth]) in linked:
-                raise InitError("the archive entry %r lies below the symbolic link %r"
-                                % ("/".join(parts), "/".join(parts[:depth])))
+    below_link = entries_below_links(names, [parts for parts, _ in links])
+    if below_link:
+        raise InitError("the archive entry %r lies below the symbolic link %r"
+                        % tuple("/".join(parts) for parts in below_link))
     for parts, target in links:
         path = os.path.join(dest, *parts)
         try:
@@ -1812,6 +1862,28 @@ def make_links(dest, names, links):
             os.symlink(target, path)
         except OSError as error:
             raise InitError("cannot create the link %r: %s" % ("/".join(parts), error))
+
+
+def entries_below_links(names, links):
+    """An entry below a link, and that link, if there is one: the names go into a
+    tree of their folders, so the check is one step per name part (comparing each
+    name's prefixes with the links is quadratic in the depth)."""
+    LINK = object()  # the mark of a link in the tree
+    tree = {}
+    for parts in links:
+        node = tree
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+        node[parts[-1]] = {LINK: parts}
+    for parts in names:
+        node = tree
+        for part in parts[:-1]:
+            node = node.get(part)
+            if node is None:
+                break
+            if LINK in node:
+                return parts, node[LINK]
+    return None
 
 
 # -- runtime images' compile scripts, and compiling at build time -----------------
