@@ -269,6 +269,8 @@ SETTINGS = (
             "port to listen on", fallback_envs=("PORT",)),
     Setting("action_dir", "--action-dir", "OWPROXY_ACTION_DIR", "/action", str,
             "directory that holds the action; its 'exec' is what runs"),
+    Setting("reinit_wait", "--reinit-wait", "OWPROXY_REINIT_WAIT", 300.0, parse_time_limit,
+            "seconds a re-init in the action directory waits for the runs in flight"),
     Setting("allow_reinit", "--allow-reinit", "PROXY_ALLOW_REINIT", False, parse_flag,
             "accept /init more than once (local development)"),
     Setting("loop", "--loop", "OWPROXY_LOOP", False, parse_flag,
@@ -1706,6 +1708,49 @@ class Version:
             remove_tree(self.folder)
 
 
+class Gate:
+    """Runs of an action directory's version pass through it together; an init that
+    replaces the action directory's files does so alone: it waits (at most its
+    ``wait``) for the runs in flight, and the runs that come meanwhile wait for it."""
+
+    def __init__(self):
+        self.changed = threading.Condition()
+        self.runs = 0
+        self.replacing = False
+
+    @contextlib.contextmanager
+    def run(self):
+        with self.changed:
+            self.changed.wait_for(lambda: not self.replacing)
+            self.runs += 1
+        try:
+            yield
+        finally:
+            with self.changed:
+                self.runs -= 1
+                self.changed.notify_all()
+
+    @contextlib.contextmanager
+    def alone(self, wait):
+        with self.changed:
+            self.replacing = True
+            try:
+                if not self.changed.wait_for(lambda: not self.runs, wait):
+                    raise InitError("the %d run(s) in flight did not end within %g seconds, "
+                                    "so the action stays as it was (see --reinit-wait)"
+                                    % (self.runs, wait))
+            except BaseException:
+                self.replacing = False
+                self.changed.notify_all()
+                raise
+        try:
+            yield
+        finally:
+            with self.changed:
+                self.replacing = False
+                self.changed.notify_all()
+
+
 class CompiledVersion:
     """A version in a folder of its own, ``N/src`` and ``N/bin`` as the Go proxy lays
     them out, the action ``N/bin/<exec>``: the folder goes if the init fails."""
@@ -3052,6 +3097,7 @@ class ActionRunner:
         self.versions = None  # the folder of the versions compiled in folders of their own
         self.installs = 0
         self.stopping = threading.Event()  # set at shutdown: an init stops where it is
+        self.gate = Gate()  # between runs and inits of the action directory's versions
         self.lock = threading.Lock()
 
     def configure(self, settings, logs, processes):
@@ -3075,7 +3121,7 @@ class ActionRunner:
         self.failure = None
         try:
             env = self.init_environment(message)
-            with self.install(message) as version:
+            with self.replacing(self.install(message)) as version:
                 self.staged = version
                 if message.get("code") is not None and (
                         self.epilogue(message) is False or self.build(message) is False):
@@ -3097,6 +3143,18 @@ class ActionRunner:
             replaced, self.version, self.init_env = self.version, version, env
         replaced.replace()
         return True
+
+    @contextlib.contextmanager
+    def replacing(self, installation):
+        """The installed version: an init that replaces the action directory's files
+        waits for the runs in flight (the runs that come meanwhile wait for the init),
+        so that no run sees a mix of two versions.  One in a folder of its own waits
+        for none."""
+        with contextlib.ExitStack() as stack:
+            if isinstance(installation, Installation):
+                stack.callback(remove_tree, installation.stage)  # when the wait fails
+                stack.enter_context(self.gate.alone(self.settings.reinit_wait))
+            yield stack.enter_context(installation)
 
     def init_failure(self):
         """The ``error`` of a failed /init: the dockerskeleton's text, or with --loop
@@ -3382,16 +3440,18 @@ class ActionRunner:
     def execute(self, args, env):
         """``run()``, its result a ResultLine when the action wrote one, from the
         version current at its start, whole, whatever an init does meanwhile."""
-        with self.lock:
-            version = self.version.hold()
-            if version.kind is None:  # what the image holds, as the first run finds it
-                version.kind, version.function = self.kind_of(os.path.dirname(version.binary))
-            if version.kind != "exec" and version.pool is None:
-                version.pool = self.warm_pool(version, self.init_env)
-        try:
-            return self.execute_version(version, args, env)
-        finally:
-            version.release()
+        with self.gate.run():
+            with self.lock:
+                version = self.version.hold()
+                if version.kind is None:  # what the image holds, as the first run finds it
+                    version.kind, version.function = self.kind_of(
+                        os.path.dirname(version.binary))
+                if version.kind != "exec" and version.pool is None:
+                    version.pool = self.warm_pool(version, self.init_env)
+            try:
+                return self.execute_version(version, args, env)
+            finally:
+                version.release()
 
     def execute_version(self, version, args, env):
         if version.kind == "exec":
