@@ -3639,6 +3639,14 @@ def action_files(proxy):
                   for path in proxy.action_dir.rglob("*") if path.is_file())
 
 
+def compiled_versions(proxy):
+    """The folders of the versions a proxy with a compiler installed, N/src and
+    N/bin as the Go proxy lays them out, oldest first."""
+    versions = [path for path in proxy.action_dir.parent.glob(".owproxy-*/*")
+                if path.name.isdigit() and (path / "bin").is_dir()]
+    return sorted(versions, key=lambda path: int(path.name))
+
+
 @pytest.mark.parametrize("form", ["source", "zip"])
 def test_a_compile_script_turns_python_source_into_the_images_actionloop_launcher(
         proxies, tmp_path, form):
@@ -3653,11 +3661,13 @@ def test_a_compile_script_turns_python_source_into_the_images_actionloop_launche
     assert first == {"greeting": "hello world", "execution_env": "test/python-v1",
                      "api_host": "https://whisk.example", "activation": "a1", "init_env": "yes"}
     assert proxy.run({"name": "\u2744"}).json["greeting"] == "hello \u2744"
-    # the image's launcher, not owproxy's own function runner, serves it
-    assert (proxy.action_dir / "exec.env").read_text() == "test/python-v1\n"
-    assert (proxy.action_dir / "exec").read_text().startswith("#!/bin/bash")
-    assert not (proxy.action_dir / "__main__.py").exists()
-    seen = json.loads((proxy.action_dir / "compiler_env.json").read_text())
+    # the image's launcher, not owproxy's own function runner, serves it, from where
+    # the compiler wrote it; the action directory stays as the image made it
+    [version] = compiled_versions(proxy)
+    assert (version / "bin" / "exec.env").read_text() == "test/python-v1\n"
+    assert (version / "bin" / "exec").read_text().startswith("#!/bin/bash")
+    assert os.listdir(proxy.action_dir) == []
+    seen = json.loads((version / "bin" / "compiler_env.json").read_text())
     assert (seen["__OW_API_HOST"], seen["__OW_EXECUTION_ENV"], seen["FROM_INIT"]) == (
         "https://whisk.example", "test/python-v1", "yes")
     assert "OW_COMPILER" not in seen and seen["PATH"] == os.environ["PATH"]
@@ -3700,7 +3710,8 @@ cat "$2/exec" >> "$3/exec"
 def test_in_exec_mode_a_compile_script_builds_the_exec_of_every_run(proxies, tmp_path):
     proxy = proxies(env={"OW_COMPILER": compiler_file(tmp_path, SH_COMPILER)})
     assert proxy.init("echo '{\"compiled\": true}'\n").status == 200
-    assert (proxy.action_dir / "exec").read_text().startswith("#!/bin/sh\n")
+    [version] = compiled_versions(proxy)
+    assert (version / "bin" / "exec").read_text().startswith("#!/bin/sh\n")
     assert proxy.run({}).json == {"compiled": True}
     assert proxy.run({}).json == {"compiled": True}
 
