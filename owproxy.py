@@ -1582,6 +1582,21 @@ def remove_tree(path):
         os.rmdir(path)
 
 
+def make_folders(path):
+    """``os.makedirs(path, exist_ok=True)`` without its recursion, one level per
+    missing folder, which an archive's deep folders would take past the stack."""
+    missing = []
+    while not os.path.isdir(path):
+        missing.append(path)
+        path = os.path.dirname(path)
+    for folder in reversed(missing):
+        try:
+            os.mkdir(folder)
+        except FileExistsError:
+            if not os.path.isdir(folder):
+                raise
+
+
 def emptied(folder):
     """Removes what the open ``folder`` holds but folders; returns their names."""
     inner = []
@@ -1640,7 +1655,7 @@ class Installation:
         place, where ``link`` asks and the file system allows, else moved there."""
         self.backup = self.backup or stage_dir(self.dest)
         kept = os.path.join(self.backup, name)
-        os.makedirs(os.path.dirname(kept), exist_ok=True)
+        make_folders(os.path.dirname(kept))
         if link and not is_directory(target):
             try:
                 os.link(target, kept, follow_symlinks=False)
@@ -1843,7 +1858,7 @@ def extract_member(archive, member, path):
             with archive.open(member) as source:
                 return link_target(member.filename, source.read(path_max() + 1))
         if member.is_dir():
-            os.makedirs(path, exist_ok=True)
+            make_folders(path)
             return None
         with archive.open(member) as source:
             write_member(path, source, mode)
@@ -1928,7 +1943,7 @@ def extract_tar_member(archive, member, path):
         return link_target(member.name, os.fsencode(member.linkname))
     try:
         if member.isdir():
-            os.makedirs(path, exist_ok=True)
+            make_folders(path)
         elif member.isfile():
             write_member(path, archive.extractfile(member), member.mode)
         else:
@@ -1942,7 +1957,7 @@ def extract_tar_member(archive, member, path):
 def write_member(path, source, mode):
     """Writes a file afresh (never through a link) from ``source``, in bounded chunks."""
     import shutil
-    os.makedirs(os.path.dirname(path), exist_ok=True)
+    make_folders(os.path.dirname(path))
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
     permissions = (mode & 0o777 | 0o600) if mode & 0o777 else 0o644
     with os.fdopen(os.open(path, flags, permissions), "wb") as target:
@@ -1979,7 +1994,7 @@ def make_links(dest, names, links):
     for parts, target in links:
         path = os.path.join(dest, *parts)
         try:
-            os.makedirs(os.path.dirname(path), exist_ok=True)
+            make_folders(os.path.dirname(path))
             os.symlink(target, path)
         except OSError as error:
             raise InitError("cannot create the link %r: %s" % ("/".join(parts), error))
