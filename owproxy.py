@@ -295,6 +295,8 @@ SETTINGS = (
             "largest total size a zip or tar.gz may expand to"),
     Setting("compiler", "--compiler", "OW_COMPILER", "", str,
             "compile script of a runtime image, run as COMPILER MAIN SRC BIN at /init"),
+    Setting("save_jar", "--save-jar", "OW_SAVE_JAR", "", str,
+            "a zip holding META-INF/MANIFEST.MF (a jar) is saved under this name, not unpacked"),
     Setting("compile_timeout", "--compile-timeout", "OWPROXY_COMPILE_TIMEOUT", 600.0,
             parse_time_limit, "seconds a compile may take before the init fails"),
     Setting("execution_env", "--execution-env", "OW_EXECUTION_ENV", "", str,
@@ -1820,6 +1822,19 @@ def unpack(data, dest, max_total, name, stopping=None):
         write_member(os.path.join(dest, name), io.BytesIO(data), 0o755)
 
 
+def is_jar(data):
+    """A zip that holds a jar's manifest."""
+    import io
+    import zipfile
+    if not data.startswith(ZIP_MAGIC):
+        return False
+    try:
+        with zipfile.ZipFile(io.BytesIO(data)) as archive:
+            return "META-INF/MANIFEST.MF" in archive.namelist()
+    except (zipfile.BadZipFile, ValueError):
+        return False
+
+
 def extract_zip(data, dest, max_total, stopping=None):
     """Extracts a zip archive into the empty directory ``dest``.
 
@@ -3232,9 +3247,13 @@ class ActionRunner:
         return Installation(stage, folder, self.displaced(stage, folder), self.binary)
 
     def unpack_code(self, code, data, folder, dest):
-        """The code written into ``folder``: the archive (``data``) or the source."""
+        """The code written into ``folder``: the archive (``data``) or the source; a
+        jar, with OW_SAVE_JAR, as the file it names (the Go proxy's UnzipOrSaveJar)."""
+        import io
         if data is None:
             self.write_source(folder, code)
+        elif self.settings.save_jar and is_jar(data):
+            write_member(os.path.join(folder, self.settings.save_jar), io.BytesIO(data), 0o644)
         else:
             unpack(data, folder, self.settings.max_archive,
                    os.path.relpath(self.binary, dest), self.stopping)

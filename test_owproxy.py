@@ -3768,6 +3768,22 @@ def test_a_compiled_action_runs_where_its_compile_script_put_it_until_replaced(
     assert os.listdir(proxy.action_dir) == []
 
 
+def test_with_ow_save_jar_a_jar_reaches_the_compiler_as_a_file_and_a_zip_unpacked(
+        proxies, tmp_path):
+    compiler = bash("""
+if [ -f "$2/exec.jar" ]; then found="jar $(wc -c < "$2/exec.jar")"; else found="$(ls "$2")"; fi
+printf '#!/bin/bash\\nwhile read -r line; do echo "{\\\\"found\\\\": \\\\"%s\\\\"}" >&3; done\\n' \
+  "$found" > "$3/exec"
+""")
+    proxy = proxies("--loop", "--allow-reinit", env={
+        "OW_COMPILER": compiler_file(tmp_path, compiler), "OW_SAVE_JAR": "exec.jar"})
+    jar = make_zip({"META-INF/MANIFEST.MF": "Manifest-Version: 1.0\n", "Main.class": "x"})
+    assert proxy.init(jar, binary=True).status == 200, proxy.logs()
+    assert proxy.run({}).json == {"found": "jar %d" % len(base64.b64decode(jar))}
+    assert proxy.init_zip({"Main.class": "x"}).status == 200
+    assert proxy.run({}).json == {"found": "Main.class"}
+
+
 def test_sigterm_during_a_compile_stops_it_and_answers_the_init_503(proxies, tmp_path):
     started = tmp_path / "started"
     slow = bash("""
