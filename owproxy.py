@@ -27,7 +27,8 @@ The file reads top to bottom, after a check that this Python can run it:
                    request reader; limits (body memory, handler threads,
                    connections); the server and where it listens; a thin handler
 4. Init            installing code: zip and tar.gz archives, single files,
-                   runtime images' compile scripts, atomic replacement, scratch
+                   runtime images' compile scripts, versions (a compiled one in
+                   a folder of its own) swapped atomically for runs, scratch
                    space; ``--compile``, the same at an image's build time
 5. Execution       processes, killed and reaped with all they start, and their
                    pump; result lines, answered as the action wrote them; warm
