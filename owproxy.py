@@ -30,7 +30,8 @@ shutil: ``DEFERRED_MODULES``, each loaded where something first uses it):
                    request reader; limits (body memory, handler threads,
                    connections); the server and where it listens; a thin handler
 4. Init            installing code: zip and tar.gz archives, single files,
-                   runtime images' compile scripts, atomic replacement, scratch
+                   runtime images' compile scripts, versions (a compiled one in
+                   a folder of its own) swapped atomically for runs, scratch
                    space; ``--compile``, the same at an image's build time
 5. Execution       processes, killed and reaped with all they start, and their
                    pump; result lines, answered as the action wrote them; warm
@@ -176,8 +177,11 @@ LOG_SENTINEL = "XXX_THE_END_OF_A_WHISK_ACTIVATION_XXX"
 # Linux's MAX_ARG_STRLEN: the longest single argument execve() accepts.
 MAX_ARG_STRLEN = 131071
 
-# An archive with more entries than this is refused whatever their size.
+# An archive with more entries than this is refused whatever their size, and a
+# tar whose extended header (a pax header, a GNU long name), or whose global pax
+# headers together, take more bytes than this: long names take at most PATH_MAX.
 MAX_ARCHIVE_ENTRIES = 250000
+MAX_EXTENDED_HEADER = 64 * 1024
 
 # The environment variable that marks every process of one activation (or warm
 # process), prctl()'s option that makes orphaned descendants the proxy's, and
@@ -340,6 +344,8 @@ SETTINGS = (
             "directory that holds the action; its 'exec' is what runs"),
     Setting("allow_reinit", "--allow-reinit", "PROXY_ALLOW_REINIT", False, parse_flag,
             "accept /init more than once (local development)"),
+    Setting("reinit_wait", "--reinit-wait", "OWPROXY_REINIT_WAIT", 300.0, parse_time_limit,
+            "seconds a re-init in the action directory waits for the runs in flight"),
     Setting("loop", "--loop", "OWPROXY_LOOP", False, parse_flag,
             "keep the executable running between activations (ActionLoop protocol)"),
     Setting("concurrent", "--concurrent", "__OW_ALLOW_CONCURRENT", False, parse_flag,
@@ -362,6 +368,8 @@ SETTINGS = (
             "largest total size a zip or tar.gz may expand to"),
     Setting("compiler", "--compiler", "OW_COMPILER", "", str,
             "compile script of a runtime image, run as COMPILER MAIN SRC BIN at /init"),
+    Setting("save_jar", "--save-jar", "OW_SAVE_JAR", "", str,
+            "a zip holding META-INF/MANIFEST.MF (a jar) is saved under this name, not unpacked"),
     Setting("compile_timeout", "--compile-timeout", "OWPROXY_COMPILE_TIMEOUT", 600.0,
             parse_time_limit, "seconds a compile may take before the init fails"),
     Setting("execution_env", "--execution-env", "OW_EXECUTION_ENV", "", str,
@@ -1571,6 +1579,18 @@ class StartError(InitError):
     """The code was installed, but the action would not start (or not in this image)."""
 
 
+class InitCancelled(InitError):
+    """The proxy is shutting down: the init stopped where it was, nothing installed."""
+
+    def __init__(self):
+        InitError.__init__(self, SHUTTING_DOWN)
+
+
+def check_stopping(stopping):
+    if stopping is not None and stopping.is_set():
+        raise InitCancelled()
+
+
 def scratch_dir(near):
     """A fresh private directory for the proxy's own work on the directory ``near``
     (staging, unpacking): in ``near``'s parent when that is writable, else under
@@ -1617,12 +1637,66 @@ def is_executable(path):
     return os.path.isfile(path) and os.access(path, os.X_OK)
 
 
+FOLDER_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW
+
+
 def remove_tree(path):
-    import shutil
-    if is_directory(path):
-        shutil.rmtree(path, ignore_errors=True)
-    elif os.path.lexists(path):
-        os.unlink(path)
+    """Removes a file, or a folder with all it holds, never through a link, as far
+    as it can.  Without recursion (shutil.rmtree recurses up to Python 3.12, and an
+    archive may nest folders deeper than the stack) and with one folder open at a
+    time, each listed once: linear in what it removes, whatever the depth."""
+    if not is_directory(path):
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+        return
+    with contextlib.suppress(OSError):
+        folder = os.open(path, FOLDER_FLAGS)
+        try:
+            below = [(None, emptied(folder))]  # from ``path`` down: (name, subfolders left)
+            while len(below) > 1 or below[0][1]:
+                name, left = below[-1]
+                if left:
+                    inner = left.pop()
+                    opened = os.open(inner, FOLDER_FLAGS, dir_fd=folder)
+                    os.close(folder)
+                    folder = opened
+                    below.append((inner, emptied(folder)))
+                else:
+                    below.pop()
+                    opened = os.open(os.pardir, FOLDER_FLAGS, dir_fd=folder)
+                    os.close(folder)
+                    folder = opened
+                    os.rmdir(name, dir_fd=folder)
+        finally:
+            os.close(folder)
+        os.rmdir(path)
+
+
+def make_folders(path):
+    """``os.makedirs(path, exist_ok=True)`` without its recursion, one level per
+    missing folder, which an archive's deep folders would take past the stack."""
+    missing = []
+    while not os.path.isdir(path):
+        missing.append(path)
+        path = os.path.dirname(path)
+    for folder in reversed(missing):
+        try:
+            os.mkdir(folder)
+        except FileExistsError:
+            if not os.path.isdir(folder):
+                raise
+
+
+def emptied(folder):
+    """Removes what the open ``folder`` holds but folders; returns their names."""
+    inner = []
+    with os.scandir(folder) as entries:
+        for entry in entries:
+            if entry.is_dir(follow_symlinks=False):
+                inner.append(entry.name)
+            else:
+                os.unlink(entry.name, dir_fd=folder)
+    return inner
 
 
 def put(path, target):
@@ -1641,10 +1715,11 @@ class Installation:
     that starts meanwhile; ``exec`` is moved last.
     """
 
-    def __init__(self, stage, dest, displaced=()):
+    def __init__(self, stage, dest, displaced=(), binary=None):
         self.stage, self.dest, self.displaced = stage, dest, displaced
         self.backup = None
         self.moved = []  # (name, where its old version is kept, or None)
+        self.version = Version(binary, names=os.listdir(stage))
 
     def __enter__(self):
         try:
@@ -1663,14 +1738,14 @@ class Installation:
         except OSError as error:
             self.__exit__(OSError, error, None)
             raise InitError("cannot install the action: %s" % error)
-        return self
+        return self.version
 
     def keep(self, target, name, link):
         """Keeps ``target`` in the backup as ``name``: as a hard link, leaving it in
         place, where ``link`` asks and the file system allows, else moved there."""
         self.backup = self.backup or stage_dir(self.dest)
         kept = os.path.join(self.backup, name)
-        os.makedirs(os.path.dirname(kept), exist_ok=True)
+        make_folders(os.path.dirname(kept))
         if link and not is_directory(target):
             try:
                 os.link(target, kept, follow_symlinks=False)
@@ -1691,6 +1766,110 @@ class Installation:
         remove_tree(self.stage)
         if self.backup:
             remove_tree(self.backup)
+        return False
+
+
+class Version:
+    """One init's action: ``binary``, in the folder of its own it was installed in
+    (``folder``; None for the action directory, which an exec-mode init replaces in
+    place, its top-level ``names``) and never moves from.  A run holds the version
+    current at its start until it ends; a replaced one keeps its folder, and its
+    warm processes, until the last run that holds it lets go."""
+
+    def __init__(self, binary, folder=None, names=()):
+        self.binary, self.folder, self.names = binary, folder, names
+        self.kind = self.function = None  # decided at its init (else at the first run)
+        self.pool = None
+        self.lock = threading.Lock()
+        self.users = 0
+        self.replaced = False
+
+    def hold(self):
+        with self.lock:
+            self.users += 1
+        return self
+
+    def release(self):
+        with self.lock:
+            self.users -= 1
+            unused = self.replaced and not self.users
+        if unused:
+            self.discard()
+
+    def replace(self):
+        """Another version is current: this one goes once no run holds it."""
+        with self.lock:
+            self.replaced = True
+            unused = not self.users
+        if self.pool is not None:
+            self.pool.retire()
+        if unused:
+            self.discard()
+
+    def discard(self):
+        if self.pool is not None:
+            self.pool.close(0.0)
+        if self.folder is not None:
+            remove_tree(self.folder)
+
+
+class Gate:
+    """Runs of an action directory's version pass through it together; an init that
+    replaces the action directory's files does so alone: it waits (at most its
+    ``wait``) for the runs in flight, and the runs that come meanwhile wait for it."""
+
+    def __init__(self):
+        self.changed = threading.Condition()
+        self.runs = 0
+        self.replacing = False
+
+    @contextlib.contextmanager
+    def run(self):
+        with self.changed:
+            self.changed.wait_for(lambda: not self.replacing)
+            self.runs += 1
+        try:
+            yield
+        finally:
+            with self.changed:
+                self.runs -= 1
+                self.changed.notify_all()
+
+    @contextlib.contextmanager
+    def alone(self, wait):
+        with self.changed:
+            self.replacing = True
+            try:
+                if not self.changed.wait_for(lambda: not self.runs, wait):
+                    raise InitError("the %d run(s) in flight did not end within %g seconds, "
+                                    "so the action stays as it was (see --reinit-wait)"
+                                    % (self.runs, wait))
+            except BaseException:
+                self.replacing = False
+                self.changed.notify_all()
+                raise
+        try:
+            yield
+        finally:
+            with self.changed:
+                self.replacing = False
+                self.changed.notify_all()
+
+
+class CompiledVersion:
+    """A version in a folder of its own, ``N/src`` and ``N/bin`` as the Go proxy lays
+    them out, the action ``N/bin/<exec>``: the folder goes if the init fails."""
+
+    def __init__(self, folder, bin, name):
+        self.stage = bin
+        self.version = Version(os.path.join(bin, name), folder)
+
+    def __enter__(self):
+        return self.version
+
+    def __exit__(self, kind, error, trace):
+        if kind is not None:
+            self.version.discard()
         return False
 
 
@@ -1716,21 +1895,35 @@ def archive_path(name):
 ZIP_MAGIC, TAR_GZ_MAGIC = b"PK", b"\x1f\x8b\x08"
 
 
-def unpack(data, dest, max_total, name):
+def unpack(data, dest, max_total, name, stopping=None):
     """Installs ``binary`` code into the empty directory ``dest``: a zip, a tar.gz,
-    or anything else as the executable ``name`` itself (a script or a binary)."""
+    or anything else as the executable ``name`` itself (a script or a binary).
+    An archive stops at its next entry once ``stopping`` is set."""
     import io
     if data.startswith(ZIP_MAGIC):
-        extract_zip(data, dest, max_total)
+        extract_zip(data, dest, max_total, stopping)
     elif data.startswith(TAR_GZ_MAGIC):
-        extract_tar(data, dest, max_total)
+        extract_tar(data, dest, max_total, stopping)
     elif name.startswith(os.pardir):  # a runner whose binary lies outside its archive's folder
         raise InitError("the code is neither a zip nor a tar.gz archive")
     else:
         write_member(os.path.join(dest, name), io.BytesIO(data), 0o755)
 
 
-def extract_zip(data, dest, max_total):
+def is_jar(data):
+    """A zip that holds a jar's manifest."""
+    import io
+    import zipfile
+    if not data.startswith(ZIP_MAGIC):
+        return False
+    try:
+        with zipfile.ZipFile(io.BytesIO(data)) as archive:
+            return "META-INF/MANIFEST.MF" in archive.namelist()
+    except (zipfile.BadZipFile, ValueError):
+        return False
+
+
+def extract_zip(data, dest, max_total, stopping=None):
     """Extracts a zip archive into the empty directory ``dest``.
 
     Nothing is written outside ``dest``: absolute and ``..`` names are refused,
@@ -1756,7 +1949,7 @@ def extract_zip(data, dest, max_total):
             raise InitError("the archive expands to %d bytes, more than the limit of %d"
                             % (total, max_total))
         extract_entries(((member.filename, member) for member in members), dest,
-                        functools.partial(extract_member, archive))
+                        functools.partial(extract_member, archive), stopping)
 
 
 def extract_member(archive, member, path):
@@ -1768,7 +1961,7 @@ def extract_member(archive, member, path):
             with archive.open(member) as source:
                 return link_target(member.filename, source.read(path_max() + 1))
         if member.is_dir():
-            os.makedirs(path, exist_ok=True)
+            make_folders(path)
             return None
         with archive.open(member) as source:
             write_member(path, source, mode)
@@ -1779,26 +1972,36 @@ def extract_member(archive, member, path):
         raise InitError("cannot extract %r from the archive: %s" % (member.filename, error))
 
 
-def extract_tar(data, dest, max_total):
+def extract_tar(data, dest, max_total, stopping=None):
     """Extracts a tar.gz archive into the empty directory ``dest`` under the rules
     of ``extract_zip``.  gzip declares no sizes, so they are counted as the
-    archive streams by, and an extended header (a long name) is bounded too."""
+    archive streams by, and extended headers (long names) are bounded too."""
     import io
     import tarfile
     import zlib
 
     class Header(tarfile.TarInfo):
+        """tarfile reads an extended header whole, and keeps every global one for
+        the rest of the archive: both are bounded, before anything is read."""
+
         def _proc_member(self, tarfile_):
-            if self.type in EXTENDED_HEADERS and self.size > MIB:
-                raise InitError("the archive has an extended header of %d bytes" % self.size)
+            if self.type in EXTENDED_HEADERS:
+                size = self.size + (tarfile_.global_sizes if self.type == tarfile.XGLTYPE
+                                    else 0)
+                if size > MAX_EXTENDED_HEADER:
+                    raise InitError("the archive has an extended header of %d bytes, more "
+                                    "than the limit of %d" % (size, MAX_EXTENDED_HEADER))
+                if self.type == tarfile.XGLTYPE:
+                    tarfile_.global_sizes = size
             return tarfile.TarInfo._proc_member(self, tarfile_)
 
     EXTENDED_HEADERS = (tarfile.GNUTYPE_LONGNAME, tarfile.GNUTYPE_LONGLINK, tarfile.XHDTYPE,
                         tarfile.XGLTYPE, tarfile.SOLARIS_XHDTYPE)
     try:
         with tarfile.open(fileobj=io.BytesIO(data), mode="r|gz", tarinfo=Header) as archive:
+            archive.global_sizes = 0  # of the global headers so far, which tarfile keeps
             extract_entries(counted(archive, max_total), dest,
-                            functools.partial(extract_tar_member, archive))
+                            functools.partial(extract_tar_member, archive), stopping)
     except (tarfile.TarError, EOFError, OSError, zlib.error, TypeError, ValueError) as error:
         raise InitError("the code is not a tar.gz archive (%s)" % error)
 
@@ -1821,11 +2024,12 @@ def counted(archive, max_total):
         yield member.name, member
 
 
-def extract_entries(entries, dest, extract):
+def extract_entries(entries, dest, extract, stopping=None):
     """Extracts (name, entry) pairs into ``dest`` with ``extract(entry, path)``, which
     returns a link's target instead of making the link: links come last."""
     names, links = [], []
     for name, entry in entries:
+        check_stopping(stopping)
         parts = archive_path(name)
         if not parts:
             continue  # the archive's own folder, "./"
@@ -1842,7 +2046,7 @@ def extract_tar_member(archive, member, path):
         return link_target(member.name, os.fsencode(member.linkname))
     try:
         if member.isdir():
-            os.makedirs(path, exist_ok=True)
+            make_folders(path)
         elif member.isfile():
             write_member(path, archive.extractfile(member), member.mode)
         else:
@@ -1856,7 +2060,7 @@ def extract_tar_member(archive, member, path):
 def write_member(path, source, mode):
     """Writes a file afresh (never through a link) from ``source``, in bounded chunks."""
     import shutil
-    os.makedirs(os.path.dirname(path), exist_ok=True)
+    make_folders(os.path.dirname(path))
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
     permissions = (mode & 0o777 | 0o600) if mode & 0o777 else 0o644
     with os.fdopen(os.open(path, flags, permissions), "wb") as target:
@@ -1886,19 +2090,39 @@ def link_target(name, target):
 
 def make_links(dest, names, links):
     """Creates an archive's symbolic links, last, once no other entry lies below one."""
-    linked = set(tuple(parts) for parts, _ in links)
-    for parts in names:
-        for depth in range(1, len(parts)):
-            if tuple(parts[:depth]) in linked:
-                raise InitError("the archive entry %r lies below the symbolic link %r"
-                                % ("/".join(parts), "/".join(parts[:depth])))
+    below_link = entries_below_links(names, [parts for parts, _ in links])
+    if below_link:
+        raise InitError("the archive entry %r lies below the symbolic link %r"
+                        % tuple("/".join(parts) for parts in below_link))
     for parts, target in links:
         path = os.path.join(dest, *parts)
         try:
-            os.makedirs(os.path.dirname(path), exist_ok=True)
+            make_folders(os.path.dirname(path))
             os.symlink(target, path)
         except OSError as error:
             raise InitError("cannot create the link %r: %s" % ("/".join(parts), error))
+
+
+def entries_below_links(names, links):
+    """An entry below a link, and that link, if there is one: the names go into a
+    tree of their folders, so the check is one step per name part (comparing each
+    name's prefixes with the links is quadratic in the depth)."""
+    LINK = object()  # the mark of a link in the tree
+    tree = {}
+    for parts in links:
+        node = tree
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+        node[parts[-1]] = {LINK: parts}
+    for parts in names:
+        node = tree
+        for part in parts[:-1]:
+            node = node.get(part)
+            if node is None:
+                break
+            if LINK in node:
+                return parts, node[LINK]
+    return None
 
 
 # -- runtime images' compile scripts, and compiling at build time -----------------
@@ -1912,19 +2136,26 @@ def runnable(path):
         return False
 
 
-def compile_action(compiler, main, src, bin, env, timeout):
+def compile_action(compiler, main, src, bin, env, timeout, stopping=None):
     """Runs a runtime image's compile script as the Go proxy does, ``COMPILER MAIN SRC
-    BIN``: whatever it prints, even with exit status 0, is why it failed."""
+    BIN``: whatever it prints, even with exit status 0, is why it failed.  It is
+    killed, with its process group, at the timeout or once ``stopping`` is set."""
     try:
         process = subprocess.Popen([compiler, main, src, bin], env=env,
                                    stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                                    stderr=subprocess.STDOUT, start_new_session=True)
     except OSError as error:
         raise InitError("cannot run the compiler %s: %s" % (compiler, error.strerror))
+    end = time.monotonic() + timeout
     try:
-        output = process.communicate(timeout=timeout)[0]
-    except subprocess.TimeoutExpired:
-        raise InitError("the compiler did not finish within %g seconds" % timeout)
+        while True:
+            try:
+                output = process.communicate(timeout=min(COMPILE_POLL, timeout))[0]
+                break
+            except subprocess.TimeoutExpired:
+                check_stopping(stopping)
+                if time.monotonic() > end:
+                    raise InitError("the compiler did not finish within %g seconds" % timeout)
     finally:
         kill_group(process)  # and whatever it left running
         process.stdout.close()
@@ -1933,6 +2164,9 @@ def compile_action(compiler, main, src, bin, env, timeout):
         raise InitError(output.decode("utf-8", "replace"))
     if process.returncode:
         raise InitError("exit status %d" % process.returncode)
+
+
+COMPILE_POLL = 0.05  # seconds between two looks, during a compile, for a shutdown
 
 
 def compile_command(args, flags=()):
@@ -2745,6 +2979,7 @@ class WarmPool:
         self.lock = threading.Lock()
         self.idle = []
         self.busy = set()
+        self.retired = False
 
     def acquire(self, explain):
         """An idle live process, else a new one (InitError if it will not start);
@@ -2765,10 +3000,18 @@ class WarmPool:
     def release(self, process):
         with self.lock:
             self.busy.discard(process)
-            if process.alive():
+            if process.alive() and not self.retired:
                 self.idle.append(process)
                 return
         process.stop()
+
+    def retire(self):
+        """Its version is replaced: the idle processes end, busy ones once released."""
+        with self.lock:
+            self.retired = True
+            idle, self.idle = self.idle, []
+        for process in idle:
+            process.stop()
 
     def close(self, grace):
         """Ends every process: an idle one gets the end of its input and ``grace``
@@ -3010,9 +3253,14 @@ class ActionRunner:
         self.processes = Processes(self.logs)
         self.init_env = {}
         self.failure = None  # why the last init failed
-        self.kind = None  # decided by init, or from the action directory at the first run
+        self.kind = None  # of the action being installed, or else the current one
         self.function = None  # (file, function name) of a Python action
-        self.pool = None  # the warm processes of a "loop" or "function" action
+        self.version = None  # the current action, its kind, its warm processes
+        self.staged = None  # the version an init is installing
+        self.versions = None  # the folder of the versions compiled in folders of their own
+        self.installs = 0
+        self.stopping = threading.Event()  # set at shutdown: an init stops where it is
+        self.gate = Gate()  # between runs and inits of the action directory's versions
         self.lock = threading.Lock()
 
     def configure(self, settings, logs, processes):
@@ -3021,6 +3269,7 @@ class ActionRunner:
         self.binary = self.binary or os.path.join(settings.action_dir, "exec")
         self.source = self.source or self.binary
         self.zipdest = self.zipdest or os.path.dirname(self.source)
+        self.version = Version(self.binary)  # what the image holds
         try:  # as upstream: the hooks may use paths relative to the source
             os.chdir(os.path.dirname(self.source) or ".")
         except OSError as error:
@@ -3031,27 +3280,44 @@ class ActionRunner:
 
     def init(self, message):
         """Installs the code of an /init ``value``; True if the action is ready to run."""
-        previous = self.kind, self.function, self.pool
+        previous = self.kind, self.function
         self.failure = None
         try:
             env = self.init_environment(message)
-            with self.install(message):
+            with self.replacing(self.install(message)) as version:
+                self.staged = version
                 if message.get("code") is not None and (
                         self.epilogue(message) is False or self.build(message) is False):
                     raise InitError("the action could not be built")
                 if not self.verify():
                     raise InitError(self.unverified(message))
-                self.pool = self.warm_up(env)
+                version.kind, version.function = self.kind, self.function
+                version.pool = self.warm_up(version, env)
         except Exception as error:
-            self.logs.note(str(error).rstrip("\n") if isinstance(error, InitError)
-                           else "the action could not be initialized: %s" % error)
-            self.kind, self.function, self.pool = previous
+            if not isinstance(error, InitCancelled):
+                self.logs.note(str(error).rstrip("\n") if isinstance(error, InitError)
+                               else "the action could not be initialized: %s" % error)
+            self.kind, self.function = previous
             self.failure = error
             return False
-        if previous[2] is not None:
-            previous[2].close(0.0)
-        self.init_env = env
+        finally:
+            self.staged = None
+        with self.lock:
+            replaced, self.version, self.init_env = self.version, version, env
+        replaced.replace()
         return True
+
+    @contextlib.contextmanager
+    def replacing(self, installation):
+        """The installed version: an init that replaces the action directory's files
+        waits for the runs in flight (the runs that come meanwhile wait for the init),
+        so that no run sees a mix of two versions.  One in a folder of its own waits
+        for none."""
+        with contextlib.ExitStack() as stack:
+            if isinstance(installation, Installation):
+                stack.callback(remove_tree, installation.stage)  # when the wait fails
+                stack.enter_context(self.gate.alone(self.settings.reinit_wait))
+            yield stack.enter_context(installation)
 
     def init_failure(self):
         """The ``error`` of a failed /init: the dockerskeleton's text, or with --loop
@@ -3090,7 +3356,7 @@ class ActionRunner:
             raise InitError("main must be a string, not %s" % json_type(main))
         if code is None:
             self.decide_kind(os.path.dirname(self.binary), main)
-            return contextlib.nullcontext()  # keep what the action directory holds
+            return contextlib.nullcontext(Version(self.binary))  # what the action directory holds
         if not isinstance(code, str):
             raise InitError("code must be a string, not %s" % json_type(code))
         if not code and not is_executable(self.binary):  # the dockerskeleton without its stub
@@ -3099,14 +3365,11 @@ class ActionRunner:
         data = decode_base64(code) if binary else None
         folder = self.zipdest if binary else os.path.dirname(self.source)
         check_writable(folder)
+        if self.settings.compiler:
+            return self.install_compiled(message, code, data, folder, main)
         stage = stage_dir(folder)
         try:
-            if binary:
-                unpack(data, stage, self.settings.max_archive,
-                       os.path.relpath(self.binary, folder))
-            else:
-                self.write_source(stage, code)
-            stage = self.compile(message, stage, folder, main)
+            self.unpack_code(code, data, stage, folder)
             self.check_execution_env(stage, folder)
             self.decide_kind(stage, main)
             if binary:
@@ -3114,27 +3377,62 @@ class ActionRunner:
         except BaseException:
             remove_tree(stage)
             raise
-        return Installation(stage, folder, self.displaced(stage, folder))
+        return Installation(stage, folder, self.displaced(stage, folder), self.binary)
 
-    def compile(self, message, src, folder, main):
-        """The staged code compiled by the image's OW_COMPILER into a new stage, which
-        it returns, unless it runs as it is or there is no compiler."""
-        name = os.path.relpath(self.binary, folder)
-        if not self.settings.compiler or runnable(os.path.join(src, name)):
-            return src
-        bin = stage_dir(folder)
+    def unpack_code(self, code, data, folder, dest):
+        """The code written into ``folder``: the archive (``data``) or the source; a
+        jar, with OW_SAVE_JAR, as the file it names (the Go proxy's UnzipOrSaveJar)."""
+        import io
+        if data is None:
+            self.write_source(folder, code)
+        elif self.settings.save_jar and is_jar(data):
+            write_member(os.path.join(folder, self.settings.save_jar), io.BytesIO(data), 0o644)
+        else:
+            unpack(data, folder, self.settings.max_archive,
+                   os.path.relpath(self.binary, dest), self.stopping)
+
+    def install_compiled(self, message, code, data, dest, main):
+        """With OW_COMPILER, as the Go proxy does: the code unpacked into a new
+        version's ``src`` and compiled into its ``bin`` (or, when it runs as it is,
+        ``src`` becomes ``bin``), where both stay while the version is used."""
+        folder = self.version_folder()
+        src, bin = os.path.join(folder, "src"), os.path.join(folder, "bin")
+        name = os.path.relpath(self.binary, dest)
         try:
-            compile_action(self.settings.compiler, main, src, bin, self.compiler_env(message),
-                           self.settings.compile_timeout)
-            if not os.path.isfile(os.path.join(bin, name)):
-                raise InitError("cannot compile")
-            os.chmod(os.path.join(bin, name), 0o755)
+            os.mkdir(src)
+            self.unpack_code(code, data, src, dest)
+            if runnable(os.path.join(src, name)):
+                os.rename(src, bin)
+            else:
+                self.compile(message, src, bin, name, main)
+            self.check_execution_env(bin, dest)
+            self.decide_kind(bin, main)
+            if data is not None:
+                self.prepare_archive(bin)
         except BaseException:
-            remove_tree(bin)
+            remove_tree(folder)
             raise
-        finally:
-            remove_tree(src)
-        return bin
+        return CompiledVersion(folder, bin, name)
+
+    def version_folder(self):
+        """A new version's folder, numbered, in a folder of the proxy's own beside the
+        action directory (or in TMPDIR): the action directory stays as the image made it."""
+        with self.lock:
+            if self.versions is None:
+                self.versions = scratch_dir(self.settings.action_dir)
+            self.installs += 1
+            folder = os.path.join(self.versions, str(self.installs))
+        os.mkdir(folder)
+        return folder
+
+    def compile(self, message, src, bin, name, main):
+        """``src`` compiled by the image's OW_COMPILER into ``bin``, whose ``name`` is the action."""
+        os.mkdir(bin)
+        compile_action(self.settings.compiler, main, src, bin, self.compiler_env(message),
+                       self.settings.compile_timeout, self.stopping)
+        if not os.path.isfile(os.path.join(bin, name)):
+            raise InitError("cannot compile")
+        os.chmod(os.path.join(bin, name), 0o755)
 
     def compiler_env(self, message):
         """The compiler's environment, as the Go proxy gives it: PATH, the container's
@@ -3162,13 +3460,17 @@ class ActionRunner:
             raise StartError(EXEC_ENV_MISMATCH)
 
     def displaced(self, stage, folder):
-        """The old executable goes when the new code does not replace it (a Python
+        """What the last init installed and the new code does not hold goes, and so
+        does the old executable when the new code does not replace it (a Python
         function's source, an archive without one, a source to build), so that a
         failed init puts it back, and a build that fails leaves no half-new one."""
+        gone = [name for name in self.version.names
+                if not os.path.lexists(os.path.join(stage, name))]
         name = os.path.relpath(self.binary, folder)
-        if name.startswith(os.pardir) or os.path.lexists(os.path.join(stage, name)):
-            return ()
-        return (name,)
+        if (name.startswith(os.pardir) or os.path.lexists(os.path.join(stage, name))
+                or name in gone):
+            return gone
+        return gone + [name]
 
     def write_source(self, stage, code):
         """The source as the source file, or as ``__main__.py`` if it is a Python function."""
@@ -3183,14 +3485,15 @@ class ActionRunner:
         """An ``exec`` runs as a process ("exec", or "loop" with --loop); without
         one, and without OW_COMPILER (the image decides then), a ``__main__.py``
         is a Python function."""
+        self.kind, self.function = self.kind_of(folder, main)
+
+    def kind_of(self, folder, main="main"):
+        """The kind of the action ``folder`` holds, and its function if it has one."""
         script = os.path.join(folder, "__main__.py")
         binary = os.path.join(folder, os.path.basename(self.binary))
         if not (self.settings.compiler or os.path.lexists(binary)) and os.path.isfile(script):
-            self.kind = "function"
-            self.function = (os.path.join(os.path.dirname(self.binary), "__main__.py"), main)
-        else:
-            self.kind = "loop" if self.settings.loop else "exec"
-            self.function = None
+            return "function", (os.path.join(os.path.dirname(self.binary), "__main__.py"), main)
+        return "loop" if self.settings.loop else "exec", None
 
     def prepare_archive(self, stage):
         """The archive's executable runs whatever its mode bits (one a build makes
@@ -3206,7 +3509,7 @@ class ActionRunner:
         if message.get("binary") and message.get("code") is not None:
             return "the archive has no %s file (or __main__.py) at its top level" % (
                 os.path.relpath(self.binary, self.zipdest))
-        return not_runnable(self.binary)
+        return not_runnable(self.current().binary)
 
     def epilogue(self, message):
         return None
@@ -3217,7 +3520,11 @@ class ActionRunner:
     def verify(self):
         if self.current_kind() == "function":
             return os.path.isfile(self.function[0])
-        return is_executable(self.binary)
+        return is_executable(self.current().binary)
+
+    def current(self):
+        """The version being installed, else the one runs use."""
+        return self.staged or self.version
 
     def current_kind(self):
         """The kind decided by the last init, else by what the action directory holds."""
@@ -3225,43 +3532,43 @@ class ActionRunner:
             self.decide_kind(os.path.dirname(self.binary))
         return self.kind
 
-    def warm_up(self, init_env):
+    def warm_up(self, version, init_env):
         """The pool of a warm action, its first process started to prove it can."""
-        if self.kind == "exec":
+        if version.kind == "exec":
             return None
-        pool = self.warm_pool(init_env)
+        pool = self.warm_pool(version, init_env)
         pool.release(pool.acquire(self.explain))
         return pool
 
-    def warm_pool(self, init_env):
+    def warm_pool(self, version, init_env):
         """The pool, empty, with the environment its processes start with; an
         ActionLoop executable learns that it must ack as openwhisk-runtime-go says."""
         env = dict(os.environ)
         env.update(init_env)
         if env.get("OW_WAIT_FOR_ACK"):
             env["__OW_WAIT_FOR_ACK"] = "1"
-        return WarmPool(self.start_warm, env)
+        return WarmPool(functools.partial(self.start_warm, version), env)
 
-    def start_warm(self, env):
-        """A new warm process for this action (StartError when it does not come up)."""
-        cwd = os.path.dirname(self.binary)
+    def start_warm(self, version, env):
+        """A new warm process for ``version`` (StartError when it does not come up)."""
+        cwd = os.path.dirname(version.binary)
         try:
-            if self.kind == "function":
+            if version.kind == "function":
                 kind = LoopFunctionProcess if self.settings.loop else FunctionProcess
                 process = kind(
                     [sys.executable, "-u", OWPROXY_FILE, "function-worker"]
-                    + list(self.function) + [str(self.settings.max_result),
-                                             "explain" if self.explains() else "quiet"],
+                    + list(version.function) + [str(self.settings.max_result),
+                                                "explain" if self.explains() else "quiet"],
                     env, cwd, self.logs, self.processes, self.settings.max_result + 64,
                     self.explain)
             else:
-                process = WarmProcess([self.binary], env, cwd, self.logs, self.processes,
+                process = WarmProcess([version.binary], env, cwd, self.logs, self.processes,
                                       self.settings.max_result, self.explain)
         except OSError as error:  # not an executable, say; the Go proxy's text, and why
             self.logs.note("cannot start the action: %s" % (
-                start_failure(self.binary, error) or error))
+                start_failure(version.binary, error) or error))
             raise StartError(COMMAND_EXITED)
-        return process.start(self.kind == "function" or "__OW_WAIT_FOR_ACK" in env)
+        return process.start(version.kind == "function" or "__OW_WAIT_FOR_ACK" in env)
 
     def explains(self):
         """Whether the proxy adds notes of its own to a run's logs: in exec mode, as
@@ -3275,9 +3582,15 @@ class ActionRunner:
             self.logs.note(text)
 
     def close(self, grace):
-        """Ends the warm processes, if any, at shutdown."""
-        if self.pool is not None:
-            self.pool.close(grace)
+        """At shutdown: the warm processes end, if any, and the versions' folders go."""
+        if self.version.pool is not None:
+            self.version.pool.close(grace)
+        if self.versions is not None:
+            remove_tree(self.versions)
+
+    def stop_installing(self):
+        """At shutdown: an init under way stops at once, its compile killed."""
+        self.stopping.set()
 
     # -- run -------------------------------------------------------------------
 
@@ -3306,18 +3619,31 @@ class ActionRunner:
         return self.run(args, env)
 
     def execute(self, args, env):
-        """``run()``, its result a ResultLine when the action wrote one."""
-        if self.current_kind() == "exec":
+        """``run()``, its result a ResultLine when the action wrote one, from the
+        version current at its start, whole, whatever an init does meanwhile."""
+        with self.gate.run():
+            with self.lock:
+                version = self.version.hold()
+                if version.kind is None:  # what the image holds, as the first run finds it
+                    version.kind, version.function = self.kind_of(
+                        os.path.dirname(version.binary))
+                if version.kind != "exec" and version.pool is None:
+                    version.pool = self.warm_pool(version, self.init_env)
+            try:
+                return self.execute_version(version, args, env)
+            finally:
+                version.release()
+
+    def execute_version(self, version, args, env):
+        if version.kind == "exec":
             try:
                 data = json.dumps(args).encode()  # ASCII; one copy held while it runs
             except RecursionError:
                 return 502, {"error": RUN_TOO_DEEP.format("argument")}
-            argv = [self.binary] if len(data) > MAX_ARG_STRLEN else [self.binary, data]
-            return run_once(argv, data, env, os.path.dirname(self.binary),
+            argv = [version.binary] if len(data) > MAX_ARG_STRLEN else [version.binary, data]
+            return run_once(argv, data, env, os.path.dirname(version.binary),
                             self.logs, self.processes, self.settings.max_result)
-        with self.lock:
-            self.pool = self.pool or self.warm_pool(self.init_env)
-        pool = self.pool
+        pool = version.pool
         try:
             process = pool.acquire(self.explain)
         except InitError as error:
@@ -3364,7 +3690,7 @@ class OpenWhisk:
     def routes(self):
         return {
             "/init": Route(self.init,
-                           sentinels=lambda status, request: status not in (200, 403)),
+                           sentinels=lambda status, request: status not in (200, 403, 503)),
             "/run": Route(self.run, lock=self.serial, sentinels=lambda status, request: True),
         }
 
@@ -3396,6 +3722,8 @@ class OpenWhisk:
         except Exception as error:  # a runner whose own init raises
             self.logs.note("the action could not be initialized: %s" % error)
             return 502, {"error": INIT_FAILED}
+        if isinstance(self.runner.failure, InitCancelled):
+            return 503, {"error": SHUTTING_DOWN}  # as every request that comes now
         if not ready:
             return 502, {"error": self.runner.init_failure()}
         self.initialized = True
@@ -3418,7 +3746,7 @@ class OpenWhisk:
         if not isinstance(value, (dict, list)):
             return 404, {"error": RUN_BAD_ARGUMENT}
         if not self.runner.verify():  # the Go proxy's answer, or the dockerskeleton's
-            self.runner.explain(not_runnable(self.runner.binary))
+            self.runner.explain(not_runnable(self.runner.current().binary))
             if self.settings.loop:
                 return 500, {"error": RUN_NO_ACTION}
             return 502, {"error": RUN_NO_BINARY}
@@ -4231,6 +4559,7 @@ def serve(settings, runner):
         server.serve_forever(server.poll_interval)
     except Shutdown:
         pass
+    runner.stop_installing()
     if server.in_flight and settings.grace:
         logs.note("stopping: %d activation(s) in flight get up to %g s to finish (a second "
                   "signal stops them now)" % (server.in_flight, settings.grace))

@@ -3811,6 +3811,14 @@ def action_files(proxy):
                   for path in proxy.action_dir.rglob("*") if path.is_file())
 
 
+def compiled_versions(proxy):
+    """The folders of the versions a proxy with a compiler installed, N/src and
+    N/bin as the Go proxy lays them out, oldest first."""
+    versions = [path for path in proxy.action_dir.parent.glob(".owproxy-*/*")
+                if path.name.isdigit() and (path / "bin").is_dir()]
+    return sorted(versions, key=lambda path: int(path.name))
+
+
 @pytest.mark.parametrize("form", ["source", "zip"])
 def test_a_compile_script_turns_python_source_into_the_images_actionloop_launcher(
         proxies, tmp_path, form):
@@ -3825,11 +3833,13 @@ def test_a_compile_script_turns_python_source_into_the_images_actionloop_launche
     assert first == {"greeting": "hello world", "execution_env": "test/python-v1",
                      "api_host": "https://whisk.example", "activation": "a1", "init_env": "yes"}
     assert proxy.run({"name": "\u2744"}).json["greeting"] == "hello \u2744"
-    # the image's launcher, not owproxy's own function runner, serves it
-    assert (proxy.action_dir / "exec.env").read_text() == "test/python-v1\n"
-    assert (proxy.action_dir / "exec").read_text().startswith("#!/bin/bash")
-    assert not (proxy.action_dir / "__main__.py").exists()
-    seen = json.loads((proxy.action_dir / "compiler_env.json").read_text())
+    # the image's launcher, not owproxy's own function runner, serves it, from where
+    # the compiler wrote it; the action directory stays as the image made it
+    [version] = compiled_versions(proxy)
+    assert (version / "bin" / "exec.env").read_text() == "test/python-v1\n"
+    assert (version / "bin" / "exec").read_text().startswith("#!/bin/bash")
+    assert os.listdir(proxy.action_dir) == []
+    seen = json.loads((version / "bin" / "compiler_env.json").read_text())
     assert (seen["__OW_API_HOST"], seen["__OW_EXECUTION_ENV"], seen["FROM_INIT"]) == (
         "https://whisk.example", "test/python-v1", "yes")
     assert "OW_COMPILER" not in seen and seen["PATH"] == os.environ["PATH"]
@@ -3872,9 +3882,101 @@ cat "$2/exec" >> "$3/exec"
 def test_in_exec_mode_a_compile_script_builds_the_exec_of_every_run(proxies, tmp_path):
     proxy = proxies(env={"OW_COMPILER": compiler_file(tmp_path, SH_COMPILER)})
     assert proxy.init("echo '{\"compiled\": true}'\n").status == 200
-    assert (proxy.action_dir / "exec").read_text().startswith("#!/bin/sh\n")
+    [version] = compiled_versions(proxy)
+    assert (version / "bin" / "exec").read_text().startswith("#!/bin/sh\n")
     assert proxy.run({}).json == {"compiled": True}
     assert proxy.run({}).json == {"compiled": True}
+
+
+# Compile scripts that do what openwhisk-runtime-php's compile.php and
+# openwhisk-runtime-java's bin/compile do: bake the absolute SRC or BIN path into
+# exec, and read at run time files left there (the code sent is a version word).
+BAKED_PATH_COMPILERS = {
+    "php": bash("""
+[ "$(cat "$2/exec")" != bad ] || { echo "cannot compile bad code"; exit 1; }
+mkdir "$2/vendor"
+mv "$2/exec" "$2/vendor/autoload.txt"
+cat > "$3/exec" <<END
+#!/bin/bash
+cd "$2"
+while read -r line; do
+  echo "{\\"version\\": \\"\\$(cat vendor/autoload.txt)\\", \\"cwd\\": \\"\\$PWD\\"}" >&3
+done
+END
+"""),
+    "java": bash("""
+[ "$(cat "$2/exec")" != bad ] || { echo "cannot compile bad code"; exit 1; }
+mv "$2/exec" "$3/Main.class"
+cat > "$3/exec" <<END
+#!/bin/bash
+cd "$3"
+CLASSPATH="$3"
+while read -r line; do
+  echo "{\\"version\\": \\"\\$(cat "\\$CLASSPATH/Main.class")\\", \\"cwd\\": \\"\\$PWD\\"}" >&3
+done
+END
+"""),
+}
+
+
+@pytest.mark.parametrize("runtime", sorted(BAKED_PATH_COMPILERS))
+def test_a_compiled_action_runs_where_its_compile_script_put_it_until_replaced(
+        proxies, tmp_path, runtime):
+    proxy = proxies("--loop", "--allow-reinit", env={
+        "OW_COMPILER": compiler_file(tmp_path, BAKED_PATH_COMPILERS[runtime])})
+    assert proxy.init("v1").status == 200, proxy.logs()
+    [first] = compiled_versions(proxy)
+    where = first / ("src" if runtime == "php" else "bin")
+    assert proxy.run({}).json == {"version": "v1", "cwd": str(where)}
+    assert proxy.init("v2").status == 200
+    assert proxy.run({}).json["version"] == "v2"
+    # the replaced version goes once no run holds it; a failed init changes nothing
+    assert wait_for(lambda: compiled_versions(proxy)[0] != first)
+    current = compiled_versions(proxy)
+    response = proxy.init("bad")
+    assert (response.status, response.json) == (502, {"error": "cannot compile bad code\n"})
+    assert compiled_versions(proxy) == current
+    assert proxy.run({}).json["version"] == "v2"
+    assert os.listdir(proxy.action_dir) == []
+
+
+def test_with_ow_save_jar_a_jar_reaches_the_compiler_as_a_file_and_a_zip_unpacked(
+        proxies, tmp_path):
+    compiler = bash("""
+if [ -f "$2/exec.jar" ]; then found="jar $(wc -c < "$2/exec.jar")"; else found="$(ls "$2")"; fi
+printf '#!/bin/bash\\nwhile read -r line; do echo "{\\\\"found\\\\": \\\\"%s\\\\"}" >&3; done\\n' \
+  "$found" > "$3/exec"
+""")
+    proxy = proxies("--loop", "--allow-reinit", env={
+        "OW_COMPILER": compiler_file(tmp_path, compiler), "OW_SAVE_JAR": "exec.jar"})
+    jar = make_zip({"META-INF/MANIFEST.MF": "Manifest-Version: 1.0\n", "Main.class": "x"})
+    assert proxy.init(jar, binary=True).status == 200, proxy.logs()
+    assert proxy.run({}).json == {"found": "jar %d" % len(base64.b64decode(jar))}
+    assert proxy.init_zip({"Main.class": "x"}).status == 200
+    assert proxy.run({}).json == {"found": "Main.class"}
+
+
+def test_sigterm_during_a_compile_stops_it_and_answers_the_init_503(proxies, tmp_path):
+    started = tmp_path / "started"
+    slow = bash("""
+sleep 600 &
+echo "$$ $!" > "%s.tmp"; mv "%s.tmp" "%s"
+wait
+""" % (started, started, started))
+    proxy = proxies(env={"OW_COMPILER": compiler_file(tmp_path, slow)})
+    (proxy.action_dir / "exec").write_text(ECHO_BASH)
+    (proxy.action_dir / "exec").chmod(0o755)
+    init = in_thread(proxy.init, "code to compile")
+    assert wait_for(started.exists)
+    assert proxy.stop() == 0
+    response = init()
+    assert (response.status, response.json) == (503, {"error": "The proxy is shutting down."})
+    assert all(gone_or_zombie(int(pid)) for pid in started.read_text().split())
+    assert os.listdir(proxy.action_dir) == ["exec"]
+    assert (proxy.action_dir / "exec").read_text() == ECHO_BASH
+    assert [path.name for path in proxy.action_dir.parent.iterdir()
+            if path.name.startswith(".owproxy-")] == []
+    check_streams(proxy, sentinels=0)
 
 
 def test_in_exec_mode_a_failed_compile_keeps_the_dockerskeleton_text(proxies, tmp_path):
@@ -4125,6 +4227,104 @@ def test_an_unsafe_or_corrupt_archive_is_refused_with_its_cause(proxies, tmp_pat
     assert cause in check_streams(proxy)[1]
     assert os.listdir(proxy.action_dir) == []
     assert not (tmp_path / "evil").exists()
+
+
+
+def oldest_python():
+    """Python 3.8, the oldest the proxy supports, if this machine has it."""
+    candidates = [PYTHON, shutil.which("python3.8") or ""]
+    try:
+        prefix = subprocess.run(["pyenv", "prefix", "3.8"], capture_output=True, text=True,
+                                timeout=30).stdout.strip()
+        candidates.append(os.path.join(prefix, "bin", "python3.8"))
+    except OSError:
+        pass
+    for path in candidates:
+        if path and os.access(path, os.X_OK) and subprocess.run(
+                [path, "-c", "import sys; sys.exit(sys.version_info[:2] != (3, 8))"],
+                stderr=subprocess.DEVNULL).returncode == 0:
+            return path
+    return None
+
+
+DEEP = "d/" * 1200
+
+
+@pytest.mark.skipif(not oldest_python(), reason="no Python 3.8 on this machine")
+def test_a_failed_init_with_a_folder_1200_deep_leaves_the_baked_action_on_python_3_8(
+        proxies, tmp_path):
+    python = oldest_python()
+    proxy = proxies("--allow-reinit", command=lambda port, action_dir: ([
+        python, OWPROXY, "--host", "127.0.0.1", "--port", str(port),
+        "--action-dir", action_dir], {}), start=False)
+    (proxy.action_dir / "exec").write_text(ECHO_BASH)
+    (proxy.action_dir / "exec").chmod(0o755)
+    proxy.start()
+    response = proxy.init(make_tar({DEEP + "file": "deep", "other": "x"}), binary=True)
+    assert (response.status, response.json) == (502, INIT_FAILED)
+    assert "has no exec file" in check_streams(proxy)[1]
+    assert os.listdir(proxy.action_dir) == ["exec"]
+    assert proxy.run({}).json == {"msg": "Hello from bash script!"}
+    # installed, then replaced by a re-init: the deep folder goes, the answer is 200
+    deep_action = make_tar({"exec": bash("echo '{\"v\": 1}'"), DEEP + "file": "deep"})
+    assert proxy.init(deep_action, binary=True).status == 200
+    assert proxy.run({}).json == {"v": 1}
+    assert proxy.init(ECHO_BASH).status == 200
+    assert sorted(os.listdir(proxy.action_dir)) == ["exec"]
+    assert [path.name for path in proxy.action_dir.parent.iterdir()
+            if path.name.startswith(".owproxy-")] == []
+    assert proxy.run({}).json == {"msg": "Hello from bash script!"}
+
+
+def test_a_reinit_whose_archive_drops_a_file_leaves_nothing_of_it(proxies):
+    proxy = proxies("--allow-reinit")
+    action = bash("""
+echo "{\\"extra\\": \\"$(cat extra.txt 2>/dev/null || echo none)\\", \\"lib\\": \\"$(ls lib)\\"}"
+""")
+    assert proxy.init_zip({"exec": action, "extra.txt": "old", "lib/a": "1"}).status == 200
+    assert proxy.run({}).json == {"extra": "old", "lib": "a"}
+    assert proxy.init_zip({"exec": action, "lib/b": "2"}).status == 200
+    assert proxy.run({}).json == {"extra": "none", "lib": "b"}
+    assert sorted(os.listdir(proxy.action_dir)) == ["exec", "lib"]
+
+
+@pytest.mark.parametrize("layout", ["action directory", "compiled"])
+def test_a_reinit_under_concurrent_runs_gives_each_run_one_whole_version(
+        proxies, tmp_path, layout):
+    # the action reads two files of its version, a moment apart
+    action = bash("""
+a=$(cat a.txt); sleep 0.02; b=$(cat b.txt)
+echo "{\\"a\\": \\"$a\\", \\"b\\": \\"$b\\"}"
+""")
+    env = {}
+    if layout == "compiled":  # exec is compiled into a launcher that runs it from SRC
+        env["OW_COMPILER"] = compiler_file(tmp_path, bash("""
+mv "$2/exec" "$2/action"; chmod +x "$2/action"
+printf '#!/bin/bash\\ncd "%s"\\nexec bash ./action\\n' "$2" > "$3/exec"
+"""))
+    proxy = proxies("--allow-reinit", "--concurrent", env=env)
+
+    def install(number):
+        code = make_zip({"exec": action.replace("#!", "# ", 1) if layout == "compiled"
+                         else action, "a.txt": number, "b.txt": number})
+        assert proxy.init(code, binary=True).status == 200, proxy.logs()
+
+    install("0")
+    stop, answers = threading.Event(), []
+
+    def runs():
+        while not stop.is_set():
+            answers.append(proxy.run({}).json)
+
+    runners = [in_thread(runs) for _ in range(4)]
+    for number in range(1, 7):
+        install(str(number))
+    stop.set()
+    for runner in runners:
+        runner()
+    assert answers and all(answer["a"] == answer["b"] for answer in answers), answers
+    assert len({answer["a"] for answer in answers}) > 1
+    assert proxy.run({}).json == {"a": "6", "b": "6"}
 
 
 @pytest.mark.parametrize("args,env,logged", [

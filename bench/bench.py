@@ -1069,6 +1069,91 @@ def measure_archive(bench):
                    note="an /init of %d KB, refused" % (len(data) // 1024))]
 
 
+DEEP_LEVELS = 800  # folders nested in the deep-name tar.gz (shutil.rmtree, which
+# cleans the scratch folder up, recurses: keep it under the recursion limit)
+
+
+def deep_name_tar():
+    """A tar.gz of folders nested DEEP_LEVELS deep, one-letter names, then an exec:
+    a link-safety check that compares each name's prefixes is quadratic in depth."""
+    import io
+    import tarfile
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w:gz", format=tarfile.GNU_FORMAT) as archive:
+        for depth in range(1, DEEP_LEVELS + 1):
+            info = tarfile.TarInfo("a/" * depth)
+            info.type, info.mode = tarfile.DIRTYPE, 0o755
+            archive.addfile(info)
+        script = b"#!/bin/sh\necho '{}'\n"
+        info = tarfile.TarInfo("exec")
+        info.size, info.mode = len(script), 0o755
+        archive.addfile(info, io.BytesIO(script))
+    return buffer.getvalue()
+
+
+def pax_header_tar(count=400):
+    """A tar.gz of ``count`` 1 MiB global pax headers (tarfile keeps every global
+    one for the rest of the archive), then an exec: a few hundred KB of request."""
+    import gzip
+    import tarfile
+    blocks = [tarfile.TarInfo.create_pax_global_header({"comment%d" % number: "x" * MIB})
+              for number in range(count)]
+    script = b"#!/bin/sh\necho '{}'\n"
+    info = tarfile.TarInfo("exec")
+    info.size, info.mode = len(script), 0o755
+    blocks += [info.tobuf(tarfile.USTAR_FORMAT), script.ljust(tarfile.BLOCKSIZE, b"\0"),
+               b"\0" * tarfile.RECORDSIZE]
+    return gzip.compress(b"".join(blocks), 9)
+
+
+def timed_init(bench, data):
+    """Seconds and peak memory (VmHWM, MiB; and before) of an /init of ``data``."""
+    import base64
+    with Proxy(bench.action_dir()) as proxy:
+        proxy.connect(10.0, 10.0).close()
+        before = proxy.status_kib("VmHWM") / 1024
+        start = time.perf_counter()
+        status, body = proxy.init({"code": base64.b64encode(data).decode(), "binary": True})
+        seconds = time.perf_counter() - start
+        peak = proxy.status_kib("VmHWM") / 1024
+    return status, body, seconds, peak, before
+
+
+def measure_tar_headers(bench):
+    """A deep-name tar.gz installs in time linear in its names; a tar.gz of global
+    pax headers is refused with memory the request's plus a constant."""
+    deep = deep_name_tar()
+    status, body, seconds, peak, before = timed_init(bench, deep)
+    if status != 200:
+        raise ProxyError("the deep-name /init answered %d %s" % (status, body[:200]))
+    floor = elapsed(lambda: deep_name_floor(bench))
+    figures = [Figure("archive_deep_names_s", "/init of a tar.gz %d folders deep" % DEEP_LEVELS,
+                      seconds, "s", floor, "mkdir of the same folders", compare="ratio",
+                      target=lambda value, vs: vs < 20, target_label="< 20 x floor",
+                      note="%d KB request, peak %.0f MiB (%.0f before)"
+                           % (len(deep) // 1024, peak, before))]
+    pax = pax_header_tar()
+    status, body, seconds, peak, before = timed_init(bench, pax)
+    if status != 502:
+        raise ProxyError("the pax-header /init answered %d %s" % (status, body[:200]))
+    request_mib = len(pax) * 4 / 3 / MIB
+    figures.append(Figure("archive_pax_headers_peak", "proxy peak (VmHWM), tar.gz of 1 MiB "
+                          "global pax headers", peak, "MiB", before, "before",
+                          target=lambda value, vs: vs < 32 + 3 * request_mib,
+                          target_label="< before + 3 x request + 32 MiB",
+                          note="an /init of %d KB, refused in %.2f s"
+                               % (len(pax) * 4 // 3 // 1024, seconds)))
+    return figures
+
+
+def deep_name_floor(bench):
+    """The floor of the deep-name install: the same folders made by os.makedirs."""
+    import shutil
+    folder = os.path.join(bench.action_dir(), "floor")
+    os.makedirs(os.path.join(folder, *(["a"] * DEEP_LEVELS)))
+    shutil.rmtree(folder)
+
+
 def measure_result_flood(bench):
     """A fresh --loop proxy per repeat, whose one /run gets a 300 MB result line."""
     idle, peak = [], []
@@ -1268,6 +1353,7 @@ MEASUREMENTS = [
     ("throughput", measure_throughput),
     ("memory", measure_memory),
     ("archive", measure_archive),
+    ("tar", measure_tar_headers),
     ("result", measure_result_flood),
     ("soak", measure_soak),
     ("payload", measure_payload),
