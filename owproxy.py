@@ -936,7 +936,7 @@ class RequestReader:
             data = self.peek() and self.rfile.read1(min(size, 65536))
             if not data:
                 raise HTTPError(400, "The request body ended early.", close=True)
-            self.deadline += share.grow(len(data))
+            self.deadline += share.arrived(len(data))
             buffer += data
             size -= len(data)
 
@@ -1101,8 +1101,8 @@ class BodyBudget:
         self.changed = threading.Condition()
 
     @contextlib.contextmanager
-    def share(self):
-        share = BodyShare(self)
+    def share(self, per_byte):
+        share = BodyShare(self, per_byte)
         with self.changed:
             self.shares.append(share)
         try:
@@ -1113,14 +1113,17 @@ class BodyBudget:
                 self.shares.remove(share)
                 self.changed.notify_all()
 
+    def check_fits(self, size):
+        if size > self.size:
+            raise HTTPError(413, "The request body would take %d bytes of memory once parsed, "
+                                 "more than the proxy's --body-memory of %d bytes."
+                            % (size, self.size), close=True)
+
     def grow(self, share, size):
         """Adds ``size`` bytes to ``share``, waiting for room; the seconds waited."""
         if not size:
             return 0.0
-        if share.held + size > self.size:
-            raise HTTPError(413, "The request body would take %d bytes of memory once parsed, "
-                                 "more than the proxy's --body-memory of %d bytes."
-                            % (share.held + size, self.size), close=True)
+        self.check_fits(share.held + size)
         started = time.monotonic()
         with self.changed:
             while share is not self.shares[0] and self.held + size > self.size:
@@ -1131,13 +1134,25 @@ class BodyBudget:
 
 
 class BodyShare:
-    """One body's part of the BodyBudget."""
+    """One body's part of the BodyBudget: each byte that arrives counts with what
+    parsing it will take (``per_byte``, PARSE_COST), so that a body that will not
+    fit waits before it is read rather than after."""
 
-    def __init__(self, budget):
-        self.budget, self.held = budget, 0
+    def __init__(self, budget, per_byte):
+        self.budget, self.per_byte, self.held = budget, per_byte, 0
 
-    def grow(self, size):
-        return self.budget.grow(self, size)
+    def check_fits(self, length):
+        """A 413 at once for a declared length that could never fit."""
+        self.budget.check_fits(length * (1 + self.per_byte))
+
+    def arrived(self, size):
+        """Seconds waited for room for ``size`` more bytes."""
+        return self.budget.grow(self, size * (1 + self.per_byte))
+
+    def parsing(self, body):
+        """Reserves what the JSON tokens of the whole ``body`` take on top."""
+        self.budget.grow(self, PARSE_COST_PER_TOKEN * sum(body.count(byte)
+                                                          for byte in EXPANDING))
 
 
 # What parsing a body takes, per byte and per JSON token (measured with VmHWM on
@@ -1147,13 +1162,6 @@ class BodyShare:
 EXPANDING = [bytes([byte]) for byte in b",:[{\\" + bytes(range(32))]
 PARSE_COST_PER_TOKEN = 80
 PARSE_COST = {"init": 6, "run": 12}  # per body byte: an init decodes, a run re-encodes
-
-
-def parse_cost(body, per_byte):
-    """The bytes of memory that parsing ``body`` takes beyond the body itself
-    (counted without a copy of it)."""
-    tokens = sum(body.count(byte) for byte in EXPANDING)
-    return per_byte * len(body) + PARSE_COST_PER_TOKEN * tokens
 
 
 def error_bytes(status, message):
@@ -1481,7 +1489,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
         else:
             self.server.working(+1)
             try:
-                with self.server.bodies.share() as share:
+                with self.server.bodies.share(route.parse_cost) as share:
                     self.serve(route, query, share)
             finally:
                 self.server.working(-1)
@@ -1494,7 +1502,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
         upload holds up nobody.  What parsing the body will take is reserved first."""
         try:
             body = self.read_body(share)
-            share.grow(parse_cost(body, route.parse_cost))
+            share.parsing(body)
             request = Request(self.command, query, self.headers, body)
         except HTTPError as error:
             request = error
@@ -1541,6 +1549,8 @@ class ProxyHandler(BaseHTTPRequestHandler):
         if length is not CHUNKED and length > limit:
             raise HTTPError(413, "The request body has %d bytes, more than the limit of %d."
                             % (length, limit), close=True)
+        if length is not CHUNKED:
+            share.check_fits(length)
         if (self.headers.get("Expect", "").lower() == "100-continue"
                 and self.request_version == "HTTP/1.1"):  # HTTP/1.0 knows no 100
             self.send_response_only(100)

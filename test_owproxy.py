@@ -4741,7 +4741,8 @@ def server_rx_queue(port, client_port):
 
 
 def test_a_body_beyond_the_memory_budget_waits_unread_in_its_socket(proxies):
-    proxy = proxies("--max-body", "200K", "--body-memory", "150K")
+    # one 90 KB body fits (x 13 with its parse), two do not
+    proxy = proxies("--max-body", "200K", "--body-memory", "1500K")
     assert proxy.init(bash("""
 touch started
 while [ ! -e release ]; do sleep 0.02; done
