@@ -930,15 +930,16 @@ class RequestReader:
         return buffer
 
     def take(self, buffer, size, share):
-        """``size`` more bytes into ``buffer``; the time spent waiting for body memory
+        """``size`` more bytes into ``buffer``, reserved as they arrive, at most a
+        read buffer ahead of the reservation; the time spent waiting for body memory
         is not the client's, so it moves the deadline."""
         while size:
-            data = self.peek() and self.rfile.read1(min(size, 65536))
-            if not data:
+            arrived = min(size, len(self.peek()))  # what the reader's buffer holds
+            if not arrived:
                 raise HTTPError(400, "The request body ended early.", close=True)
-            self.deadline += share.arrived(len(data))
-            buffer += data
-            size -= len(data)
+            self.deadline += share.arrived(arrived)  # before the bytes leave the socket's
+            buffer += self.rfile.read(arrived)
+            size -= arrived
 
     def chunked(self, buffer, limit, share):
         while True:

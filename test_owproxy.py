@@ -4742,7 +4742,7 @@ def server_rx_queue(port, client_port):
 
 def test_a_body_beyond_the_memory_budget_waits_unread_in_its_socket(proxies):
     # one 90 KB body fits (x 13 with its parse), two do not
-    proxy = proxies("--max-body", "200K", "--body-memory", "1500K")
+    proxy = proxies("--max-body", "200K", "--body-memory", "1200K")
     assert proxy.init(bash("""
 touch started
 while [ ! -e release ]; do sleep 0.02; done
@@ -5353,7 +5353,7 @@ def test_a_run_waiting_for_the_lock_at_shutdown_gets_503_without_sentinels(proxy
 
 def test_a_body_declared_over_the_limit_is_refused_without_waiting_for_the_budget(proxies):
     proxy = proxies("--concurrent", "--max-header", "1K", "--max-body", "10K",
-                    "--body-memory", "10K")
+                    "--body-memory", "200K")  # a 9 KB body with its parse fits, two do not
     assert proxy.init(bash("sleep 2\ntouch finished\necho '{\"slow\": true}'")).status == 200
     slow = {}
     runner = threading.Thread(target=lambda: slow.update(
