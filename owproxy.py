@@ -2119,22 +2119,23 @@ class Processes:
         with self.lock:
             for process in self.alive:
                 kill_group(process)
-        self.kill_marked("%d-" % os.getpid(), whole=False)
+        self.kill_marked(None)
         self.reap_orphans(force=True)
 
-    def kill_marked(self, marker, whole=True, killed=()):
-        """Kills the descendants whose marker is ``marker`` (or begins so, unless
-        ``whole``), again while some are found (one may fork meanwhile) or one that
-        was killed still exits: until it has, its children are not yet the proxy's."""
+    def kill_marked(self, marker, killed=()):
+        """Kills the descendants whose marker is ``marker`` (every descendant when
+        None), and the stray orphans, again while some are found (one may fork
+        meanwhile) or one that was killed still exits: until it has, its children
+        are not yet the proxy's."""
         if not self.subreaper:
             return
-        wanted = ("\0%s=%s%s" % (ACTIVATION_MARKER, marker, "\0" if whole else "")).encode()
+        wanted = ("\0%s=%s\0" % (ACTIVATION_MARKER, marker)).encode() if marker else b""
         killed, clean = set(killed), 0
         for _ in range(self.kill_rounds):
             # Those dead before the scan begins have handed their children over.
             exiting = [pid for pid in killed if running(pid)]
             found = [pid for pid in descendants(os.getpid()) if wanted in environ_of(pid)]
-            found += self.unmarked_orphans()
+            found += self.stray_orphans()
             for pid in found:
                 try:
                     os.kill(pid, signal.SIGKILL)
@@ -2153,15 +2154,18 @@ class Processes:
         with self.lock:
             return {process.pid for process in self.alive}
 
-    def unmarked_orphans(self):
-        """Live orphans without a marker: an action's that cleared its environment
-        (``env -i``) and left.  Whose it was no one can tell; an orphan is no longer
-        the process an activation waits for, so the next cleanup ends it."""
-        own = self.own_pids()
-        marker = ("\0%s=" % ACTIVATION_MARKER).encode()
+    def stray_orphans(self):
+        """Live orphans whose marker is no running activation's (or warm
+        process's): one that cleared its environment (``env -i``), or set a marker
+        of its own, empty or made up, or kept that of an activation that ended.
+        Whose it was no one can tell; an orphan is no longer the process an
+        activation waits for, so the next cleanup ends it."""
+        with self.lock:
+            own = {process.pid for process in self.alive}
+            live = {process.marker for process in self.alive}
         return [pid for pid in orphans() if pid not in own
                 and running(pid)
-                and marker not in environ_of(pid)]
+                and marker_of(environ_of(pid)) not in live]
 
     def reap_orphans(self, force=False):
         """Collects the exit status of zombie children no Popen object waits for: at
@@ -2240,6 +2244,16 @@ def environ_of(pid):
             return b"\0" + environ.read()
     except OSError:
         return b""
+
+
+def marker_of(environ):
+    """The activation marker in an environ_of() text, None if it has none."""
+    start = environ.find(b"\0%s=" % ACTIVATION_MARKER.encode())
+    if start < 0:
+        return None
+    start += len(ACTIVATION_MARKER) + 2
+    end = environ.find(b"\0", start)
+    return environ[start:end if end >= 0 else len(environ)].decode("latin-1")
 
 
 def process_state(pid):

@@ -4066,6 +4066,12 @@ ESCAPES = {
     "no environment": "setsid env -i /bin/sleep {seconds} </dev/null >/dev/null 2>&1 &",
     "no environment, its children": "setsid env -i /bin/sh -c '/bin/sleep {seconds} & wait' "
                                     "</dev/null >/dev/null 2>&1 &",
+    "empty marker": "OWPROXY_ACTIVATION= setsid sleep {seconds} </dev/null >/dev/null 2>&1 &",
+    "made-up marker": "OWPROXY_ACTIVATION=made-up setsid sleep {seconds} "
+                      "</dev/null >/dev/null 2>&1 &",
+    "an earlier activation's marker":
+        "OWPROXY_ACTIVATION=${{OWPROXY_ACTIVATION%-*}}-$(( ${{OWPROXY_ACTIVATION##*-}} - 1 )) "
+        "setsid sleep {seconds} </dev/null >/dev/null 2>&1 &",
 }
 
 
@@ -4082,9 +4088,10 @@ echo '{"ok": true}'
 
 
 def test_an_escaped_process_dies_at_the_deadline_and_at_shutdown(proxy):
+    """Even one whose marker is forged."""
     at_deadline, at_shutdown = unique_sleep(), unique_sleep()
     assert proxy.init(bash("""
-setsid sleep $(echo "$1" | sed 's/.*"s": "\\([^"]*\\)".*/\\1/') </dev/null >/dev/null 2>&1 &
+OWPROXY_ACTIVATION=forged setsid sleep $(echo "$1" | sed 's/.*"s": "\\([^"]*\\)".*/\\1/') </dev/null >/dev/null 2>&1 &
 sleep 60
 """)).status == 200
     deadline = str(int((time.time() + 1.5) * 1000))
