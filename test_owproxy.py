@@ -4677,20 +4677,28 @@ def test_a_slow_head_is_cut_off_at_the_header_timeout(proxies):
     assert proxy.logs() == ("", "")
 
 
+def busy_client(proxy):
+    """A connection served, so surely accepted, then busy with the head of its next
+    request, which it sent with the first (a resting one would be closed to admit
+    another); None if it was turned away."""
+    client = RawClient(proxy)
+    client.send(head("GET", "/healthz") + b"GET /healthz HTTP/1.1\r\n")
+    if client.response().status == 200:
+        return client
+    client.close()
+    return None
+
+
 def test_past_the_connection_cap_a_503_at_once_without_a_thread(proxies):
     proxy = proxies("--max-connections", "2", "--header-timeout", "60")
     assert proxy.init(ECHO_RESULT).status == 200
     held = []
 
     def hold():
-        """A connection served, so surely accepted, then kept alive: once the
-        connections of the /init are done, two of these fill the cap."""
-        client = RawClient(proxy)
-        client.send(head("GET", "/healthz"))
-        if client.response().status == 200:
+        """Once the connections of the /init are done, two busy ones fill the cap."""
+        client = busy_client(proxy)
+        if client:
             held.append(client)
-        else:
-            client.close()
         return len(held) == 2
 
     try:
@@ -4721,12 +4729,9 @@ def test_the_connection_cap_stays_within_the_descriptor_limit(proxies):
     clients = []
     try:
         while len(clients) < 36:
-            client = RawClient(proxy)
-            client.send(head("GET", "/healthz"))
-            if client.response().status == 200:  # served, then kept alive
+            client = busy_client(proxy)
+            if client:  # else a connection of the /init was not yet done
                 clients.append(client)
-            else:  # a connection of the /init not yet done
-                client.close()
         refused_alone(proxy, head("POST", "/run", "Content-Length: 2") + b"{}", 503,
                       "limit of 36 connections")
     finally:
