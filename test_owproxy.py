@@ -2520,6 +2520,14 @@ def test_a_latin_1_header_value_is_sent_as_it_is(web_proxy):
     assert values_of(pairs, "X-Name") == ["José"]
 
 
+def test_a_web_results_date_and_server_replace_the_proxys(web_proxy):
+    date = "Tue, 01 Jan 2030 00:00:00 GMT"
+    status, pairs, body = web_result(web_proxy, {"headers": {"Date": date, "Server": "mine"},
+                                                 "body": "x"})
+    assert (status, body) == (200, b"x")
+    assert (values_of(pairs, "Date"), values_of(pairs, "Server")) == ([date], ["mine"])
+
+
 def test_a_header_value_with_a_line_break_cannot_inject_a_header(web_proxy):
     status, pairs, body = web_result(web_proxy, {"headers": {"X-Note": "a\r\nX-Injected: yes"},
                                                  "body": "x"})
@@ -2631,6 +2639,22 @@ def test_a_preflight_waits_for_no_activation(proxies, tmp_path):
     options = proxy.request("OPTIONS", "/", timeout=2)  # no answer in time: a timeout
     assert options.status == 200
     assert run().json == {"ran": True}
+
+
+def test_a_preflights_body_is_never_read_and_its_connection_closes(proxies):
+    """A body of any declared size, even beyond --max-body: answered at once, the
+    body dropped as it comes, never held in memory."""
+    proxy = knative(proxies, __OW_ACTION_CODE=KNATIVE_ACTION)
+    client = RawClient(proxy)
+    try:
+        client.send(head("OPTIONS", "/", "Content-Length: %d" % (200 * MIB)) + b"x" * 65536)
+        response = client.response()
+        assert (response.status, response.headers["connection"]) == (200, "close")
+        assert "Access-Control-Allow-Origin" in dict(response.pairs)
+        assert client.closed_by_peer()
+    finally:
+        client.close()
+    assert proxy.post("/", {"value": {}}).status == 200
 
 
 @pytest.mark.parametrize("methods", ['["GET","POST"]', "[GET,,POST]", "GET, POST"])
@@ -4567,6 +4591,15 @@ SMUGGLING = {
     "a space before the colon": (head("POST", "/run", "Content-Length : 0"), 400, "not a name"),
     "a control character in a value": (head("POST", "/run", "X-A: 1\x002"), 400,
                                        "control character"),
+    "HTTP/1.1 without a Host": (b"POST /run HTTP/1.1\r\nContent-Length: 0\r\n\r\n", 400,
+                                "exactly one Host header; this one has 0"),
+    "two Hosts": (head("POST", "/run", "Host: y", "Content-Length: 0"), 400, "has 2"),
+    "NBSP between the parts": (b"POST\xa0/run\xa0HTTP/1.1\r\nHost: x\r\n\r\n", 400,
+                               "Bad request syntax"),
+    "NEL between the parts": (b"POST\x85/run\x85HTTP/1.1\r\nHost: x\r\n\r\n", 400,
+                              "Bad request syntax"),
+    "0x1F between the parts": (b"POST /run\x1fHTTP/1.1 HTTP/1.1\r\nHost: x\r\n\r\n", 400,
+                               "Bad request syntax"),
     "transfer-encoding in HTTP/1.0": (
         b"POST /run HTTP/1.0\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n", 400,
         "not allowed in HTTP/1.0"),
@@ -4578,6 +4611,45 @@ def test_ambiguous_framing_is_refused_and_closes(strict_proxy, case):
     data, status, fragment = SMUGGLING[case]
     refused_alone(strict_proxy, data, status, fragment)
     check_a_run_still_works(strict_proxy, {"n": 1}, {"n": 1})
+
+
+def test_request_line_and_host_refusals_write_no_logs(proxy):
+    assert proxy.init(ECHO_RESULT).status == 200
+    for case in ("HTTP/1.1 without a Host", "two Hosts", "NBSP between the parts"):
+        refused_alone(proxy, *SMUGGLING[case][:2])
+    check_quiet_but_for_runs(proxy)
+
+
+def test_absolute_form_targets_and_tabs_between_the_parts_are_served(proxy):
+    assert proxy.init(ECHO_RESULT).status == 200
+    body = b'{"value": {}}'
+    client = RawClient(proxy)
+    try:
+        client.send(b"POST http://localhost:8080/run HTTP/1.1\r\nHost: localhost:8080\r\n"
+                    b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+        assert client.response().json == {"ok": "run"}
+        client.send(b"GET\thttp://localhost?x=1\tHTTP/1.1\r\nHost: localhost\r\n\r\n")
+        assert client.response().status == 404  # the path "/" of the target
+    finally:
+        client.close()
+    client = RawClient(proxy)
+    try:
+        client.send(b"GET HTTP://other/healthz HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        assert client.response().json == {"status": "ok"}
+    finally:
+        client.close()
+
+
+def test_an_http_0_9_request_is_answered_at_once(proxies):
+    """Not when the header timeout ends it: the client's own 10 s would pass first."""
+    proxy = proxies("--header-timeout", "60")
+    client = RawClient(proxy, timeout=10)
+    try:
+        client.send(b"GET /healthz\r\n")
+        assert client.response().json == {"status": "ok"}
+        assert client.closed_by_peer()
+    finally:
+        client.close()
 
 
 def test_a_chunk_size_with_any_number_of_leading_zeros_is_read_as_its_value(proxy):
