@@ -4749,6 +4749,63 @@ def test_a_slow_head_is_cut_off_at_the_header_timeout(proxies):
     assert proxy.logs() == ("", "")
 
 
+def test_a_trickled_body_holds_no_budget_and_is_408_after_the_body_timeout(proxies):
+    """A chunked body that stalls would once have held --max-body of the budget
+    until it ended: a large /run beside it is answered while it is still open."""
+    proxy = proxies("--max-body", "1M", "--body-memory", "1M", "--body-timeout", "3")
+    assert proxy.init(ECHO_RESULT).status == 200
+    trickle = RawClient(proxy, timeout=20)
+    try:
+        trickle.send(head("POST", "/run", "Transfer-Encoding: chunked") + b"100\r\n{")
+        assert proxy.run({"pad": "x" * 70000}, timeout=20).json == {"ok": "run"}
+        trickle.sock.setblocking(False)
+        with pytest.raises(BlockingIOError):
+            trickle.sock.recv(1)  # the trickle is still waiting for its answer
+        trickle.sock.setblocking(True)
+        response = trickle.response()
+        assert response.status == 408 and "within 3 seconds" in response.json["error"]
+        assert trickle.closed_by_peer()
+    finally:
+        trickle.close()
+    check_a_run_still_works(proxy)
+
+
+def test_a_body_that_could_never_fit_is_413_at_once_saying_why(proxies):
+    proxy = proxies("--max-body", "1M", "--body-memory", "1M")
+    assert proxy.init(ECHO_RESULT).status == 200
+    refused_alone(proxy, head("POST", "/run", "Content-Length: 100000"), 413,
+                  "more than the proxy's --body-memory of 1048576 bytes")
+
+
+def test_a_caps_worth_of_resting_connections_lets_a_run_in(proxies):
+    proxy = proxies("--max-connections", "4", "--idle-timeout", "60")
+    assert proxy.init(ECHO_RESULT).status == 200
+    resting = []
+    try:
+        while len(resting) < 8:  # each sends one request, then rests
+            client = RawClient(proxy)
+            client.send(head("GET", "/healthz"))
+            assert client.response().status == 200
+            resting.append(client)
+        assert proxy.run(timeout=10).json == {"ok": "run"}
+        assert resting[0].closed_by_peer()  # the longest resting made room
+    finally:
+        for client in resting:
+            client.close()
+
+
+def test_a_resting_connection_is_closed_after_the_idle_timeout(proxies):
+    proxy = proxies("--idle-timeout", "1")
+    client = RawClient(proxy, timeout=20)
+    try:
+        client.send(head("GET", "/healthz"))
+        assert client.response().status == 200
+        assert client.closed_by_peer()
+    finally:
+        client.close()
+    assert proxy.logs() == ("", "")
+
+
 def busy_client(proxy):
     """A connection served, so surely accepted, then busy with the head of its next
     request, which it sent with the first (a resting one would be closed to admit
