@@ -4806,6 +4806,33 @@ def test_a_resting_connection_is_closed_after_the_idle_timeout(proxies):
     assert proxy.logs() == ("", "")
 
 
+def memory_bound(settings, idle):
+    """The README's bound, in KiB: idle RSS + --max-connections x (48 KiB +
+    --max-header) + 2 x --body-memory."""
+    return idle + settings["connections"] * (48 + settings["header"]) + 2 * settings["body"]
+
+
+def test_the_worst_body_shapes_stay_within_the_memory_bound(proxies):
+    """1-byte chunks, and empty containers (a parsed ``{}`` costs some 24 times its
+    3 bytes), each alone, then a cap's worth of containers at once, measured with
+    VmHWM: once, four such bodies fitted a budget counted in raw bytes."""
+    settings = {"connections": 4, "header": 4, "body": 42 * 1024}  # KiB
+    proxy = proxies("--max-connections", "4", "--max-header", "4K", "--max-body", "1M",
+                    "--body-memory", "42M", "--concurrent")
+    assert proxy.init(ECHO_RESULT).status == 200
+    idle = proc_status(proxy.process.pid, "VmHWM")
+    containers = b'{"value": {"a": [' + b",".join([b"{}"] * 300000) + b"]}}"
+    text = json.dumps({"value": {"a": "x" * 60000}}).encode()
+    trickled = b"".join(b"1\r\n%c\r\n" % byte for byte in text) + b"0\r\n\r\n"
+    requests = [head("POST", "/run", "Content-Length: %d" % len(containers)) + containers,
+                head("POST", "/run", "Transfer-Encoding: chunked") + trickled]
+    for request in requests:
+        assert raw_request(proxy, request).json == {"ok": "run"}
+    together = [in_thread(raw_request, proxy, requests[0]) for _ in range(4)]
+    assert [answer().json for answer in together] == [{"ok": "run"}] * 4
+    assert proc_status(proxy.process.pid, "VmHWM") <= memory_bound(settings, idle)
+
+
 def busy_client(proxy):
     """A connection served, so surely accepted, then busy with the head of its next
     request, which it sent with the first (a resting one would be closed to admit
