@@ -999,8 +999,6 @@ def measure_attacks(bench):
          lambda proxy: big_bodies(proxy, containers_body(max_body // 4)), bodies_bound),
         ("chunks", "%d concurrent bodies of 128 KiB in 1-byte chunks" % BODY_CLIENTS, budget,
          lambda proxy: big_bodies(proxy, string_body(128 * 1024), chunked=True), bodies_bound),
-        ("preflights", "%d Knative preflights with 32 MiB bodies" % BODY_CLIENTS,
-         dict(budget, __OW_RUNTIME_PLATFORM="knative"), preflights, bodies_bound),
     ]
     figures = []
     for key, label, env, attack, allowance in attacks:
@@ -1018,7 +1016,24 @@ def measure_attacks(bench):
         figures.append(Figure("attack_%s_run" % key, "attack: /run during " + label, during_ms,
                               "ms", before, "before", compare="ratio",
                               target=lambda value, vs: vs <= 1.3, target_label="<= x1.3 (noise)"))
+    figures.append(preflight_figure(bench, dict(budget, __OW_RUNTIME_PLATFORM="knative"),
+                                    bodies_bound))
     return figures
+
+
+def preflight_figure(bench, env, allowance):
+    """Knative's OPTIONS preflights with bodies, which once were read outside the
+    budget; a Knative proxy has no /run to time beside them."""
+    with Proxy(bench.action_dir("tiny"), env=env) as proxy:
+        proxy.connect(10.0, 10.0).close()
+        idle = proxy.status_kib("VmRSS") / 1024
+        with preflights(proxy) as finish:
+            finish()
+        peak = proxy.status_kib("VmHWM") / 1024
+    bound = idle + allowance
+    return Figure("attack_preflights_peak", "attack: VmHWM, %d Knative preflights with "
+                  "32 MiB bodies" % BODY_CLIENTS, peak, "MiB", idle, "idle",
+                  target=lambda value, vs: value <= bound, target_label="<= %.0f MiB" % bound)
 
 
 def raise_descriptor_limit(wanted):
