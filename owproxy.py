@@ -1424,7 +1424,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
     server_version = "owproxy/" + __version__
     disable_nagle_algorithm = True
     wbufsize = 65536  # so that head and body leave in one write
-    timeout = 120  # seconds a client may stall while taking an answer (reading has its own limits)
+    timeout = 120  # seconds a client may take to read an answer (reading has own limits)
     linger_seconds = 2.0  # how long a client may go on sending once the proxy closes
     route = None
 
