@@ -5105,7 +5105,8 @@ def framing_variants():
         add("header line %r" % line, post(line, "Content-Length: %d" % len(body),
                                           "Connection: close") + body, result)
     for ending in [b"\n", b"\r\n"]:
-        data = (b"POST /run HTTP/1.1" + ending + b"Content-Length: %d" % len(body) + ending
+        data = (b"POST /run HTTP/1.1" + ending + b"Host: x" + ending
+                + b"Content-Length: %d" % len(body) + ending
                 + b"Connection: close" + ending + ending + body)
         add("lines ended by %r" % ending, data, result)
     for line, status in [(b"POST /run HTTP/2.0", 505), (b"POST /run HTTP/1", 400),
