@@ -356,8 +356,13 @@ SETTINGS = (
             "methods the knative route accepts, e.g. [GET,POST]"),
     Setting("max_body", "--max-body", "OWPROXY_MAX_BODY", 80 * MIB, parse_size,
             "largest request body accepted (K, M, G suffixes)"),
-    Setting("body_memory", "--body-memory", "OWPROXY_BODY_MEMORY", 80 * MIB, parse_size,
-            "request bodies held in memory at once; the next one waits, unread"),
+    Setting("body_memory", "--body-memory", "OWPROXY_BODY_MEMORY", 1024 * MIB, parse_size,
+            "memory that request bodies and their parsing take at once; past it the "
+            "next body waits, unread"),
+    Setting("body_timeout", "--body-timeout", "OWPROXY_BODY_TIMEOUT", 60.0, parse_time_limit,
+            "seconds a client has to send a whole request body; then 408"),
+    Setting("idle_timeout", "--idle-timeout", "OWPROXY_IDLE_TIMEOUT", 120.0, parse_time_limit,
+            "seconds a kept-alive connection may rest between requests"),
     Setting("max_header", "--max-header", "OWPROXY_MAX_HEADER", 64 * 1024, parse_size,
             "largest request head: request line and header fields (or trailers)"),
     Setting("header_timeout", "--header-timeout", "OWPROXY_HEADER_TIMEOUT", 10.0, parse_time_limit,
@@ -785,11 +790,12 @@ class Route:
     request) the log sentinels close an activation.  A quiet route stays out of
     the access log.
     ``headers`` go with every answer that does not set them itself; with
-    ``preflight``, an OPTIONS request gets them at once, without the handler."""
+    ``preflight``, an OPTIONS request gets them at once, without the handler.
+    ``parse_cost``: the bytes of memory the handler takes per body byte (PARSE_COST)."""
 
     def __init__(self, handle, methods=("POST",), lock=None, sentinels=None, quiet=False,
-                 headers=(), preflight=False):
-        self.handle, self.methods = handle, methods
+                 headers=(), preflight=False, parse_cost=0):
+        self.handle, self.methods, self.parse_cost = handle, methods, parse_cost
         self.lock = lock or threading.Lock()
         self.sentinels = sentinels or (lambda status, request: False)
         self.quiet = quiet
@@ -873,6 +879,9 @@ TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+\Z")
 FIELD_VALUE = re.compile(rb"[\t\x20-\x7e\x80-\xff]*\Z")
 HTTP_VERSION = re.compile(r"HTTP/([0-9])\.([0-9])\Z")
 CHUNK_SIZE = re.compile(rb"[0-9A-Fa-f]*\Z")
+REQUEST_LINE_GAP = re.compile(r"[ \t]+")
+CONTROL_CHARACTER = re.compile(r"[\x00-\x1f\x7f]")
+ABSOLUTE_FORM = re.compile(r"[A-Za-z][A-Za-z0-9+.\-]*://[^/?#]*")
 CHUNKED = None  # a RequestHead's length when its body comes in chunks
 SHUTTING_DOWN = "The proxy is shutting down."
 
@@ -917,16 +926,19 @@ class RequestReader:
                     return None
             requestline = line.decode("latin-1")
             method, target, version = parse_request_line(requestline)
-            fields = self.fields()
+            # HTTP/0.9 has no header fields: waiting for them would answer it only
+            # when the header timeout ends it.
+            fields = [] if version == "HTTP/0.9" else self.fields()
         finally:
             self.deadline = None
             self.sock.settimeout(idle)
         if fields is None:
             return None
+        check_host(version, fields)
         headers = http.client.HTTPMessage()
         for name, value in fields:
             headers.set_raw(name, value)
-        return RequestHead(requestline, method, target, version, headers,
+        return RequestHead(requestline, method, origin_form(target), version, headers,
                            body_length(version, fields), keeps_alive(version, fields))
 
     def fields(self):
@@ -976,34 +988,58 @@ class RequestReader:
 
     # -- bodies --------------------------------------------------------------------
 
-    def body(self, length, limit):
-        """The body of a head whose length is within ``limit`` (checked before);
-        a chunked body is checked against ``limit`` as it comes."""
-        if length is CHUNKED:
-            return self.chunked(limit)
-        body = self.rfile.read(length)
-        if len(body) < length:
-            raise HTTPError(400, "The request body ended early.", close=True)
-        return body
+    def body(self, length, limit, share, timeout):
+        """The body of a head whose length is within ``limit`` (checked before; a
+        chunked body is checked as it comes), whole within ``timeout`` seconds (else
+        408), in one buffer that grows, with its ``share`` of the body memory, as
+        bytes arrive: whatever the chunk sizes, no object is kept per piece."""
+        self.deadline = time.monotonic() + timeout
+        idle = self.sock.gettimeout()
+        buffer = bytearray()
+        try:
+            if length is CHUNKED:
+                self.chunked(buffer, limit, share)
+            else:
+                self.take(buffer, length, share)
+        except socket.timeout:
+            raise HTTPError(408, "The request body did not arrive within %g seconds."
+                            % timeout, close=True)
+        finally:
+            self.deadline = None
+            self.sock.settimeout(idle)
+        return buffer
 
-    def chunked(self, limit):
-        chunks, total = [], 0
+    def take(self, buffer, size, share):
+        """``size`` more bytes into ``buffer``, reserved as they arrive, at most a
+        read buffer ahead of the reservation; the time spent waiting for body memory
+        is not the client's, so it moves the deadline."""
+        while size:
+            arrived = min(size, len(self.peek()))  # what the reader's buffer holds
+            if not arrived:
+                raise HTTPError(400, "The request body ended early.", close=True)
+            self.deadline += share.arrived(arrived)  # before the bytes leave the socket's
+            buffer += self.rfile.read(arrived)
+            size -= arrived
+
+    def chunked(self, buffer, limit, share):
         while True:
             size = self.chunk_size()
             if size == 0:
                 break
-            total += size
-            if total > limit:
+            if len(buffer) + size > limit:
                 raise HTTPError(413, "The request body is more than the limit of %d bytes."
                                 % limit, close=True)
-            chunk = self.rfile.read(size)
-            if len(chunk) < size or self.rfile.read(2) != b"\r\n":
+            try:
+                self.take(buffer, size, share)
+            except HTTPError as error:
+                if error.status != 400:
+                    raise
                 raise HTTPError(400, "The chunked request body is malformed.", close=True)
-            chunks.append(chunk)
+            if self.rfile.read(2) != b"\r\n":
+                raise HTTPError(400, "The chunked request body is malformed.", close=True)
         self.room = self.max_head  # trailers: as many bytes and fields as a head
         if self.fields() is None:
             raise HTTPError(400, "The chunked request body is malformed.", close=True)
-        return b"".join(chunks)
 
     def chunk_size(self):
         """The size on a chunk's first line: leading zeros, however many, are
@@ -1033,8 +1069,12 @@ class RequestReader:
 
 def parse_request_line(requestline):
     """``(method, target, version)``, with http.server's own messages for what it
-    would refuse too.  Two words are an HTTP/0.9 GET."""
-    words = requestline.split()
+    would refuse too.  Two words are an HTTP/0.9 GET.  Only SP (and, leniently,
+    HTAB) separates them: str.split() would also split on NBSP, NEL or 0x1F, which
+    a proxy before this one would take as part of the target."""
+    words = REQUEST_LINE_GAP.split(requestline.strip(" \t"))
+    if any(CONTROL_CHARACTER.search(word) for word in words):
+        raise HTTPError(400, "Bad request syntax (%r)" % requestline, True)
     if len(words) == 3:
         version = HTTP_VERSION.match(words[2])
         if not version:
@@ -1050,6 +1090,24 @@ def parse_request_line(requestline):
     if not TOKEN.match(words[0].encode("latin-1")):
         raise HTTPError(400, "Bad request method (%r)" % words[0], True)
     return tuple(words)
+
+
+def origin_form(target):
+    """The path (and query) of a target in absolute form (``http://host/run``), which
+    RFC 9112 says a server must accept; any other target as it is."""
+    absolute = ABSOLUTE_FORM.match(target)
+    if not absolute:
+        return target
+    rest = target[absolute.end():]
+    return rest if rest.startswith("/") else "/" + rest
+
+
+def check_host(version, fields):
+    """RFC 9112 section 3.2: an HTTP/1.1 request names one Host, no request two."""
+    hosts = [name for name, _ in fields if name.lower() == "host"]
+    if len(hosts) > 1 or (version == "HTTP/1.1" and not hosts):
+        raise HTTPError(400, "An HTTP/1.1 request must have exactly one Host header; "
+                             "this one has %d." % len(hosts), True)
 
 
 def parse_field(line):
@@ -1109,31 +1167,84 @@ def keeps_alive(version, fields):
 # -- what clients may take: body memory, threads, connections --------------------
 
 class BodyBudget:
-    """How many bytes of request bodies may be in memory at once.  A body that
-    does not fit waits, unread in its socket (TCP holds its sender back), until
-    the bodies before it are answered; one alone always fits.  A body no larger
-    than ``small`` (a head's limit) is counted with its connection instead, so
-    that large ones never hold small ones up."""
+    """How many bytes of memory request bodies, and what parsing them makes, may
+    take at once.  Each body has a share that grows as its bytes arrive (nothing is
+    reserved for bytes a client has only announced, so a sender that does not send
+    holds nothing) and by what its parse is expected to take.  A share that would
+    pass the budget waits, its body unread in its socket (TCP holds its sender
+    back), until earlier bodies are answered; the oldest body never waits, so no
+    two bodies wait for each other.  A body whose share alone would pass the budget
+    is refused (413): it could never fit."""
 
-    def __init__(self, size, small):
-        self.size, self.small, self.held = size, small, 0
+    def __init__(self, size):
+        self.size, self.held = size, 0
+        self.shares = []  # of the bodies being read or served, oldest first
         self.changed = threading.Condition()
 
     @contextlib.contextmanager
-    def holding(self, size):
-        if size <= self.small:
-            yield
-            return
+    def share(self, per_byte):
+        share = BodyShare(self, per_byte)
         with self.changed:
-            while self.held and self.held + size > self.size:
-                self.changed.wait()
-            self.held += size
+            self.shares.append(share)
         try:
-            yield
+            yield share
         finally:
             with self.changed:
-                self.held -= size
+                self.held -= share.held
+                self.shares.remove(share)
                 self.changed.notify_all()
+
+    def check_fits(self, size):
+        if size > self.size:
+            raise HTTPError(413, "The request body would take %d bytes of memory once parsed, "
+                                 "more than the proxy's --body-memory of %d bytes."
+                            % (size, self.size), close=True)
+
+    def grow(self, share, size):
+        """Adds ``size`` bytes to ``share``, waiting for room; the seconds waited."""
+        if not size:
+            return 0.0
+        self.check_fits(share.held + size)
+        started = time.monotonic()
+        with self.changed:
+            while share is not self.shares[0] and self.held + size > self.size:
+                self.changed.wait()
+            self.held += size
+            share.held += size
+        return time.monotonic() - started
+
+
+class BodyShare:
+    """One body's part of the BodyBudget: each byte that arrives counts with what
+    parsing it will take (``per_byte``, PARSE_COST), so that a body that will not
+    fit waits before it is read rather than after."""
+
+    def __init__(self, budget, per_byte):
+        self.budget, self.per_byte, self.held = budget, per_byte, 0
+
+    def check_fits(self, length):
+        """A 413 at once for a declared length that could never fit."""
+        self.budget.check_fits(length * (1 + self.per_byte))
+
+    def arrived(self, size):
+        """Seconds waited for room for ``size`` more bytes."""
+        return self.budget.grow(self, size * (1 + self.per_byte))
+
+    def parsing(self, body):
+        """Reserves what the JSON tokens of the whole ``body`` take on top."""
+        self.budget.grow(self, PARSE_COST_PER_TOKEN * sum(body.count(byte)
+                                                          for byte in EXPANDING))
+
+
+# What parsing a body takes, per byte and per JSON token, with a margin over what
+# VmHWM shows on Python 3.8 and 3.13 (a /run of one long string: 4.5 bytes per
+# byte; of ``[{},{},...]``: some 36 bytes per token on top): every byte is held
+# as the body, as its text, as the parsed values and as the action's input; each
+# container or member (``,:[{``) is a Python object, and each control character
+# or backslash grows when it is encoded again.
+EXPANDING = [bytes([byte]) for byte in b",:[{\\" + bytes(range(32))]
+PARSE_COST_PER_TOKEN = 48
+PARSE_COST = {"init": 6, "run": 12}  # per body byte: an init decodes, a run re-encodes
 
 
 def error_bytes(status, message):
@@ -1229,10 +1340,11 @@ class ProxyServer(ThreadingHTTPServer):
         self.settings, self.routes, self.logs, self.processes = settings, routes, logs, processes
         self.stopping = self.hurried = False
         # Requests being answered; connections, and those of them resting (kept
-        # alive, waiting for their next request): the others are busy.
-        self.in_flight = self.connections = self.resting_connections = 0
+        # alive, waiting for their next request), oldest first: the others are busy.
+        self.in_flight = self.connections = 0
+        self.resting_connections = {}
         self.counting = threading.Lock()
-        self.bodies = BodyBudget(settings.body_memory, settings.max_header)
+        self.bodies = BodyBudget(settings.body_memory)
         self.threads = HandlerThreads(self.process_request_thread, keep=16)
         self.max_connections = connection_limit(settings.max_connections)
         self.address_family, address = listening_address(settings.host, settings.port)
@@ -1270,17 +1382,36 @@ class ProxyServer(ThreadingHTTPServer):
         with self.counting:
             self.in_flight += delta
 
-    def resting(self, delta):
-        """A kept-alive connection starts (+1) or stops (-1) waiting for a request."""
+    @contextlib.contextmanager
+    def resting(self, sock):
+        """While a kept-alive connection waits for its next request."""
         with self.counting:
-            self.resting_connections += delta
+            self.resting_connections[sock] = None
+        try:
+            yield
+        finally:
+            with self.counting:
+                self.resting_connections.pop(sock, None)
+
+    def close_longest_resting(self):
+        """At the cap, makes room by ending the connection that has rested longest
+        (its thread sees the end at once and stops counting it); False if none is
+        resting.  Called with ``counting`` held."""
+        if not self.resting_connections:
+            return False
+        sock = next(iter(self.resting_connections))
+        del self.resting_connections[sock]
+        with contextlib.suppress(OSError):
+            sock.shutdown(socket.SHUT_RDWR)
+        return True
 
     def process_request(self, request, client_address):
         """A thread for the connection, up to ``max_connections`` of them; past
         that, a 503 from the serving thread itself, so that a flood of connections
         costs no threads."""
         with self.counting:
-            admitted = self.connections < self.max_connections
+            admitted = (self.connections < self.max_connections
+                        or self.close_longest_resting())
             self.connections += admitted
         if not admitted:
             return self.turn_away(request, "The proxy is serving its limit of %d "
@@ -1343,7 +1474,7 @@ class ProxyServer(ThreadingHTTPServer):
         connections to be answered (a 503 now): a close with a request unread
         would reset them."""
         end = time.monotonic() + timeout
-        while self.connections - self.resting_connections and time.monotonic() < end:
+        while self.connections - len(self.resting_connections) and time.monotonic() < end:
             time.sleep(0.01)
 
 
@@ -1385,7 +1516,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
     server_version = "owproxy/" + __version__
     disable_nagle_algorithm = True
     wbufsize = 65536  # so that head and body leave in one write
-    timeout = 120  # seconds a client may stall while sending a body or between requests
+    timeout = 120  # seconds a client may take to read an answer (reading has own limits)
     linger_seconds = 2.0  # how long a client may go on sending once the proxy closes
     route = None
 
@@ -1429,12 +1560,16 @@ class ProxyHandler(BaseHTTPRequestHandler):
 
     def next_request_begins(self):
         """Waits, resting, for the first byte of a kept-alive connection's next
-        request; False if the client closes instead."""
-        self.server.resting(+1)
+        request; False if the client closes instead, rests past --idle-timeout, or
+        the connection is closed to admit another at the cap."""
+        self.connection.settimeout(self.server.settings.idle_timeout)
         try:
-            return bool(self.rfile.peek(1))
+            with self.server.resting(self.connection):
+                return bool(self.rfile.peek(1))
+        except OSError:
+            return False
         finally:
-            self.server.resting(-1)
+            self.connection.settimeout(self.timeout)
 
     def dispatch(self):
         path, _, query = self.path.partition("?")
@@ -1452,19 +1587,21 @@ class ProxyHandler(BaseHTTPRequestHandler):
         else:
             self.server.working(+1)
             try:
-                with self.server.bodies.holding(self.body_size()):
-                    self.serve(route, query)
+                with self.server.bodies.share(route.parse_cost) as share:
+                    self.serve(route, query, share)
             finally:
                 self.server.working(-1)
 
     def shutting_down(self, route):
         return self.server.stopping and not route.quiet
 
-    def serve(self, route, query):
+    def serve(self, route, query, share):
         """Reads the body, then runs the handler under the route's lock: a slow
-        upload holds up nobody."""
+        upload holds up nobody.  What parsing the body will take is reserved first."""
         try:
-            request = Request(self.command, query, self.headers, self.read_body())
+            body = self.read_body(share)
+            share.parsing(body)
+            request = Request(self.command, query, self.headers, body)
         except HTTPError as error:
             request = error
         with route.lock:
@@ -1482,11 +1619,10 @@ class ProxyHandler(BaseHTTPRequestHandler):
         self.answer(status, body, headers)
 
     def preflight(self, route):
-        """A CORS preflight, answered with the route's headers at once."""
-        try:
-            self.read_body()
-        except HTTPError as error:
-            return self.refuse(error.status, error.message)
+        """A CORS preflight, answered with the route's headers at once.  Its body,
+        which means nothing, is never read into memory: the connection closes, and
+        what the client still sends is dropped as it comes."""
+        self.close_connection = True
         self.answer(200, b"", route.headers)
 
     def outcome(self, route, request):
@@ -1506,25 +1642,19 @@ class ProxyHandler(BaseHTTPRequestHandler):
 
     # -- request bodies --------------------------------------------------------
 
-    def body_size(self):
-        """What the body will take in memory: a chunked one may take the limit, one
-        declared larger is refused unread."""
-        length, limit = self.head.length, self.server.settings.max_body
-        if length is CHUNKED:
-            return limit
-        return 0 if length > limit else length
-
-    def read_body(self):
+    def read_body(self, share):
         limit, length = self.server.settings.max_body, self.head.length
         if length is not CHUNKED and length > limit:
             raise HTTPError(413, "The request body has %d bytes, more than the limit of %d."
                             % (length, limit), close=True)
+        if length is not CHUNKED:
+            share.check_fits(length)
         if (self.headers.get("Expect", "").lower() == "100-continue"
                 and self.request_version == "HTTP/1.1"):  # HTTP/1.0 knows no 100
             self.send_response_only(100)
             self.end_headers()
             self.wfile.flush()
-        return self.reader.body(length, limit)
+        return self.reader.body(length, limit, share, self.server.settings.body_timeout)
 
     # -- answers ---------------------------------------------------------------
 
@@ -1533,7 +1663,13 @@ class ProxyHandler(BaseHTTPRequestHandler):
             self.request_version = self.protocol_version
         if status in (204, 304):
             body = b""  # these statuses carry none
-        self.send_response(status)
+        self.log_request(status)
+        self.send_response_only(status)
+        given = {name.lower() for name, _ in headers}  # a web result's replace the proxy's
+        if "server" not in given:
+            self.send_header("Server", self.version_string())
+        if "date" not in given:
+            self.send_header("Date", self.date_time_string())
         self.send_header("Content-Length", str(len(body)))
         for name, value in headers:
             self.send_header(name, value)
@@ -2306,22 +2442,23 @@ class Processes:
         with self.lock:
             for process in self.alive:
                 kill_group(process)
-        self.kill_marked("%d-" % os.getpid(), whole=False)
+        self.kill_marked(None)
         self.reap_orphans(force=True)
 
-    def kill_marked(self, marker, whole=True, killed=()):
-        """Kills the descendants whose marker is ``marker`` (or begins so, unless
-        ``whole``), again while some are found (one may fork meanwhile) or one that
-        was killed still exits: until it has, its children are not yet the proxy's."""
+    def kill_marked(self, marker, killed=()):
+        """Kills the descendants whose marker is ``marker`` (every descendant when
+        None), and the stray orphans, again while some are found (one may fork
+        meanwhile) or one that was killed still exits: until it has, its children
+        are not yet the proxy's."""
         if not self.subreaper:
             return
-        wanted = ("\0%s=%s%s" % (ACTIVATION_MARKER, marker, "\0" if whole else "")).encode()
+        wanted = ("\0%s=%s\0" % (ACTIVATION_MARKER, marker)).encode() if marker else b""
         killed, clean = set(killed), 0
         for _ in range(self.kill_rounds):
             # Those dead before the scan begins have handed their children over.
             exiting = [pid for pid in killed if running(pid)]
             found = [pid for pid in descendants(os.getpid()) if wanted in environ_of(pid)]
-            found += self.unmarked_orphans()
+            found += self.stray_orphans()
             for pid in found:
                 try:
                     os.kill(pid, signal.SIGKILL)
@@ -2340,15 +2477,18 @@ class Processes:
         with self.lock:
             return {process.pid for process in self.alive}
 
-    def unmarked_orphans(self):
-        """Live orphans without a marker: an action's that cleared its environment
-        (``env -i``) and left.  Whose it was no one can tell; an orphan is no longer
-        the process an activation waits for, so the next cleanup ends it."""
-        own = self.own_pids()
-        marker = ("\0%s=" % ACTIVATION_MARKER).encode()
+    def stray_orphans(self):
+        """Live orphans whose marker is no running activation's (or warm
+        process's): one that cleared its environment (``env -i``), or set a marker
+        of its own, empty or made up, or kept that of an activation that ended.
+        Whose it was no one can tell; an orphan is no longer the process an
+        activation waits for, so the next cleanup ends it."""
+        with self.lock:
+            own = {process.pid for process in self.alive}
+            live = {process.marker for process in self.alive}
         return [pid for pid in orphans() if pid not in own
                 and running(pid)
-                and marker not in environ_of(pid)]
+                and marker_of(environ_of(pid)) not in live]
 
     def reap_orphans(self, force=False):
         """Collects the exit status of zombie children no Popen object waits for: at
@@ -2430,6 +2570,16 @@ def environ_of(pid):
             return b"\0" + environ.read()
     except OSError:
         return b""
+
+
+def marker_of(environ):
+    """The activation marker in an environ_of() text, None if it has none."""
+    start = environ.find(b"\0%s=" % ACTIVATION_MARKER.encode())
+    if start < 0:
+        return None
+    start += len(ACTIVATION_MARKER) + 2
+    end = environ.find(b"\0", start)
+    return environ[start:end if end >= 0 else len(environ)].decode("latin-1")
 
 
 def process_state(pid):
@@ -3689,9 +3839,10 @@ class OpenWhisk:
 
     def routes(self):
         return {
-            "/init": Route(self.init,
+            "/init": Route(self.init, parse_cost=PARSE_COST["init"],
                            sentinels=lambda status, request: status not in (200, 403, 503)),
-            "/run": Route(self.run, lock=self.serial, sentinels=lambda status, request: True),
+            "/run": Route(self.run, lock=self.serial, parse_cost=PARSE_COST["run"],
+                          sentinels=lambda status, request: True),
         }
 
     def init(self, request):
@@ -3786,6 +3937,7 @@ class Knative(OpenWhisk):
     def routes(self):
         methods = tuple(dict.fromkeys(self.settings.http_methods + ("OPTIONS",)))
         return {"/": Route(self.handle, methods=methods, lock=self.serial,
+                           parse_cost=PARSE_COST["run"],
                            sentinels=self.sentinels, headers=CORS.items(),
                            preflight="OPTIONS" not in self.settings.http_methods)}
 

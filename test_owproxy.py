@@ -2584,6 +2584,14 @@ def test_a_latin_1_header_value_is_sent_as_it_is(web_proxy):
     assert values_of(pairs, "X-Name") == ["José"]
 
 
+def test_a_web_results_date_and_server_replace_the_proxys(web_proxy):
+    date = "Tue, 01 Jan 2030 00:00:00 GMT"
+    status, pairs, body = web_result(web_proxy, {"headers": {"Date": date, "Server": "mine"},
+                                                 "body": "x"})
+    assert (status, body) == (200, b"x")
+    assert (values_of(pairs, "Date"), values_of(pairs, "Server")) == ([date], ["mine"])
+
+
 def test_a_header_value_with_a_line_break_cannot_inject_a_header(web_proxy):
     status, pairs, body = web_result(web_proxy, {"headers": {"X-Note": "a\r\nX-Injected: yes"},
                                                  "body": "x"})
@@ -2695,6 +2703,22 @@ def test_a_preflight_waits_for_no_activation(proxies, tmp_path):
     options = proxy.request("OPTIONS", "/", timeout=2)  # no answer in time: a timeout
     assert options.status == 200
     assert run().json == {"ran": True}
+
+
+def test_a_preflights_body_is_never_read_and_its_connection_closes(proxies):
+    """A body of any declared size, even beyond --max-body: answered at once, the
+    body dropped as it comes, never held in memory."""
+    proxy = knative(proxies, __OW_ACTION_CODE=KNATIVE_ACTION)
+    client = RawClient(proxy)
+    try:
+        client.send(head("OPTIONS", "/", "Content-Length: %d" % (200 * MIB)) + b"x" * 65536)
+        response = client.response()
+        assert (response.status, response.headers["connection"]) == (200, "close")
+        assert "Access-Control-Allow-Origin" in dict(response.pairs)
+        assert client.closed_by_peer()
+    finally:
+        client.close()
+    assert proxy.post("/", {"value": {}}).status == 200
 
 
 @pytest.mark.parametrize("methods", ['["GET","POST"]', "[GET,,POST]", "GET, POST"])
@@ -4464,6 +4488,12 @@ ESCAPES = {
     "no environment": "setsid env -i /bin/sleep {seconds} </dev/null >/dev/null 2>&1 &",
     "no environment, its children": "setsid env -i /bin/sh -c '/bin/sleep {seconds} & wait' "
                                     "</dev/null >/dev/null 2>&1 &",
+    "empty marker": "OWPROXY_ACTIVATION= setsid sleep {seconds} </dev/null >/dev/null 2>&1 &",
+    "made-up marker": "OWPROXY_ACTIVATION=made-up setsid sleep {seconds} "
+                      "</dev/null >/dev/null 2>&1 &",
+    "an earlier activation's marker":
+        "OWPROXY_ACTIVATION=${{OWPROXY_ACTIVATION%-*}}-$(( ${{OWPROXY_ACTIVATION##*-}} - 1 )) "
+        "setsid sleep {seconds} </dev/null >/dev/null 2>&1 &",
 }
 
 
@@ -4480,9 +4510,10 @@ echo '{"ok": true}'
 
 
 def test_an_escaped_process_dies_at_the_deadline_and_at_shutdown(proxy):
+    """Even one whose marker is forged."""
     at_deadline, at_shutdown = unique_sleep(), unique_sleep()
     assert proxy.init(bash("""
-setsid sleep $(echo "$1" | sed 's/.*"s": "\\([^"]*\\)".*/\\1/') </dev/null >/dev/null 2>&1 &
+OWPROXY_ACTIVATION=forged setsid sleep $(echo "$1" | sed 's/.*"s": "\\([^"]*\\)".*/\\1/') </dev/null >/dev/null 2>&1 &
 sleep 60
 """)).status == 200
     deadline = str(int((time.time() + 1.5) * 1000))
@@ -4977,6 +5008,15 @@ SMUGGLING = {
     "a space before the colon": (head("POST", "/run", "Content-Length : 0"), 400, "not a name"),
     "a control character in a value": (head("POST", "/run", "X-A: 1\x002"), 400,
                                        "control character"),
+    "HTTP/1.1 without a Host": (b"POST /run HTTP/1.1\r\nContent-Length: 0\r\n\r\n", 400,
+                                "exactly one Host header; this one has 0"),
+    "two Hosts": (head("POST", "/run", "Host: y", "Content-Length: 0"), 400, "has 2"),
+    "NBSP between the parts": (b"POST\xa0/run\xa0HTTP/1.1\r\nHost: x\r\n\r\n", 400,
+                               "Bad request syntax"),
+    "NEL between the parts": (b"POST\x85/run\x85HTTP/1.1\r\nHost: x\r\n\r\n", 400,
+                              "Bad request syntax"),
+    "0x1F between the parts": (b"POST /run\x1fHTTP/1.1 HTTP/1.1\r\nHost: x\r\n\r\n", 400,
+                               "Bad request syntax"),
     "transfer-encoding in HTTP/1.0": (
         b"POST /run HTTP/1.0\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n", 400,
         "not allowed in HTTP/1.0"),
@@ -4988,6 +5028,45 @@ def test_ambiguous_framing_is_refused_and_closes(strict_proxy, case):
     data, status, fragment = SMUGGLING[case]
     refused_alone(strict_proxy, data, status, fragment)
     check_a_run_still_works(strict_proxy, {"n": 1}, {"n": 1})
+
+
+def test_request_line_and_host_refusals_write_no_logs(proxy):
+    assert proxy.init(ECHO_RESULT).status == 200
+    for case in ("HTTP/1.1 without a Host", "two Hosts", "NBSP between the parts"):
+        refused_alone(proxy, *SMUGGLING[case][:2])
+    check_quiet_but_for_runs(proxy)
+
+
+def test_absolute_form_targets_and_tabs_between_the_parts_are_served(proxy):
+    assert proxy.init(ECHO_RESULT).status == 200
+    body = b'{"value": {}}'
+    client = RawClient(proxy)
+    try:
+        client.send(b"POST http://localhost:8080/run HTTP/1.1\r\nHost: localhost:8080\r\n"
+                    b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+        assert client.response().json == {"ok": "run"}
+        client.send(b"GET\thttp://localhost?x=1\tHTTP/1.1\r\nHost: localhost\r\n\r\n")
+        assert client.response().status == 404  # the path "/" of the target
+    finally:
+        client.close()
+    client = RawClient(proxy)
+    try:
+        client.send(b"GET HTTP://other/healthz HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        assert client.response().json == {"status": "ok"}
+    finally:
+        client.close()
+
+
+def test_an_http_0_9_request_is_answered_at_once(proxies):
+    """Not when the header timeout ends it: the client's own 10 s would pass first."""
+    proxy = proxies("--header-timeout", "60")
+    client = RawClient(proxy, timeout=10)
+    try:
+        client.send(b"GET /healthz\r\n")
+        assert client.response().json == {"status": "ok"}
+        assert client.closed_by_peer()
+    finally:
+        client.close()
 
 
 def test_a_chunk_size_with_any_number_of_leading_zeros_is_read_as_its_value(proxy):
@@ -5087,20 +5166,112 @@ def test_a_slow_head_is_cut_off_at_the_header_timeout(proxies):
     assert proxy.logs() == ("", "")
 
 
+def test_a_trickled_body_holds_no_budget_and_is_408_after_the_body_timeout(proxies):
+    """A chunked body that stalls would once have held --max-body of the budget
+    until it ended: a large /run beside it is answered while it is still open."""
+    proxy = proxies("--max-body", "1M", "--body-memory", "1M", "--body-timeout", "3")
+    assert proxy.init(ECHO_RESULT).status == 200
+    trickle = RawClient(proxy, timeout=20)
+    try:
+        trickle.send(head("POST", "/run", "Transfer-Encoding: chunked") + b"100\r\n{")
+        assert proxy.run({"pad": "x" * 70000}, timeout=20).json == {"ok": "run"}
+        trickle.sock.setblocking(False)
+        with pytest.raises(BlockingIOError):
+            trickle.sock.recv(1)  # the trickle is still waiting for its answer
+        trickle.sock.setblocking(True)
+        response = trickle.response()
+        assert response.status == 408 and "within 3 seconds" in response.json["error"]
+        assert trickle.closed_by_peer()
+    finally:
+        trickle.close()
+    check_a_run_still_works(proxy)
+
+
+def test_a_body_that_could_never_fit_is_413_at_once_saying_why(proxies):
+    proxy = proxies("--max-body", "1M", "--body-memory", "1M")
+    assert proxy.init(ECHO_RESULT).status == 200
+    refused_alone(proxy, head("POST", "/run", "Content-Length: 100000"), 413,
+                  "more than the proxy's --body-memory of 1048576 bytes")
+
+
+def test_a_caps_worth_of_resting_connections_lets_a_run_in(proxies):
+    proxy = proxies("--max-connections", "4", "--idle-timeout", "60")
+    assert proxy.init(ECHO_RESULT).status == 200
+    resting = []
+    try:
+        while len(resting) < 8:  # each sends one request, then rests
+            client = RawClient(proxy)
+            client.send(head("GET", "/healthz"))
+            assert client.response().status == 200
+            resting.append(client)
+        assert proxy.run(timeout=10).json == {"ok": "run"}
+        assert resting[0].closed_by_peer()  # the longest resting made room
+    finally:
+        for client in resting:
+            client.close()
+
+
+def test_a_resting_connection_is_closed_after_the_idle_timeout(proxies):
+    proxy = proxies("--idle-timeout", "1")
+    client = RawClient(proxy, timeout=20)
+    try:
+        client.send(head("GET", "/healthz"))
+        assert client.response().status == 200
+        assert client.closed_by_peer()
+    finally:
+        client.close()
+    assert proxy.logs() == ("", "")
+
+
+def memory_bound(settings, idle):
+    """The README's bound, in KiB: idle RSS + --max-connections x (48 KiB +
+    --max-header) + 2 x --body-memory."""
+    return idle + settings["connections"] * (48 + settings["header"]) + 2 * settings["body"]
+
+
+def test_the_worst_body_shapes_stay_within_the_memory_bound(proxies):
+    """1-byte chunks, and empty containers (a parsed ``{}`` costs some 24 times its
+    3 bytes), each alone, then a cap's worth of containers at once, measured with
+    VmHWM: once, four such bodies fitted a budget counted in raw bytes."""
+    settings = {"connections": 4, "header": 4, "body": 42 * 1024}  # KiB
+    proxy = proxies("--max-connections", "4", "--max-header", "4K", "--max-body", "1M",
+                    "--body-memory", "42M", "--concurrent")
+    assert proxy.init(ECHO_RESULT).status == 200
+    idle = proc_status(proxy.process.pid, "VmHWM")
+    containers = b'{"value": {"a": [' + b",".join([b"{}"] * 300000) + b"]}}"
+    text = json.dumps({"value": {"a": "x" * 60000}}).encode()
+    trickled = b"".join(b"1\r\n%c\r\n" % byte for byte in text) + b"0\r\n\r\n"
+    requests = [head("POST", "/run", "Content-Length: %d" % len(containers)) + containers,
+                head("POST", "/run", "Transfer-Encoding: chunked") + trickled]
+    for request in requests:
+        assert raw_request(proxy, request).json == {"ok": "run"}
+    together = [in_thread(raw_request, proxy, requests[0]) for _ in range(4)]
+    assert [answer().json for answer in together] == [{"ok": "run"}] * 4
+    assert proc_status(proxy.process.pid, "VmHWM") <= memory_bound(settings, idle)
+
+
+def busy_client(proxy):
+    """A connection served, so surely accepted, then busy with the head of its next
+    request, which it sent with the first (a resting one would be closed to admit
+    another); None if it was turned away."""
+    client = RawClient(proxy)
+    client.send(head("GET", "/healthz") + b"GET /healthz HTTP/1.1\r\n")
+    if client.response().status == 200:
+        return client
+    client.close()
+    return None
+
+
 def test_past_the_connection_cap_a_503_at_once_without_a_thread(proxies):
     proxy = proxies("--max-connections", "2", "--header-timeout", "60")
     assert proxy.init(ECHO_RESULT).status == 200
     held = []
 
     def hold():
-        """A connection served, so surely accepted, then kept alive: once the
-        connections of the /init are done, two of these fill the cap."""
-        client = RawClient(proxy)
-        client.send(head("GET", "/healthz"))
-        if client.response().status == 200:
+        """Once the connections of the /init are done, two busy ones fill the cap."""
+        client = busy_client(proxy)
+        if client:
             held.append(client)
-        else:
-            client.close()
         return len(held) == 2
 
     try:
@@ -5131,12 +5302,9 @@ def test_the_connection_cap_stays_within_the_descriptor_limit(proxies):
     clients = []
     try:
         while len(clients) < 36:
-            client = RawClient(proxy)
-            client.send(head("GET", "/healthz"))
-            if client.response().status == 200:  # served, then kept alive
+            client = busy_client(proxy)
+            if client:  # else a connection of the /init was not yet done
                 clients.append(client)
-            else:  # a connection of the /init not yet done
-                client.close()
         refused_alone(proxy, head("POST", "/run", "Content-Length: 2") + b"{}", 503,
                       "limit of 36 connections")
     finally:
@@ -5158,7 +5326,8 @@ def server_rx_queue(port, client_port):
 
 
 def test_a_body_beyond_the_memory_budget_waits_unread_in_its_socket(proxies):
-    proxy = proxies("--max-body", "200K", "--body-memory", "150K")
+    # one 90 KB body fits (x 13 with its parse), two do not
+    proxy = proxies("--max-body", "200K", "--body-memory", "1200K")
     assert proxy.init(bash("""
 touch started
 while [ ! -e release ]; do sleep 0.02; done
@@ -5353,7 +5522,8 @@ def framing_variants():
         add("header line %r" % line, post(line, "Content-Length: %d" % len(body),
                                           "Connection: close") + body, result)
     for ending in [b"\n", b"\r\n"]:
-        data = (b"POST /run HTTP/1.1" + ending + b"Content-Length: %d" % len(body) + ending
+        data = (b"POST /run HTTP/1.1" + ending + b"Host: x" + ending
+                + b"Content-Length: %d" % len(body) + ending
                 + b"Connection: close" + ending + ending + body)
         add("lines ended by %r" % ending, data, result)
     for line, status in [(b"POST /run HTTP/2.0", 505), (b"POST /run HTTP/1", 400),
@@ -5769,7 +5939,7 @@ def test_a_run_waiting_for_the_lock_at_shutdown_gets_503_without_sentinels(proxy
 
 def test_a_body_declared_over_the_limit_is_refused_without_waiting_for_the_budget(proxies):
     proxy = proxies("--concurrent", "--max-header", "1K", "--max-body", "10K",
-                    "--body-memory", "10K")
+                    "--body-memory", "200K")  # a 9 KB body with its parse fits, two do not
     assert proxy.init(bash("sleep 2\ntouch finished\necho '{\"slow\": true}'")).status == 200
     slow = {}
     runner = threading.Thread(target=lambda: slow.update(

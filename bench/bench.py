@@ -129,12 +129,11 @@ MAX_ARG_STRLEN = 131071  # owproxy passes the argument in argv only up to this s
 READY_POLL = 0.0002  # seconds between connection attempts while a proxy starts
 PARAMS = {"name": "bench"}
 # The README's memory bound: per connection a thread's stack and buffers beside
-# its head (--max-header, default 64 KiB); per byte of --body-memory, the body
-# held, its decoded arguments and the action's input while it runs, and what the
-# allocator keeps of them (11 to 13 times the bodies measured on a 2-core machine).
+# its head (--max-header, default 64 KiB); twice --body-memory, which counts each
+# body with what parsing it takes (the oldest body may pass it while the others wait).
 CONNECTION_KIB = 48
 MAX_HEADER_KIB = 64
-BODY_COPIES = 14
+BODY_MEMORY_TIMES = 2
 SLOW_CONNECTIONS = 1000
 HEADER_CONNECTIONS = 60
 BODY_CLIENTS = 8
@@ -1248,15 +1247,23 @@ def measure_attacks(bench):
     during the attack, and its VmHWM at the end, against the README's bound."""
     raise_descriptor_limit(2 * SLOW_CONNECTIONS + 200)
     max_body = bench.counts["attack_max_body"]
+    body_memory = 16 * max_body  # a --max-body /run with its parse fits
+    bodies_bound = (BODY_MEMORY_TIMES * body_memory / MIB
+                    + BODY_CLIENTS * (CONNECTION_KIB + MAX_HEADER_KIB) / 1024)
+    budget = {"OWPROXY_MAX_BODY": str(max_body), "OWPROXY_BODY_MEMORY": str(body_memory),
+              "__OW_ALLOW_CONCURRENT": "true"}
     attacks = [
         ("slow", "%d connections sending a head slowly" % SLOW_CONNECTIONS, {},
          slow_heads, SLOW_CONNECTIONS * (CONNECTION_KIB + MAX_HEADER_KIB) / 1024),
         ("headers", "%d connections holding a 60 KB header line" % HEADER_CONNECTIONS, {},
          long_header_lines, HEADER_CONNECTIONS * (CONNECTION_KIB + MAX_HEADER_KIB) / 1024),
         ("bodies", "%d concurrent bodies at --max-body %d MiB" % (BODY_CLIENTS, max_body // MIB),
-         {"OWPROXY_MAX_BODY": str(max_body), "OWPROXY_BODY_MEMORY": str(2 * max_body),
-          "__OW_ALLOW_CONCURRENT": "true"},
-         lambda proxy: big_bodies(proxy, max_body), BODY_COPIES * 2 * max_body / MIB),
+         budget, lambda proxy: big_bodies(proxy, string_body(max_body)), bodies_bound),
+        ("containers", "%d concurrent [{},{},...] bodies of %d MiB"
+         % (BODY_CLIENTS, max_body // 4 // MIB), budget,
+         lambda proxy: big_bodies(proxy, containers_body(max_body // 4)), bodies_bound),
+        ("chunks", "%d concurrent bodies of 128 KiB in 1-byte chunks" % BODY_CLIENTS, budget,
+         lambda proxy: big_bodies(proxy, string_body(128 * 1024), chunked=True), bodies_bound),
     ]
     figures = []
     for key, label, env, attack, allowance in attacks:
@@ -1274,7 +1281,24 @@ def measure_attacks(bench):
         figures.append(Figure("attack_%s_run" % key, "attack: /run during " + label, during_ms,
                               "ms", before, "before", compare="ratio",
                               target=lambda value, vs: vs <= 1.3, target_label="<= x1.3 (noise)"))
+    figures.append(preflight_figure(bench, dict(budget, __OW_RUNTIME_PLATFORM="knative"),
+                                    bodies_bound))
     return figures
+
+
+def preflight_figure(bench, env, allowance):
+    """Knative's OPTIONS preflights with bodies, which once were read outside the
+    budget; a Knative proxy has no /run to time beside them."""
+    with Proxy(bench.action_dir("tiny"), env=env) as proxy:
+        proxy.connect(10.0, 10.0).close()
+        idle = proxy.status_kib("VmRSS") / 1024
+        with preflights(proxy) as finish:
+            finish()
+        peak = proxy.status_kib("VmHWM") / 1024
+    bound = idle + allowance
+    return Figure("attack_preflights_peak", "attack: VmHWM, %d Knative preflights with "
+                  "32 MiB bodies" % BODY_CLIENTS, peak, "MiB", idle, "idle",
+                  target=lambda value, vs: value <= bound, target_label="<= %.0f MiB" % bound)
 
 
 def raise_descriptor_limit(wanted):
@@ -1324,12 +1348,52 @@ def long_header_lines(proxy):
             sock.close()
 
 
+def string_body(size):
+    return b'{"value": {"x": "' + b"y" * (size - 20) + b'"}}'
+
+
+def containers_body(size):
+    """Empty objects, the shape that expands most when parsed."""
+    return b'{"value": {"x": [' + b",".join([b"{}"] * (size // 3)) + b"]}}"
+
+
+def raw_status(port, request):
+    """The status of one request sent as it is on a connection of its own."""
+    with open_connection(port, 120) as sock:
+        sock.sendall(request)
+        return int(sock.makefile("rb").readline().split()[1])
+
+
 @contextlib.contextmanager
-def big_bodies(proxy, size):
-    """Clients that each post a /run body of ``size`` bytes, all at once."""
-    body = b'{"value": {"x": "' + b"y" * (size - 20) + b'"}}'
+def preflights(proxy):
+    """OPTIONS requests whose bodies of 32 MiB mean nothing."""
+    request = (b"OPTIONS / HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % (32 * MIB)
+               + b"x" * (32 * MIB))
+    with client_threads(lambda: raw_status(proxy.port, request), "preflights") as finish:
+        yield finish
+
+
+@contextlib.contextmanager
+def big_bodies(proxy, body, chunked=False):
+    """Clients that each post ``body`` to /run, all at once; ``chunked``: in chunks
+    of one byte."""
+    if chunked:
+        data = b"".join(b"1\r\n%c\r\n" % byte for byte in body) + b"0\r\n\r\n"
+        request = (b"POST /run HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n"
+                   b"Connection: close\r\n\r\n" + data)
+
+    def post():
+        return raw_status(proxy.port, request) if chunked else proxy.post("/run", body)[0]
+
+    with client_threads(post, "large bodies") as finish:
+        yield finish
+
+
+@contextlib.contextmanager
+def client_threads(call, what):
+    """``BODY_CLIENTS`` threads that each make ``call`` (a status) at once."""
     results = []
-    threads = [threading.Thread(target=lambda: results.append(proxy.post("/run", body)[0]))
+    threads = [threading.Thread(target=lambda: results.append(call()))
                for _ in range(BODY_CLIENTS)]
     for thread in threads:
         thread.start()
@@ -1338,7 +1402,7 @@ def big_bodies(proxy, size):
         for thread in threads:
             thread.join()
         if results != [200] * BODY_CLIENTS:
-            raise ProxyError("the large bodies were answered %s" % results)
+            raise ProxyError("the %s were answered %s" % (what, results))
 
     try:
         yield finish
