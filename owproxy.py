@@ -357,6 +357,14 @@ def settings_parser():
 
 
 def resolve_settings(argv, environ):
+    """The settings to serve with, the action directory checked."""
+    settings = given_settings(argv, environ)
+    settings.action_dir = os.path.abspath(settings.action_dir)  # the action's cwd is there
+    check_action_dir(settings.action_dir)
+    return settings
+
+
+def given_settings(argv, environ):
     """Flags win over environment variables, which win over defaults."""
     # No arguments, a container's usual start: argparse need not even be imported.
     given = vars(settings_parser().parse_args(argv)) if argv else {}
@@ -371,10 +379,7 @@ def resolve_settings(argv, environ):
                 values[setting.name] = setting.parse(environ[env])
             except ValueError as error:
                 raise ConfigError("%s=%r: %s" % (env, environ[env], error))
-    settings = Settings(**values)
-    settings.action_dir = os.path.abspath(settings.action_dir)  # the action's cwd is there
-    check_action_dir(settings.action_dir)
-    return settings
+    return Settings(**values)
 
 
 def flag_value(flag, text, parse):
@@ -3954,6 +3959,73 @@ def remote(args, path, body):
     return outcome(path, status, payload)
 
 
+def healthcheck(args):
+    """Docker's HEALTHCHECK: GET /healthz from the proxy running as ``args.pid`` (or
+    under it, below an init such as tini), on the port that process listens on,
+    however it was given (``--port`` in an image's CMD, FLASK_PROXY_PORT, PORT).
+    Exit status 0 healthy, 1 not (Docker reserves 2); a failure is one line."""
+    import socket
+    try:
+        host, port, source = proxy_address(args.pid)
+    except ConfigError as error:
+        sys.stderr.write("owproxy: healthcheck: %s\n" % error)
+        return 1
+    where = "%s:%d" % (url_host(host or "localhost"), port)
+    try:
+        with socket.create_connection((host, port), args.timeout) as connection:
+            connection.settimeout(args.timeout)
+            connection.sendall(b"GET %s HTTP/1.0\r\n\r\n" % LIVENESS_PATH.encode())
+            status = connection.makefile("rb").readline().split(b" ")[1:2]
+    except OSError as error:
+        status, reason = None, error.strerror or str(error) or type(error).__name__
+    if status == [b"200"]:
+        return 0
+    if status is not None:
+        reason = "answered %s" % (status[0].decode("ascii", "replace") if status else "nothing")
+    sys.stderr.write("owproxy: healthcheck: GET %s on %s (the port %s): %s\n"
+                     % (LIVENESS_PATH, where, source, reason))
+    return 1
+
+
+def proxy_address(pid):
+    """``(host to connect to, port, where they came from)``: the proxy's own command
+    line and environment, else this process's (those a container's exec shares)."""
+    found = proxy_process(pid)
+    if found is None:
+        argv, environ = [], os.environ
+        source = "from this environment; no Python process at PID %d or under it" % pid
+    else:
+        found_pid, argv = found
+        entries = environ_of(found_pid).split(b"\0")
+        environ = dict(entry.decode("utf-8", "replace").partition("=")[::2]
+                       for entry in entries if b"=" in entry) or os.environ
+        source = "from PID %d: %s" % (found_pid, " ".join(words_of(found_pid)))
+    settings = given_settings(argv, environ)
+    host = settings.host.strip("[]")
+    return (None if host in ("::", "0.0.0.0") else host), settings.port, source
+
+
+def proxy_process(pid):
+    """``(pid, the proxy's arguments)`` of the first Python process at ``pid`` or
+    under it; None if there is none."""
+    for candidate in [pid] + descendants(pid):
+        words = words_of(candidate)
+        if candidate != os.getpid() and words and os.path.basename(words[0]).startswith("python"):
+            script = next((at for at, word in enumerate(words) if at and
+                           not word.startswith("-")), len(words))
+            return candidate, words[script + 1:]
+    return None
+
+
+def words_of(pid):
+    """The command line ``pid`` was started with; empty if unknown."""
+    try:
+        with open("/proc/%d/cmdline" % pid, "rb") as cmdline:
+            return cmdline.read().decode("utf-8", "replace").split("\0")[:-1]
+    except OSError:
+        return []
+
+
 def client_parser():
     parser = argument_parser(hints=[("-p/--param", ": write -p KEY VALUE, e.g. -p name Ada")],
                              prog="owproxy.py", description=(
@@ -3970,6 +4042,14 @@ def client_parser():
     init_command = commands.add_parser("init", help="POST /init to a running container")
     init_command.add_argument("action", help="as for invoke")
     run_command = commands.add_parser("run", help="POST /run to a running container")
+    health_command = commands.add_parser(
+        "healthcheck", help="GET /healthz from the proxy of this container (Docker's "
+                            "HEALTHCHECK), on the port it listens on")
+    health_command.add_argument("--pid", type=int, default=1,
+                                help="the proxy's process, or one it runs under "
+                                     "(default: %(default)s)")
+    health_command.add_argument("--timeout", type=str, default="2",
+                                help="seconds to wait for the answer (default: %(default)s)")
     for command in (invoke_command, init_command, run_command):
         command.add_argument("--timeout", type=str, default="60",
                              help="seconds the action may run, its deadline (default: "
@@ -4012,7 +4092,8 @@ def client_args(argv):
             raise ClientError("%s %s: write -p KEY VALUE, e.g. -p %s %s" % (flag, word, name,
                                                                           given))
     args = client_parser().parse_args(argv)
-    args.timeout = flag_value("--timeout", args.timeout, action_seconds)
+    args.timeout = flag_value("--timeout", args.timeout, parse_seconds
+                              if args.command == "healthcheck" else action_seconds)
     if args.command == "invoke":
         args.repeat = flag_value("--repeat", args.repeat, positive_int)
     return args
@@ -4029,7 +4110,8 @@ def action_seconds(text):
     return seconds
 
 
-CLIENT_COMMANDS = {"invoke": invoke, "init": client_init, "run": client_run}
+CLIENT_COMMANDS = {"invoke": invoke, "init": client_init, "run": client_run,
+                   "healthcheck": healthcheck}
 
 
 # ============================================================================

@@ -2809,7 +2809,20 @@ def test_init_and_run_a_running_container(proxy):
 def test_the_compose_file_builds_the_project_image_with_its_health_check():
     compose = (EXAMPLES / "docker-compose.yml").read_text()
     assert "context: .." in compose and "dockerfile: Dockerfile" in compose
-    assert '"8080:8080"' in compose and "/healthz" in compose
+    assert "python3 /owproxy.pyc healthcheck" in compose
+
+
+def test_the_examples_that_allow_reinit_listen_on_loopback_only():
+    """Re-init lets anyone who reaches the port replace the action; so does Knative's
+    init in a request."""
+    action = yaml_documents((EXAMPLES / "docker-compose.yml").read_text())[0]["services"][
+        "action"]
+    assert action["environment"]["PROXY_ALLOW_REINIT"] == "1"
+    assert action["ports"] == ["127.0.0.1:8080:8080"]
+    starts = [line.strip() for line in (HERE / "README.md").read_text().splitlines()
+              if line.startswith("    ") and "python3 owproxy.py --" in line]
+    reinit = [line for line in starts if "knative" in line or "REINIT" in line]
+    assert reinit and all("--host 127.0.0.1 " in line for line in reinit), starts
 
 
 def readme_curls(section):
@@ -3324,30 +3337,56 @@ def healthchecks():
     return found
 
 
-def run_healthchecks(env):
-    """Each health check's exit status, run as Docker runs it (sh -c, the container's env)."""
-    return {where: subprocess.run(["sh", "-c", command], env=dict(proxy_env(), **env),
-                                  capture_output=True, timeout=60).returncode
-            for where, command in healthchecks().items()}
+def run_healthchecks(env, *args):
+    """Each health check run as Docker runs it (sh -c, the container's env), this
+    checkout's owproxy.py for the image's, with ``args`` added (a --pid: the test's
+    proxy is not PID 1): {file: (exit status, stderr)}."""
+    image_command = "python3 /owproxy.pyc healthcheck"
+    checks = {}
+    for where, command in healthchecks().items():
+        assert command == image_command, (where, command)
+        argv = [PYTHON, OWPROXY, "healthcheck"] + list(args)
+        done = subprocess.run(argv, env=dict(proxy_env(), **env), capture_output=True,
+                              timeout=60)
+        checks[where] = done.returncode, done.stderr.decode()
+    return checks
 
 
 HOSTS = [([], "127.0.0.1"), (["--host", "127.0.0.1"], "127.0.0.1")] + (
     [(["--host", "::1"], "::1")] if IPV6 else [])
 
 
-@pytest.mark.parametrize("port_env", ["FLASK_PROXY_PORT", "PORT"])
+@pytest.mark.parametrize("port_env", ["FLASK_PROXY_PORT", "PORT", None])
 @pytest.mark.parametrize("host_args, address", HOSTS)
-def test_every_health_check_reads_the_port_and_reaches_the_proxy_however_it_listens(
+def test_every_health_check_follows_the_port_and_host_the_proxy_was_given(
         listening, port_env, host_args, address):
+    """Read from the proxy's own command line and environment (PID 1's in a
+    container): a --port in an image's CMD counts, and the check's own environment
+    need not hold the port."""
     commands = healthchecks()
     assert sorted(commands) == ["Dockerfile", "README.md", "examples/c/Dockerfile",
                                 "examples/docker-compose.yml"]
-    assert len(set(commands.values())) == 1, commands  # one form everywhere
-    proxy = listening(host_args, address, port_env=[port_env])
+    proxy = listening(host_args, address, port_env=port_env and [port_env])
     assert proxy.port != 8080
-    assert set(run_healthchecks({port_env: str(proxy.port)}).values()) == {0}
+    pid = ["--pid", str(proxy.process.pid)]
+    assert {code for code, err in run_healthchecks({}, *pid).values()} == {0}
+    os.kill(proxy.process.pid, signal.SIGSTOP)  # listening, yet answering nothing
+    try:
+        checks = run_healthchecks({}, "--timeout", "0.2", *pid)
+    finally:
+        os.kill(proxy.process.pid, signal.SIGCONT)
+    for code, err in checks.values():
+        assert code == 1 and err.count("\n") == 1 and "Traceback" not in err, err
+        assert err.startswith("owproxy: healthcheck: GET /healthz on %s:%d (the port from "
+                              "PID %d: " % ("[%s]" % address if ":" in address
+                                            else "localhost" if not host_args else address,
+                                            proxy.port, proxy.process.pid)), err
+        assert err.endswith("): timed out\n"), err
     proxy.stop()
-    assert 0 not in run_healthchecks({port_env: str(proxy.port)}).values()
+    for code, err in run_healthchecks({"PORT": str(proxy.port)}, *pid).values():
+        assert code == 1 and err.count("\n") == 1, err
+        assert "localhost:%d (the port from this environment; no Python process at PID %d" % (
+            proxy.port, proxy.process.pid) in err, err
 
 
 def test_the_dockerfiles_install_packages_without_questions():
