@@ -317,6 +317,7 @@ COMMANDS_HELP = """commands (each with its own --help):
   owproxy.py invoke ACTION [PARAMS]   run an action on a proxy of its own, as the invoker would
   owproxy.py init [--url URL] ACTION  POST /init to a running container
   owproxy.py run [--url URL] [PARAMS] POST /run to a running container
+  owproxy.py healthcheck [--pid PID]  GET /healthz from the proxy, on its port (Docker's HEALTHCHECK)
   owproxy.py --compile [MAIN]         compile the code on stdin as /init would; a zip on stdout
 
 Each flag falls back to its environment variable, then to its default."""
@@ -1520,11 +1521,18 @@ def stage_dir(dest):
 
 
 def check_writable(folder):
-    """An /init with code needs to write; a read-only directory serves only what it holds."""
-    if not writable(folder):
-        raise InitError("the action directory %s is read-only, so /init cannot install code "
-                        "there: bake the action into the image, or point --action-dir "
-                        "(OWPROXY_ACTION_DIR) at a writable directory" % folder)
+    """An /init with code needs to write; a directory it cannot write to serves only
+    what it holds.  Which of the two causes it is tells the user what to change: the
+    mount (a read-only root) or the owner (a --user the image was not built for)."""
+    if writable(folder):
+        return
+    if os.statvfs(folder).f_flag & os.ST_RDONLY:
+        cause = "is read-only"
+    else:
+        cause = "is not writable by uid %d" % os.geteuid()
+    raise InitError("the action directory %s %s, so /init cannot install code there: bake "
+                    "the action into the image, or point --action-dir (OWPROXY_ACTION_DIR) "
+                    "at a writable directory" % (folder, cause))
 
 
 def is_directory(path):

@@ -3011,9 +3011,9 @@ def test_a_read_only_action_dir_serves_its_baked_action_as_a_non_root_user(
     code = {"exec": ECHO_BASH, "function": "def main(args):\n    return {}\n",
             "loop": LOOP_ACTION}[kind]
     response = proxy.init(code)
-    cause = ("the action directory %s is read-only, so /init cannot install code there: "
-             "bake the action into the image, or point --action-dir (OWPROXY_ACTION_DIR) "
-             "at a writable directory" % read_only)
+    cause = ("the action directory %s is not writable by uid %d, so /init cannot install "
+             "code there: bake the action into the image, or point --action-dir "
+             "(OWPROXY_ACTION_DIR) at a writable directory" % (read_only, proxy_uid()))
     # --loop answers as the Go proxy does without OW_LOG_INIT_ERROR: with the cause itself.
     expected = {"error": cause} if kind == "loop" else INIT_FAILED
     assert (response.status, response.json) == (502, expected)
@@ -3039,8 +3039,36 @@ def test_a_zip_into_a_read_only_action_dir_is_refused_alike(proxies, public_dir,
     proxy = proxies(action_dir=read_only, preexec_fn=as_nobody())
     response = proxy.init_zip({"exec": ECHO_RESULT})
     assert (response.status, response.json) == (502, INIT_FAILED)
-    assert "is read-only, so /init cannot install code" in proxy.logs()[1]
+    assert "is not writable by uid %d, so /init cannot install code" % proxy_uid() in \
+        proxy.logs()[1]
     assert os.listdir(str(read_only)) == []
+
+
+def proxy_uid():
+    """The uid a proxy started with ``as_nobody()`` runs as."""
+    return 65534 if os.geteuid() == 0 else os.geteuid()
+
+
+def test_an_action_dir_on_a_read_only_mount_is_called_read_only(proxies, tmp_path):
+    """Writable by its owner, yet on a read-only filesystem (a read-only root): the
+    cause is the mount, whoever the proxy runs as."""
+    mount = tmp_path / "ro"
+    mount.mkdir()
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=64k",
+                                            "tmpfs", str(mount)]).returncode != 0:
+        print("note: cannot mount a read-only tmpfs here (needs root); not checked")
+        pytest.skip("cannot mount a read-only filesystem here")
+    try:
+        (tmp_path / "p0").mkdir()
+        proxy = proxies(action_dir=mount)
+        response = proxy.init(ECHO_BASH)
+        assert (response.status, response.json) == (502, INIT_FAILED)
+        err = proxy.logs()[1]
+        assert "owproxy: the action directory %s is read-only, so /init cannot install " \
+               "code there" % mount in err, err
+        assert proxy.stop() == 0
+    finally:
+        subprocess.run(["umount", str(mount)], check=True)
 
 
 def test_scratch_dir_uses_the_parent_only_when_writable(tmp_path, monkeypatch):
