@@ -397,7 +397,9 @@ def check_action_dir(path):
     if os.path.exists(path) and not os.path.isdir(path):
         raise ConfigError("the action directory %s is not a directory" % path)
     if not os.path.isdir(path):
-        raise ConfigError("the action directory %s does not exist" % path)
+        raise ConfigError("the action directory %s does not exist: serve one with "
+                          "--action-dir DIR, try the demo with `make run`, or run an action "
+                          "once with `python3 owproxy.py invoke FILE`" % path)
 
 
 def env_string(value):

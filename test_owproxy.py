@@ -1443,6 +1443,24 @@ def test_a_missing_action_dir_is_a_one_line_error_and_exit_2(tmp_path):
     check_one_line_error(completed, str(missing))
 
 
+NEXT_STEPS = (": serve one with --action-dir DIR, try the demo with `make run`, or run an "
+              "action once with `python3 owproxy.py invoke FILE`\n")
+
+
+def test_a_bare_start_without_an_action_dir_says_what_to_do_next(tmp_path):
+    """A workstation has no /action: the error leads on to the three ways to start."""
+    missing = tmp_path / "no-such-dir"
+    completed = cli("--action-dir", str(missing))
+    check_one_line_error(completed)
+    assert completed.stderr == "owproxy: the action directory %s does not exist%s" % (
+        missing, NEXT_STEPS)
+    if os.path.exists("/action"):  # a bare start would serve it on 8080
+        pytest.skip("/action exists here; the start without arguments is not tried")
+    bare = cli()
+    assert (bare.returncode, bare.stderr) == (
+        2, "owproxy: the action directory /action does not exist" + NEXT_STEPS)
+
+
 @pytest.mark.parametrize("name, value", [
     ("FLASK_PROXY_PORT", "abc"), ("FLASK_PROXY_PORT", "70000"), ("OWPROXY_MAX_BODY", "lots"),
     ("PROXY_ALLOW_REINIT", "maybe"), ("OWPROXY_GRACE", "-1"), ("__OW_ALLOW_CONCURRENT", "2"),
