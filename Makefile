@@ -22,7 +22,11 @@ find_python = for v in $(1); do \
 
 # Serves examples/hello.sh on loopback only: re-init is allowed (so the README's
 # curl lines can replace it), which must not be open to the network.
+# The port is checked first: a second `make run` must not replace the demo
+# action the first one serves (and may have re-initialised) before it fails.
 run:
+	@$(PYTHON) -c 'import socket; s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1); s.bind(("127.0.0.1", $(PORT)))' 2>/dev/null \
+	  || { echo "make run: port $(PORT) on 127.0.0.1 is in use (another make run?); stop that, or make run PORT=N" >&2; exit 1; }
 	mkdir -p $(DEMO) && cp examples/hello.sh $(DEMO)/exec
 	PROXY_ALLOW_REINIT=1 exec $(PYTHON) owproxy.py --host 127.0.0.1 --port $(PORT) --action-dir $(DEMO) --verbose
 

@@ -2894,6 +2894,26 @@ def test_make_run_serves_the_demo_action_and_the_readme_curl_lines_work(tmp_path
         server.wait(30)
 
 
+def test_a_second_make_run_fails_on_the_port_before_it_touches_the_demo_action(tmp_path):
+    demo = tmp_path / "demo"
+    demo.mkdir()
+    (demo / "exec").write_text("#!/bin/sh\necho '{\"first\": \"run\"}'\n")
+    with socket.socket() as first:  # the first make run, serving
+        first.bind(("127.0.0.1", 0))
+        first.listen(1)
+        port = first.getsockname()[1]
+        second = subprocess.run(["make", "-s", "run", "PORT=%d" % port, "DEMO=%s" % demo,
+                                 "PYTHON=%s" % PYTHON], cwd=HERE, env=proxy_env(),
+                                capture_output=True, text=True, timeout=60)
+    assert second.returncode != 0 and second.stdout == "", second
+    assert second.stderr.startswith(
+        "make run: port %d on 127.0.0.1 is in use (another make run?); stop that, or make "
+        "run PORT=N\n" % port), second.stderr
+    assert "Traceback" not in second.stderr, second.stderr
+    assert (demo / "exec").read_text() == "#!/bin/sh\necho '{\"first\": \"run\"}'\n"
+    assert os.listdir(str(demo)) == ["exec"]
+
+
 def test_the_readme_knative_request_works(proxies):
     proxy = proxies(env={"__OW_RUNTIME_PLATFORM": "knative"})
     ((command, expected),) = readme_curls("Knative")
