@@ -3776,9 +3776,9 @@ class LogRelay:
 
     marks = {"stdout": "\033[2mout|\033[0m ", "stderr": "\033[31merr|\033[0m "}
 
-    def __init__(self, stdout, stderr, marked, source=None):
+    def __init__(self, stdout, stderr, marked, renames=()):
         self.pipes = {stdout: "stdout", stderr: "stderr"}
-        self.marked, self.source = marked, source
+        self.marked, self.renames = marked, renames
         self.lines = []
         self.sentinels = dict.fromkeys(self.pipes.values(), 0)
         self.changed = threading.Condition()
@@ -3806,8 +3806,8 @@ class LogRelay:
     def show(self, stream, data):
         now = time.time()
         for line in data.decode("utf-8", "replace").splitlines():
-            if self.source:  # the proxy names a Python source file as it installed it
-                line = line.replace("__main__.py", self.source)
+            for installed, given in self.renames:  # the user's names, not the copy's
+                line = line.replace(installed, given)
             with self.changed:
                 if line == LOG_SENTINEL:
                     self.sentinels[stream] += 1
@@ -3836,7 +3836,7 @@ class LocalProxy:
     """A proxy of invoke's own on a free loopback port, its logs relayed live.  It
     has no grace period, so that an interrupted ``invoke`` stops at once."""
 
-    def __init__(self, loop, source=None):
+    def __init__(self, loop, action):
         import tempfile
         self.folder = tempfile.mkdtemp(prefix="owproxy-invoke-")
         action_dir = os.path.join(self.folder, "action")
@@ -3866,7 +3866,7 @@ class LocalProxy:
             raise ClientError("the local proxy did not start: %s" % failure)
         self.url = "http://127.0.0.1:%d" % self.port
         self.relay = LogRelay(self.process.stdout, self.process.stderr, sys.stderr.isatty(),
-                              source)
+                              user_names(action, action_dir))
         self.activations = 0
 
     def wait_ready(self):
@@ -3905,6 +3905,21 @@ class LocalProxy:
         remove_tree(self.folder)
 
 
+def user_names(action, action_dir):
+    """``(the name the local proxy's logs give, the user's)`` for the parts of the
+    action it installed into ``action_dir``, in the order to replace them."""
+    import zipfile
+    if os.path.isdir(action):
+        return [(action_dir + os.sep, os.path.join(action, ""))]
+    if zipfile.is_zipfile(action):
+        return [(action_dir + os.sep, action + ":")]
+    names = [(os.path.join(action_dir, "exec"), action),
+             (os.path.join(action_dir, "__main__.py"), action)]
+    if action.endswith(".py"):  # a Python function's traceback names its file alone
+        names.append(("__main__.py", action))
+    return names
+
+
 def reserved_port():
     """A socket bound to a free loopback port and not listening: while it is open
     no other program is given that port, yet the proxy may bind it too (both
@@ -3921,8 +3936,7 @@ def invoke(args):
     name = args.name or os.path.splitext(os.path.basename(os.path.normpath(args.action)))[0]
     init = init_value(args, name)
     value = parameters(args)
-    python_file = args.action.endswith(".py") and os.path.isfile(args.action)
-    proxy = LocalProxy(args.loop, args.action if python_file else None)
+    proxy = LocalProxy(args.loop, args.action)
     try:
         status, payload = proxy.post("/init", {"value": init}, args.timeout + 5)
         if status != 200:

@@ -2775,6 +2775,34 @@ def test_invoke_a_zip_file(tmp_path):
     assert_invoked(cli("invoke", archive), {"zipped": True})
 
 
+NO_INTERPRETER = "#!/no/such/interpreter\necho '{}'\n"
+
+
+@pytest.mark.parametrize("kind, named", [
+    ("script", "{path}"), ("binary", "{path}"), ("zip", "{path}:exec"),
+    ("directory", "{path}/exec")])
+def test_invoke_names_the_users_file_not_the_copy_it_installed(tmp_path, kind, named):
+    path = tmp_path / {"script": "broken.sh", "binary": "broken", "zip": "broken.zip",
+                       "directory": "broken"}[kind]
+    if kind == "script":
+        path.write_text(NO_INTERPRETER)
+    elif kind == "binary":
+        path.write_bytes(b"\x7fELF\x02\x01\x01" + b"\0" * 9 + b"\x02\0\xff\xff")
+    elif kind == "zip":
+        path.write_bytes(zip_bytes({"exec": NO_INTERPRETER}))
+    else:
+        path.mkdir()
+        (path / "exec").write_text(NO_INTERPRETER)
+        (path / "exec").chmod(0o755)
+    result = cli("invoke", path)
+    assert result.returncode == 2, result
+    name = named.format(path=path)
+    assert ("owproxy: %s names /no/such/interpreter as its interpreter" % name
+            if kind != "binary" else "owproxy: %s is an ELF binary for another machine" % name) \
+        in result.stderr, result.stderr
+    assert "owproxy-invoke-" not in result.stderr, result.stderr
+
+
 def test_invoke_exits_1_on_an_application_error(tmp_path):
     action = tmp_path / "fails.py"
     action.write_text("def main(args):\n    raise RuntimeError('no such user')\n")
