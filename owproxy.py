@@ -115,6 +115,10 @@ ACTIVATION_MARKER = "OWPROXY_ACTIVATION"
 PR_SET_CHILD_SUBREAPER = 36
 F_SETPIPE_SZ = 1031
 
+# What a refused second /init tells the user, in the proxy's log and the client's error.
+REINIT_HINT = ("to replace the action, start the proxy with --allow-reinit "
+               "(PROXY_ALLOW_REINIT=1), for local development only")
+
 # The exact texts the invoker, the upstream tests and users already know.
 INIT_TWICE = "Cannot initialize the action more than once."
 INIT_FAILED = "The action failed to generate or locate a binary. See logs for details."
@@ -3251,8 +3255,7 @@ class OpenWhisk:
 
     def refuse_init(self):
         self.logs.err((INIT_TWICE + "\n").encode())
-        self.logs.note("hint: to replace the action, start the proxy with --allow-reinit "
-                       "(PROXY_ALLOW_REINIT=1), for local development only")
+        self.logs.note("hint: " + REINIT_HINT)
         return 403, {"error": INIT_TWICE}
 
     def initialize(self, value):
@@ -3738,7 +3741,8 @@ def outcome(what, status, payload):
     application error, 2 developer error (also an activation's statusCode)."""
     if status != 200:
         error = payload.get("error", payload) if isinstance(payload, dict) else payload
-        sys.stderr.write("owproxy: %s answered %d: %s\n" % (what, status, error))
+        hint = " (%s)" % REINIT_HINT if (what, status) == ("/init", 403) else ""
+        sys.stderr.write("owproxy: %s answered %d: %s%s\n" % (what, status, error, hint))
         return 2
     if isinstance(payload, dict) and "error" in payload:
         sys.stderr.write("owproxy: %s answered an application error: %s\n"

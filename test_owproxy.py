@@ -2849,7 +2849,11 @@ def test_init_and_run_a_running_container(proxy):
     assert run.returncode == 0
     assert json.loads(run.stdout) == {"greeting": "Hello, Cy!", "greeted_so_far": 1}
     again = cli("init", "--url", url, EXAMPLES / "hello.py")
-    assert again.returncode == 2 and "answered 403" in again.stderr
+    assert again.returncode == 2, again
+    assert again.stderr == ("owproxy: /init answered 403: Cannot initialize the action more "
+                            "than once. (to replace the action, start the proxy with "
+                            "--allow-reinit (PROXY_ALLOW_REINIT=1), for local development "
+                            "only)\n"), again.stderr
 
 
 def test_the_compose_file_builds_the_project_image_with_its_health_check():
