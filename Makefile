@@ -38,27 +38,47 @@ $(VENV)/.ready:
 	printf '[run]\nparallel = true\npatch = subprocess\ninclude = $(CURDIR)/owproxy.py\n' > $(VENV)/coveragerc
 	touch $@
 
-# Each run keeps its coverage data in a folder of its own: two runs at once
-# must not combine or delete each other's.
+# The three passes run at once (the suite's tests mostly wait on processes):
+# with coverage under this Python, then with the proxy under the oldest
+# supported and the newest Python here (each skipped, with a note, when
+# absent). A line says when each starts and ends, another every 30 s how far
+# each has come; each pass's output is printed whole at the end. Each run keeps
+# its coverage data in a folder of its own: two runs at once must not combine
+# or delete each other's.
 test: $(VENV)/.ready
-	@set -e; data=$$(mktemp -d); trap 'rm -rf "$$data"' EXIT; \
-	export COVERAGE_RCFILE=$(VENV)/coveragerc COVERAGE_FILE="$$data/.coverage"; \
-	$(VPY) -m coverage run -m pytest -q -p no:cacheprovider test_owproxy.py; \
-	$(VPY) -m coverage combine -q; \
-	$(VPY) -m coverage report -m
-	@# The two other interpreters' passes run side by side (the suite's tests
-	@# mostly wait on processes), each printed whole once it is done.
-	@set -e; logs=$$(mktemp -d); trap 'rm -rf "$$logs"' EXIT; pids=""; n=0; \
+	@set -e; work=$$(mktemp -d); trap 'rm -rf "$$work"' EXIT; \
+	started=$$(date +%s); names=""; \
+	start() { name=$$1; shift; echo "make test: $$name: started"; \
+	  ( "$$@" ) > "$$work/$$name.log" 2>&1 & echo $$! > "$$work/$$name.pid"; names="$$names $$name"; }; \
+	coverage_pass() { \
+	  export COVERAGE_RCFILE=$(VENV)/coveragerc COVERAGE_FILE="$$work/data/.coverage"; \
+	  mkdir "$$work/data"; \
+	  $(VPY) -m coverage run -m pytest -q -p no:cacheprovider test_owproxy.py \
+	  && $(VPY) -m coverage combine -q && $(VPY) -m coverage report -m; }; \
+	start coverage coverage_pass; \
 	for want in "$(OLDEST)" "$(NEWEST)"; do \
 	  py=$$($(call find_python,$$want)); \
 	  if [ -z "$$py" ]; then echo "note: no Python $$want on this machine; skipping it"; continue; fi; \
-	  n=$$((n + 1)); log="$$logs/$$n"; \
-	  echo "== the proxy under $$py ($$($$py -V 2>&1))" > "$$log"; \
-	  OWPROXY_PYTHON=$$py $(VPY) -m pytest -q -p no:cacheprovider test_owproxy.py >> "$$log" 2>&1 & \
-	  pids="$$pids $$!"; \
+	  start "$$($$py -c 'import sys; print("python%d.%d" % sys.version_info[:2])')" \
+	    env OWPROXY_PYTHON=$$py $(VPY) -m pytest -q -p no:cacheprovider test_owproxy.py; \
 	done; \
-	failed=0; for pid in $$pids; do wait $$pid || failed=1; done; \
-	for log in "$$logs"/*; do [ ! -f "$$log" ] || cat "$$log"; done; exit $$failed
+	progress() { grep -o '\[ *[0-9]*%\]' "$$work/$$1.log" | tail -n1 | tr -d '[ ]'; }; \
+	failed=0; running="$$names"; ticks=0; \
+	while [ -n "$$running" ]; do \
+	  sleep 1; ticks=$$((ticks + 1)); still=""; \
+	  for name in $$running; do \
+	    pid=$$(cat "$$work/$$name.pid"); \
+	    if kill -0 $$pid 2>/dev/null; then still="$$still $$name"; continue; fi; \
+	    if wait $$pid; then result=ok; else result=FAILED; failed=1; fi; \
+	    echo "make test: $$name: $$result after $$(( $$(date +%s) - started )) s: $$(grep -E '^=*[ 0-9a-z,]*(passed|failed|error)' "$$work/$$name.log" | tail -n1 | tr -d '=')"; \
+	  done; \
+	  running="$$still"; \
+	  if [ -n "$$running" ] && [ $$((ticks % 30)) = 0 ]; then \
+	    line="make test: $$(( $$(date +%s) - started )) s:"; \
+	    for name in $$running; do line="$$line $$name $$(progress $$name)"; done; echo "$$line"; \
+	  fi; \
+	done; \
+	for name in $$names; do echo "== $$name"; cat "$$work/$$name.log"; done; exit $$failed
 
 bench:
 	$(PYTHON) bench/bench.py
