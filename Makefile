@@ -41,8 +41,8 @@ $(VENV)/.ready:
 # The three passes run at once (the suite's tests mostly wait on processes):
 # with coverage under this Python, then with the proxy under the oldest
 # supported and the newest Python here (each skipped, with a note, when
-# absent). A line says when each starts and ends, another every 30 s how far
-# each has come; each pass's output is printed whole at the end. Each run keeps
+# absent). A line says when each starts and ends, another every 30 s how many
+# tests each has done; each pass's output is printed whole at the end. Each run keeps
 # its coverage data in a folder of its own: two runs at once must not combine
 # or delete each other's.
 test: $(VENV)/.ready
@@ -62,7 +62,7 @@ test: $(VENV)/.ready
 	  start "$$($$py -c 'import sys; print("python%d.%d" % sys.version_info[:2])')" \
 	    env OWPROXY_PYTHON=$$py $(VPY) -m pytest -q -p no:cacheprovider test_owproxy.py; \
 	done; \
-	progress() { grep -o '\[ *[0-9]*%\]' "$$work/$$1.log" | tail -n1 | tr -d '[ ]'; }; \
+	progress() { grep -o '^[.sxXFE]*' "$$work/$$1.log" | tr -d '\n' | wc -c; }; \
 	failed=0; running="$$names"; ticks=0; \
 	while [ -n "$$running" ]; do \
 	  sleep 1; ticks=$$((ticks + 1)); still=""; \
@@ -75,7 +75,8 @@ test: $(VENV)/.ready
 	  running="$$still"; \
 	  if [ -n "$$running" ] && [ $$((ticks % 30)) = 0 ]; then \
 	    line="make test: $$(( $$(date +%s) - started )) s:"; \
-	    for name in $$running; do line="$$line $$name $$(progress $$name)"; done; echo "$$line"; \
+	    for name in $$running; do line="$$line $$name $$(progress $$name) tests done,"; done; \
+	    echo "$${line%,}"; \
 	  fi; \
 	done; \
 	for name in $$names; do echo "== $$name"; cat "$$work/$$name.log"; done; exit $$failed

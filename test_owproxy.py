@@ -5751,7 +5751,7 @@ def test_a_local_proxy_that_cannot_start_is_reported_with_its_own_stderr(tmp_pat
     monkeypatch.setattr(owproxy, "OWPROXY_FILE", str(fails))
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
     with pytest.raises(owproxy.ClientError) as raised:
-        owproxy.LocalProxy(False)
+        owproxy.LocalProxy(False, "action.sh")
     assert str(raised.value) == "the local proxy did not start: cannot listen: no way"
     assert os.listdir(str(tmp_path)) == ["fails.py"]  # its folder is gone
 
@@ -5764,7 +5764,7 @@ def test_a_local_proxy_takes_another_port_when_its_own_is_taken(monkeypatch):
     real_reserved_port = owproxy.reserved_port
     monkeypatch.setattr(owproxy, "reserved_port", lambda: reservations.pop() if reservations
                         else real_reserved_port())
-    proxy = owproxy.LocalProxy(False)
+    proxy = owproxy.LocalProxy(False, "action.sh")
     try:
         assert not reservations and proxy.port != port
         assert proxy.post("/run", {"value": {}}, 30) == (502, {
