@@ -38,24 +38,27 @@ $(VENV)/.ready:
 	printf '[run]\nparallel = true\npatch = subprocess\ninclude = $(CURDIR)/owproxy.py\n' > $(VENV)/coveragerc
 	touch $@
 
-# The three passes run at once (the suite's tests mostly wait on processes):
-# with coverage under this Python, then with the proxy under the oldest
-# supported and the newest Python here (each skipped, with a note, when
-# absent). A line says when each starts and ends, another every 30 s how many
-# tests each has done; each pass's output is printed whole at the end. Each run keeps
-# its coverage data in a folder of its own: two runs at once must not combine
-# or delete each other's.
+# The passes run at once (the suite's tests mostly wait on processes): with
+# coverage under this Python, in two halves of the suite (the longest pass,
+# combined at the end), then with the proxy under the oldest supported and the
+# newest Python here (each skipped, with a note, when absent). A line says
+# when each starts and ends, another every 30 s how many tests each has done;
+# each pass's output is printed whole at the end, then the coverage table. Each
+# run keeps its coverage data in a folder of its own: two runs at once must not
+# combine or delete each other's.
 test: $(VENV)/.ready
 	@set -e; work=$$(mktemp -d); trap 'rm -rf "$$work"' EXIT; \
 	started=$$(date +%s); names=""; \
 	start() { name=$$1; shift; echo "make test: $$name: started"; \
 	  ( "$$@" ) > "$$work/$$name.log" 2>&1 & echo $$! > "$$work/$$name.pid"; names="$$names $$name"; }; \
-	coverage_pass() { \
-	  export COVERAGE_RCFILE=$(VENV)/coveragerc COVERAGE_FILE="$$work/data/.coverage"; \
-	  mkdir "$$work/data"; \
-	  $(VPY) -m coverage run -m pytest -q -p no:cacheprovider test_owproxy.py \
-	  && $(VPY) -m coverage combine -q && $(VPY) -m coverage report -m; }; \
-	start coverage coverage_pass; \
+	coverage="env COVERAGE_RCFILE=$(VENV)/coveragerc COVERAGE_FILE=$$work/data/.coverage"; \
+	mkdir "$$work/data"; \
+	$(VPY) -m pytest -q -p no:cacheprovider --collect-only test_owproxy.py | grep '::' > "$$work/tests"; \
+	for half in 1 2; do \
+	  awk "NR % 2 == $$half % 2" "$$work/tests" > "$$work/tests$$half"; \
+	  start coverage-$$half $$coverage xargs -d '\n' -a "$$work/tests$$half" \
+	    $(VPY) -m coverage run -m pytest -q -p no:cacheprovider; \
+	done; \
 	for want in "$(OLDEST)" "$(NEWEST)"; do \
 	  py=$$($(call find_python,$$want)); \
 	  if [ -z "$$py" ]; then echo "note: no Python $$want on this machine; skipping it"; continue; fi; \
@@ -79,7 +82,10 @@ test: $(VENV)/.ready
 	    echo "$${line%,}"; \
 	  fi; \
 	done; \
-	for name in $$names; do echo "== $$name"; cat "$$work/$$name.log"; done; exit $$failed
+	for name in $$names; do echo "== $$name"; cat "$$work/$$name.log"; done; \
+	[ $$failed = 0 ] || exit 1; \
+	$$coverage $(VPY) -m coverage combine -q; \
+	$$coverage $(VPY) -m coverage report -m
 
 bench:
 	$(PYTHON) bench/bench.py
