@@ -17,9 +17,10 @@ RUN python3 -m compileall -b -q /owproxy.py
 RUN mkdir -p /action && printf '%s\n' '#!/bin/sh' 'echo "This is a stub action. Replace /action/exec with your executable (COPY it into the image), or POST /init with code."' 'echo "It gets its parameters as JSON in \$1 (up to 131071 characters) and always on stdin; its last line of output is its JSON result."' 'echo "{\"error\": \"This is a stub action. Replace it with custom logic.\"}"' > /action/exec && chmod 755 /action/exec
 
 EXPOSE 8080
-# Liveness: /healthz (readiness, for orchestrators: /readyz), on the port the
-# proxy listens on, over IPv6 or IPv4 loopback, whichever it listens on.
-HEALTHCHECK --interval=30s --timeout=3s CMD python3 -c "import os, socket; c = socket.create_connection((None, os.environ.get('FLASK_PROXY_PORT') or os.environ.get('PORT') or 8080), 2); c.sendall(b'GET /healthz HTTP/1.0\r\n\r\n'); raise SystemExit(c.makefile('rb').readline().split()[1] != b'200')"
+# Liveness: /healthz on the port the proxy listens on, however it was set (a
+# --port in CMD, FLASK_PROXY_PORT, PORT: read from PID 1), over IPv6 or IPv4
+# loopback, whichever it listens on; a failure is one line in the health log.
+HEALTHCHECK --interval=30s --timeout=3s CMD python3 -S /owproxy.pyc healthcheck
 # -S: the proxy needs nothing from site-packages, and skipping site is a tenth of a start
 # (a Python function's worker still gets them).
 CMD ["python3", "-S", "/owproxy.pyc"]

@@ -190,6 +190,10 @@ ACTIVATION_MARKER = "OWPROXY_ACTIVATION"
 PR_SET_CHILD_SUBREAPER = 36
 F_SETPIPE_SZ = 1031
 
+# What a refused second /init tells the user, in the proxy's log and the client's error.
+REINIT_HINT = ("to replace the action, start the proxy with --allow-reinit "
+               "(PROXY_ALLOW_REINIT=1), for local development only")
+
 # The exact texts the invoker, the upstream tests and users already know.
 INIT_TWICE = "Cannot initialize the action more than once."
 INIT_FAILED = "The action failed to generate or locate a binary. See logs for details."
@@ -403,6 +407,7 @@ COMMANDS_HELP = """commands (each with its own --help):
   owproxy.py invoke ACTION [PARAMS]   run an action on a proxy of its own, as the invoker would
   owproxy.py init [--url URL] ACTION  POST /init to a running container
   owproxy.py run [--url URL] [PARAMS] POST /run to a running container
+  owproxy.py healthcheck [--pid PID]  GET /healthz from the proxy, on its port (Docker's HEALTHCHECK)
   owproxy.py --compile [MAIN]         compile the code on stdin as /init would; a zip on stdout
 
 Each flag falls back to its environment variable, then to its default."""
@@ -443,6 +448,14 @@ def settings_parser():
 
 
 def resolve_settings(argv, environ):
+    """The settings to serve with, the action directory checked."""
+    settings = given_settings(argv, environ)
+    settings.action_dir = os.path.abspath(settings.action_dir)  # the action's cwd is there
+    check_action_dir(settings.action_dir)
+    return settings
+
+
+def given_settings(argv, environ):
     """Flags win over environment variables, which win over defaults."""
     # No arguments, a container's usual start: argparse need not even be imported.
     given = vars(settings_parser().parse_args(argv)) if argv else {}
@@ -457,10 +470,7 @@ def resolve_settings(argv, environ):
                 values[setting.name] = setting.parse(environ[env])
             except ValueError as error:
                 raise ConfigError("%s=%r: %s" % (env, environ[env], error))
-    settings = Settings(**values)
-    settings.action_dir = os.path.abspath(settings.action_dir)  # the action's cwd is there
-    check_action_dir(settings.action_dir)
-    return settings
+    return Settings(**values)
 
 
 def flag_value(flag, text, parse):
@@ -477,7 +487,9 @@ def check_action_dir(path):
     if os.path.exists(path) and not os.path.isdir(path):
         raise ConfigError("the action directory %s is not a directory" % path)
     if not os.path.isdir(path):
-        raise ConfigError("the action directory %s does not exist" % path)
+        raise ConfigError("the action directory %s does not exist: serve one with "
+                          "--action-dir DIR, try the demo with `make run`, or run an action "
+                          "once with `python3 owproxy.py invoke FILE`" % path)
 
 
 def env_string(value):
@@ -1758,11 +1770,18 @@ def stage_dir(dest):
 
 
 def check_writable(folder):
-    """An /init with code needs to write; a read-only directory serves only what it holds."""
-    if not writable(folder):
-        raise InitError("the action directory %s is read-only, so /init cannot install code "
-                        "there: bake the action into the image, or point --action-dir "
-                        "(OWPROXY_ACTION_DIR) at a writable directory" % folder)
+    """An /init with code needs to write; a directory it cannot write to serves only
+    what it holds.  Which of the two causes it is tells the user what to change: the
+    mount (a read-only root) or the owner (a --user the image was not built for)."""
+    if writable(folder):
+        return
+    if os.statvfs(folder).f_flag & os.ST_RDONLY:
+        cause = "is read-only"
+    else:
+        cause = "is not writable by uid %d" % os.geteuid()
+    raise InitError("the action directory %s %s, so /init cannot install code there: bake "
+                    "the action into the image, or point --action-dir (OWPROXY_ACTION_DIR) "
+                    "at a writable directory" % (folder, cause))
 
 
 def is_directory(path):
@@ -3859,8 +3878,7 @@ class OpenWhisk:
 
     def refuse_init(self):
         self.logs.err((INIT_TWICE + "\n").encode())
-        self.logs.note("hint: to replace the action, start the proxy with --allow-reinit "
-                       "(PROXY_ALLOW_REINIT=1), for local development only")
+        self.logs.note("hint: " + REINIT_HINT)
         return 403, {"error": INIT_TWICE}
 
     def initialize(self, value):
@@ -4351,7 +4369,8 @@ def outcome(what, status, payload):
     application error, 2 developer error (also an activation's statusCode)."""
     if status != 200:
         error = payload.get("error", payload) if isinstance(payload, dict) else payload
-        sys.stderr.write("owproxy: %s answered %d: %s\n" % (what, status, error))
+        hint = " (%s)" % REINIT_HINT if (what, status) == ("/init", 403) else ""
+        sys.stderr.write("owproxy: %s answered %d: %s%s\n" % (what, status, error, hint))
         return 2
     if isinstance(payload, dict) and "error" in payload:
         sys.stderr.write("owproxy: %s answered an application error: %s\n"
@@ -4389,9 +4408,9 @@ class LogRelay:
 
     marks = {"stdout": "\033[2mout|\033[0m ", "stderr": "\033[31merr|\033[0m "}
 
-    def __init__(self, stdout, stderr, marked, source=None):
+    def __init__(self, stdout, stderr, marked, renames=()):
         self.pipes = {stdout: "stdout", stderr: "stderr"}
-        self.marked, self.source = marked, source
+        self.marked, self.renames = marked, renames
         self.lines = []
         self.sentinels = dict.fromkeys(self.pipes.values(), 0)
         self.changed = threading.Condition()
@@ -4419,8 +4438,8 @@ class LogRelay:
     def show(self, stream, data):
         now = time.time()
         for line in data.decode("utf-8", "replace").splitlines():
-            if self.source:  # the proxy names a Python source file as it installed it
-                line = line.replace("__main__.py", self.source)
+            for installed, given in self.renames:  # the user's names, not the copy's
+                line = line.replace(installed, given)
             with self.changed:
                 if line == LOG_SENTINEL:
                     self.sentinels[stream] += 1
@@ -4449,7 +4468,7 @@ class LocalProxy:
     """A proxy of invoke's own on a free loopback port, its logs relayed live.  It
     has no grace period, so that an interrupted ``invoke`` stops at once."""
 
-    def __init__(self, loop, source=None):
+    def __init__(self, loop, action):
         import tempfile
         self.folder = tempfile.mkdtemp(prefix="owproxy-invoke-")
         action_dir = os.path.join(self.folder, "action")
@@ -4479,7 +4498,7 @@ class LocalProxy:
             raise ClientError("the local proxy did not start: %s" % failure)
         self.url = "http://127.0.0.1:%d" % self.port
         self.relay = LogRelay(self.process.stdout, self.process.stderr, sys.stderr.isatty(),
-                              source)
+                              user_names(action, action_dir))
         self.activations = 0
 
     def wait_ready(self):
@@ -4518,6 +4537,21 @@ class LocalProxy:
         remove_tree(self.folder)
 
 
+def user_names(action, action_dir):
+    """``(the name the local proxy's logs give, the user's)`` for the parts of the
+    action it installed into ``action_dir``, in the order to replace them."""
+    import zipfile
+    if os.path.isdir(action):
+        return [(action_dir + os.sep, os.path.join(action, ""))]
+    if zipfile.is_zipfile(action):
+        return [(action_dir + os.sep, action + ":")]
+    names = [(os.path.join(action_dir, "exec"), action),
+             (os.path.join(action_dir, "__main__.py"), action)]
+    if action.endswith(".py"):  # a Python function's traceback names its file alone
+        names.append(("__main__.py", action))
+    return names
+
+
 def reserved_port():
     """A socket bound to a free loopback port and not listening: while it is open
     no other program is given that port, yet the proxy may bind it too (both
@@ -4534,8 +4568,7 @@ def invoke(args):
     name = args.name or os.path.splitext(os.path.basename(os.path.normpath(args.action)))[0]
     init = init_value(args, name)
     value = parameters(args)
-    python_file = args.action.endswith(".py") and os.path.isfile(args.action)
-    proxy = LocalProxy(args.loop, args.action if python_file else None)
+    proxy = LocalProxy(args.loop, args.action)
     try:
         status, payload = proxy.post("/init", {"value": init}, args.timeout + 5)
         if status != 200:
@@ -4582,6 +4615,73 @@ def remote(args, path, body):
     return outcome(path, status, payload)
 
 
+def healthcheck(args):
+    """Docker's HEALTHCHECK: GET /healthz from the proxy running as ``args.pid`` (or
+    under it, below an init such as tini), on the port that process listens on,
+    however it was given (``--port`` in an image's CMD, FLASK_PROXY_PORT, PORT).
+    Exit status 0 healthy, 1 not (Docker reserves 2); a failure is one line."""
+    import socket
+    try:
+        host, port, source = proxy_address(args.pid)
+    except ConfigError as error:
+        sys.stderr.write("owproxy: healthcheck: %s\n" % error)
+        return 1
+    where = "%s:%d" % (url_host(host or "localhost"), port)
+    try:
+        with socket.create_connection((host, port), args.timeout) as connection:
+            connection.settimeout(args.timeout)
+            connection.sendall(b"GET %s HTTP/1.0\r\n\r\n" % LIVENESS_PATH.encode())
+            status = connection.makefile("rb").readline().split(b" ")[1:2]
+    except OSError as error:
+        status, reason = None, error.strerror or str(error) or type(error).__name__
+    if status == [b"200"]:
+        return 0
+    if status is not None:
+        reason = "answered %s" % (status[0].decode("ascii", "replace") if status else "nothing")
+    sys.stderr.write("owproxy: healthcheck: GET %s on %s (the port %s): %s\n"
+                     % (LIVENESS_PATH, where, source, reason))
+    return 1
+
+
+def proxy_address(pid):
+    """``(host to connect to, port, where they came from)``: the proxy's own command
+    line and environment, else this process's (those a container's exec shares)."""
+    found = proxy_process(pid)
+    if found is None:
+        argv, environ = [], os.environ
+        source = "from this environment; no Python process at PID %d or under it" % pid
+    else:
+        found_pid, argv = found
+        entries = environ_of(found_pid).split(b"\0")
+        environ = dict(entry.decode("utf-8", "replace").partition("=")[::2]
+                       for entry in entries if b"=" in entry) or os.environ
+        source = "from PID %d: %s" % (found_pid, " ".join(words_of(found_pid)))
+    settings = given_settings(argv, environ)
+    host = settings.host.strip("[]")
+    return (None if host in ("::", "0.0.0.0") else host), settings.port, source
+
+
+def proxy_process(pid):
+    """``(pid, the proxy's arguments)`` of the first Python process at ``pid`` or
+    under it; None if there is none."""
+    for candidate in [pid] + descendants(pid):
+        words = words_of(candidate)
+        if candidate != os.getpid() and words and os.path.basename(words[0]).startswith("python"):
+            script = next((at for at, word in enumerate(words) if at and
+                           not word.startswith("-")), len(words))
+            return candidate, words[script + 1:]
+    return None
+
+
+def words_of(pid):
+    """The command line ``pid`` was started with; empty if unknown."""
+    try:
+        with open("/proc/%d/cmdline" % pid, "rb") as cmdline:
+            return cmdline.read().decode("utf-8", "replace").split("\0")[:-1]
+    except OSError:
+        return []
+
+
 def client_parser():
     parser = argument_parser(hints=[("-p/--param", ": write -p KEY VALUE, e.g. -p name Ada")],
                              prog="owproxy.py", description=(
@@ -4598,6 +4698,14 @@ def client_parser():
     init_command = commands.add_parser("init", help="POST /init to a running container")
     init_command.add_argument("action", help="as for invoke")
     run_command = commands.add_parser("run", help="POST /run to a running container")
+    health_command = commands.add_parser(
+        "healthcheck", help="GET /healthz from the proxy of this container (Docker's "
+                            "HEALTHCHECK), on the port it listens on")
+    health_command.add_argument("--pid", type=int, default=1,
+                                help="the proxy's process, or one it runs under "
+                                     "(default: %(default)s)")
+    health_command.add_argument("--timeout", type=str, default="2",
+                                help="seconds to wait for the answer (default: %(default)s)")
     for command in (invoke_command, init_command, run_command):
         command.add_argument("--timeout", type=str, default="60",
                              help="seconds the action may run, its deadline (default: "
@@ -4640,7 +4748,8 @@ def client_args(argv):
             raise ClientError("%s %s: write -p KEY VALUE, e.g. -p %s %s" % (flag, word, name,
                                                                           given))
     args = client_parser().parse_args(argv)
-    args.timeout = flag_value("--timeout", args.timeout, action_seconds)
+    args.timeout = flag_value("--timeout", args.timeout, parse_seconds
+                              if args.command == "healthcheck" else action_seconds)
     if args.command == "invoke":
         args.repeat = flag_value("--repeat", args.repeat, positive_int)
     return args
@@ -4657,7 +4766,8 @@ def action_seconds(text):
     return seconds
 
 
-CLIENT_COMMANDS = {"invoke": invoke, "init": client_init, "run": client_run}
+CLIENT_COMMANDS = {"invoke": invoke, "init": client_init, "run": client_run,
+                   "healthcheck": healthcheck}
 
 
 # ============================================================================

@@ -1443,6 +1443,24 @@ def test_a_missing_action_dir_is_a_one_line_error_and_exit_2(tmp_path):
     check_one_line_error(completed, str(missing))
 
 
+NEXT_STEPS = (": serve one with --action-dir DIR, try the demo with `make run`, or run an "
+              "action once with `python3 owproxy.py invoke FILE`\n")
+
+
+def test_a_bare_start_without_an_action_dir_says_what_to_do_next(tmp_path):
+    """A workstation has no /action: the error leads on to the three ways to start."""
+    missing = tmp_path / "no-such-dir"
+    completed = cli("--action-dir", str(missing))
+    check_one_line_error(completed)
+    assert completed.stderr == "owproxy: the action directory %s does not exist%s" % (
+        missing, NEXT_STEPS)
+    if os.path.exists("/action"):  # a bare start would serve it on 8080
+        pytest.skip("/action exists here; the start without arguments is not tried")
+    bare = cli()
+    assert (bare.returncode, bare.stderr) == (
+        2, "owproxy: the action directory /action does not exist" + NEXT_STEPS)
+
+
 @pytest.mark.parametrize("name, value", [
     ("FLASK_PROXY_PORT", "abc"), ("FLASK_PROXY_PORT", "70000"), ("OWPROXY_MAX_BODY", "lots"),
     ("PROXY_ALLOW_REINIT", "maybe"), ("OWPROXY_GRACE", "-1"), ("__OW_ALLOW_CONCURRENT", "2"),
@@ -2845,6 +2863,34 @@ def test_invoke_a_zip_file(tmp_path):
     assert_invoked(cli("invoke", archive), {"zipped": True})
 
 
+NO_INTERPRETER = "#!/no/such/interpreter\necho '{}'\n"
+
+
+@pytest.mark.parametrize("kind, named", [
+    ("script", "{path}"), ("binary", "{path}"), ("zip", "{path}:exec"),
+    ("directory", "{path}/exec")])
+def test_invoke_names_the_users_file_not_the_copy_it_installed(tmp_path, kind, named):
+    path = tmp_path / {"script": "broken.sh", "binary": "broken", "zip": "broken.zip",
+                       "directory": "broken"}[kind]
+    if kind == "script":
+        path.write_text(NO_INTERPRETER)
+    elif kind == "binary":
+        path.write_bytes(b"\x7fELF\x02\x01\x01" + b"\0" * 9 + b"\x02\0\xff\xff")
+    elif kind == "zip":
+        path.write_bytes(zip_bytes({"exec": NO_INTERPRETER}))
+    else:
+        path.mkdir()
+        (path / "exec").write_text(NO_INTERPRETER)
+        (path / "exec").chmod(0o755)
+    result = cli("invoke", path)
+    assert result.returncode == 2, result
+    name = named.format(path=path)
+    assert ("owproxy: %s names /no/such/interpreter as its interpreter" % name
+            if kind != "binary" else "owproxy: %s is an ELF binary for another machine" % name) \
+        in result.stderr, result.stderr
+    assert "owproxy-invoke-" not in result.stderr, result.stderr
+
+
 def test_invoke_exits_1_on_an_application_error(tmp_path):
     action = tmp_path / "fails.py"
     action.write_text("def main(args):\n    raise RuntimeError('no such user')\n")
@@ -2891,13 +2937,30 @@ def test_init_and_run_a_running_container(proxy):
     assert run.returncode == 0
     assert json.loads(run.stdout) == {"greeting": "Hello, Cy!", "greeted_so_far": 1}
     again = cli("init", "--url", url, EXAMPLES / "hello.py")
-    assert again.returncode == 2 and "answered 403" in again.stderr
+    assert again.returncode == 2, again
+    assert again.stderr == ("owproxy: /init answered 403: Cannot initialize the action more "
+                            "than once. (to replace the action, start the proxy with "
+                            "--allow-reinit (PROXY_ALLOW_REINIT=1), for local development "
+                            "only)\n"), again.stderr
 
 
 def test_the_compose_file_builds_the_project_image_with_its_health_check():
     compose = (EXAMPLES / "docker-compose.yml").read_text()
     assert "context: .." in compose and "dockerfile: Dockerfile" in compose
-    assert '"8080:8080"' in compose and "/healthz" in compose
+    assert "python3 /owproxy.pyc healthcheck" in compose
+
+
+def test_the_examples_that_allow_reinit_listen_on_loopback_only():
+    """Re-init lets anyone who reaches the port replace the action; so does Knative's
+    init in a request."""
+    action = yaml_documents((EXAMPLES / "docker-compose.yml").read_text())[0]["services"][
+        "action"]
+    assert action["environment"]["PROXY_ALLOW_REINIT"] == "1"
+    assert action["ports"] == ["127.0.0.1:8080:8080"]
+    starts = [line.strip() for line in (HERE / "README.md").read_text().splitlines()
+              if line.startswith("    ") and "python3 owproxy.py --" in line]
+    reinit = [line for line in starts if "knative" in line or "REINIT" in line]
+    assert reinit and all("--host 127.0.0.1 " in line for line in reinit), starts
 
 
 def readme_curls(section):
@@ -2949,6 +3012,26 @@ def test_make_run_serves_the_demo_action_and_the_readme_curl_lines_work(tmp_path
     finally:
         os.killpg(server.pid, signal.SIGTERM)
         server.wait(30)
+
+
+def test_a_second_make_run_fails_on_the_port_before_it_touches_the_demo_action(tmp_path):
+    demo = tmp_path / "demo"
+    demo.mkdir()
+    (demo / "exec").write_text("#!/bin/sh\necho '{\"first\": \"run\"}'\n")
+    with socket.socket() as first:  # the first make run, serving
+        first.bind(("127.0.0.1", 0))
+        first.listen(1)
+        port = first.getsockname()[1]
+        second = subprocess.run(["make", "-s", "run", "PORT=%d" % port, "DEMO=%s" % demo,
+                                 "PYTHON=%s" % PYTHON], cwd=HERE, env=proxy_env(),
+                                capture_output=True, text=True, timeout=60)
+    assert second.returncode != 0 and second.stdout == "", second
+    assert second.stderr.startswith(
+        "make run: port %d on 127.0.0.1 is in use (another make run?); stop that, or make "
+        "run PORT=N\n" % port), second.stderr
+    assert "Traceback" not in second.stderr, second.stderr
+    assert (demo / "exec").read_text() == "#!/bin/sh\necho '{\"first\": \"run\"}'\n"
+    assert os.listdir(str(demo)) == ["exec"]
 
 
 def test_the_readme_knative_request_works(proxies):
@@ -3086,9 +3169,9 @@ def test_a_read_only_action_dir_serves_its_baked_action_as_a_non_root_user(
     code = {"exec": ECHO_BASH, "function": "def main(args):\n    return {}\n",
             "loop": LOOP_ACTION}[kind]
     response = proxy.init(code)
-    cause = ("the action directory %s is read-only, so /init cannot install code there: "
-             "bake the action into the image, or point --action-dir (OWPROXY_ACTION_DIR) "
-             "at a writable directory" % read_only)
+    cause = ("the action directory %s is not writable by uid %d, so /init cannot install "
+             "code there: bake the action into the image, or point --action-dir "
+             "(OWPROXY_ACTION_DIR) at a writable directory" % (read_only, proxy_uid()))
     # --loop answers as the Go proxy does without OW_LOG_INIT_ERROR: with the cause itself.
     expected = {"error": cause} if kind == "loop" else INIT_FAILED
     assert (response.status, response.json) == (502, expected)
@@ -3114,8 +3197,36 @@ def test_a_zip_into_a_read_only_action_dir_is_refused_alike(proxies, public_dir,
     proxy = proxies(action_dir=read_only, preexec_fn=as_nobody())
     response = proxy.init_zip({"exec": ECHO_RESULT})
     assert (response.status, response.json) == (502, INIT_FAILED)
-    assert "is read-only, so /init cannot install code" in proxy.logs()[1]
+    assert "is not writable by uid %d, so /init cannot install code" % proxy_uid() in \
+        proxy.logs()[1]
     assert os.listdir(str(read_only)) == []
+
+
+def proxy_uid():
+    """The uid a proxy started with ``as_nobody()`` runs as."""
+    return 65534 if os.geteuid() == 0 else os.geteuid()
+
+
+def test_an_action_dir_on_a_read_only_mount_is_called_read_only(proxies, tmp_path):
+    """Writable by its owner, yet on a read-only filesystem (a read-only root): the
+    cause is the mount, whoever the proxy runs as."""
+    mount = tmp_path / "ro"
+    mount.mkdir()
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=64k",
+                                            "tmpfs", str(mount)]).returncode != 0:
+        print("note: cannot mount a read-only tmpfs here (needs root); not checked")
+        pytest.skip("cannot mount a read-only filesystem here")
+    try:
+        (tmp_path / "p0").mkdir()
+        proxy = proxies(action_dir=mount)
+        response = proxy.init(ECHO_BASH)
+        assert (response.status, response.json) == (502, INIT_FAILED)
+        err = proxy.logs()[1]
+        assert "owproxy: the action directory %s is read-only, so /init cannot install " \
+               "code there" % mount in err, err
+        assert proxy.stop() == 0
+    finally:
+        subprocess.run(["umount", str(mount)], check=True)
 
 
 def test_scratch_dir_uses_the_parent_only_when_writable(tmp_path, monkeypatch):
@@ -3520,30 +3631,56 @@ def healthchecks():
     return found
 
 
-def run_healthchecks(env):
-    """Each health check's exit status, run as Docker runs it (sh -c, the container's env)."""
-    return {where: subprocess.run(["sh", "-c", command], env=dict(proxy_env(), **env),
-                                  capture_output=True, timeout=60).returncode
-            for where, command in healthchecks().items()}
+def run_healthchecks(env, *args):
+    """Each health check run as Docker runs it (sh -c, the container's env), this
+    checkout's owproxy.py for the image's, with ``args`` added (a --pid: the test's
+    proxy is not PID 1): {file: (exit status, stderr)}."""
+    image_command = "python3 /owproxy.pyc healthcheck"
+    checks = {}
+    for where, command in healthchecks().items():
+        assert command == image_command, (where, command)
+        argv = [PYTHON, OWPROXY, "healthcheck"] + list(args)
+        done = subprocess.run(argv, env=dict(proxy_env(), **env), capture_output=True,
+                              timeout=60)
+        checks[where] = done.returncode, done.stderr.decode()
+    return checks
 
 
 HOSTS = [([], "127.0.0.1"), (["--host", "127.0.0.1"], "127.0.0.1")] + (
     [(["--host", "::1"], "::1")] if IPV6 else [])
 
 
-@pytest.mark.parametrize("port_env", ["FLASK_PROXY_PORT", "PORT"])
+@pytest.mark.parametrize("port_env", ["FLASK_PROXY_PORT", "PORT", None])
 @pytest.mark.parametrize("host_args, address", HOSTS)
-def test_every_health_check_reads_the_port_and_reaches_the_proxy_however_it_listens(
+def test_every_health_check_follows_the_port_and_host_the_proxy_was_given(
         listening, port_env, host_args, address):
+    """Read from the proxy's own command line and environment (PID 1's in a
+    container): a --port in an image's CMD counts, and the check's own environment
+    need not hold the port."""
     commands = healthchecks()
     assert sorted(commands) == ["Dockerfile", "README.md", "examples/c/Dockerfile",
                                 "examples/docker-compose.yml"]
-    assert len(set(commands.values())) == 1, commands  # one form everywhere
-    proxy = listening(host_args, address, port_env=[port_env])
+    proxy = listening(host_args, address, port_env=port_env and [port_env])
     assert proxy.port != 8080
-    assert set(run_healthchecks({port_env: str(proxy.port)}).values()) == {0}
+    pid = ["--pid", str(proxy.process.pid)]
+    assert {code for code, err in run_healthchecks({}, *pid).values()} == {0}
+    os.kill(proxy.process.pid, signal.SIGSTOP)  # listening, yet answering nothing
+    try:
+        checks = run_healthchecks({}, "--timeout", "0.2", *pid)
+    finally:
+        os.kill(proxy.process.pid, signal.SIGCONT)
+    for code, err in checks.values():
+        assert code == 1 and err.count("\n") == 1 and "Traceback" not in err, err
+        assert err.startswith("owproxy: healthcheck: GET /healthz on %s:%d (the port from "
+                              "PID %d: " % ("[%s]" % address if ":" in address
+                                            else "localhost" if not host_args else address,
+                                            proxy.port, proxy.process.pid)), err
+        assert err.endswith("): timed out\n"), err
     proxy.stop()
-    assert 0 not in run_healthchecks({port_env: str(proxy.port)}).values()
+    for code, err in run_healthchecks({"PORT": str(proxy.port)}, *pid).values():
+        assert code == 1 and err.count("\n") == 1, err
+        assert "localhost:%d (the port from this environment; no Python process at PID %d" % (
+            proxy.port, proxy.process.pid) in err, err
 
 
 def test_the_dockerfiles_install_packages_without_questions():
@@ -6217,7 +6354,7 @@ def test_a_local_proxy_that_cannot_start_is_reported_with_its_own_stderr(tmp_pat
     monkeypatch.setattr(owproxy, "OWPROXY_FILE", str(fails))
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
     with pytest.raises(owproxy.ClientError) as raised:
-        owproxy.LocalProxy(False)
+        owproxy.LocalProxy(False, "action.sh")
     assert str(raised.value) == "the local proxy did not start: cannot listen: no way"
     assert os.listdir(str(tmp_path)) == ["fails.py"]  # its folder is gone
 
@@ -6230,7 +6367,7 @@ def test_a_local_proxy_takes_another_port_when_its_own_is_taken(monkeypatch):
     real_reserved_port = owproxy.reserved_port
     monkeypatch.setattr(owproxy, "reserved_port", lambda: reservations.pop() if reservations
                         else real_reserved_port())
-    proxy = owproxy.LocalProxy(False)
+    proxy = owproxy.LocalProxy(False, "action.sh")
     try:
         assert not reservations and proxy.port != port
         assert proxy.post("/run", {"value": {}}, 30) == (502, {
