@@ -2947,7 +2947,7 @@ def test_init_and_run_a_running_container(proxy):
 def test_the_compose_file_builds_the_project_image_with_its_health_check():
     compose = (EXAMPLES / "docker-compose.yml").read_text()
     assert "context: .." in compose and "dockerfile: Dockerfile" in compose
-    assert "python3 /owproxy.pyc healthcheck" in compose
+    assert "python3 -S /owproxy.pyc healthcheck" in compose
 
 
 def test_the_examples_that_allow_reinit_listen_on_loopback_only():
@@ -3635,7 +3635,7 @@ def run_healthchecks(env, *args):
     """Each health check run as Docker runs it (sh -c, the container's env), this
     checkout's owproxy.py for the image's, with ``args`` added (a --pid: the test's
     proxy is not PID 1): {file: (exit status, stderr)}."""
-    image_command = "python3 /owproxy.pyc healthcheck"
+    image_command = "python3 -S /owproxy.pyc healthcheck"
     checks = {}
     for where, command in healthchecks().items():
         assert command == image_command, (where, command)
