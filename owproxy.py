@@ -39,7 +39,7 @@ shutil: ``DEFERRED_MODULES``, each loaded where something first uses it):
                    channel); ActionRunner, the subclassable runner
 6. Platforms       the OpenWhisk and Knative routes, health endpoints
 7. Client          ``invoke`` an action locally, its logs relayed live; ``init``
-                   and ``run`` a container
+                   and ``run`` a container; ``healthcheck``, the image's
 8. CLI             ``main()``: the proxy or a command
 """
 

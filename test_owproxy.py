@@ -1906,7 +1906,10 @@ def test_concurrent_loop_runs_get_a_process_each(proxies, tmp_path):
     assert len({r.json["pid"] for r in results}) == 3
     assert [r.json["request"]["activation_id"] for r in results] == ["act0", "act1", "act2"]
     out, _ = check_streams(proxy, sentinels=3)
-    assert sorted(out.split("\n")) == ["log from act0", "log from act1", "log from act2"]
+    # Three activations share the stream at once: where a sentinel line falls among
+    # the others' lines is theirs to decide, so blank remnants around them may come.
+    assert sorted(filter(None, out.split("\n"))) == ["log from act0", "log from act1",
+                                                     "log from act2"]
 
 
 
