@@ -1005,7 +1005,7 @@ class RequestReader:
         chunked body is checked as it comes), whole within ``timeout`` seconds (else
         408), in one buffer that grows, with its ``share`` of the body memory, as
         bytes arrive: whatever the chunk sizes, no object is kept per piece."""
-        self.deadline = time.monotonic() + timeout
+        share.deadline = self.deadline = time.monotonic() + timeout
         idle = self.sock.gettimeout()
         buffer = bytearray()
         try:
@@ -1023,13 +1023,12 @@ class RequestReader:
 
     def take(self, buffer, size, share):
         """``size`` more bytes into ``buffer``, reserved as they arrive, at most a
-        read buffer ahead of the reservation; the time spent waiting for body memory
-        is not the client's, so it moves the deadline."""
+        read buffer ahead of the reservation."""
         while size:
             arrived = min(size, len(self.peek()))  # what the reader's buffer holds
             if not arrived:
                 raise HTTPError(400, "The request body ended early.", close=True)
-            self.deadline += share.arrived(arrived)  # before the bytes leave the socket's
+            share.arrived(arrived)  # before the bytes leave the socket's
             buffer += self.rfile.read(arrived)
             size -= arrived
 
@@ -1213,17 +1212,20 @@ class BodyBudget:
                             % (size, self.size), close=True)
 
     def grow(self, share, size):
-        """Adds ``size`` bytes to ``share``, waiting for room; the seconds waited."""
+        """Adds ``size`` bytes to ``share``, waiting for room until the share's
+        deadline: a body that waits is not answered later than one that stalls."""
         if not size:
-            return 0.0
+            return
         self.check_fits(share.held + size)
-        started = time.monotonic()
         with self.changed:
             while share is not self.shares[0] and self.held + size > self.size:
-                self.changed.wait()
+                left = share.deadline - time.monotonic()
+                if left <= 0:
+                    raise HTTPError(408, "The request body found no room in the proxy's "
+                                         "--body-memory within its --body-timeout.", close=True)
+                self.changed.wait(left)
             self.held += size
             share.held += size
-        return time.monotonic() - started
 
 
 class BodyShare:
@@ -1233,14 +1235,14 @@ class BodyShare:
 
     def __init__(self, budget, per_byte):
         self.budget, self.per_byte, self.held = budget, per_byte, 0
+        self.deadline = None  # the body's --body-timeout, its waits for room included
 
     def check_fits(self, length):
         """A 413 at once for a declared length that could never fit."""
         self.budget.check_fits(length * (1 + self.per_byte))
 
     def arrived(self, size):
-        """Seconds waited for room for ``size`` more bytes."""
-        return self.budget.grow(self, size * (1 + self.per_byte))
+        self.budget.grow(self, size * (1 + self.per_byte))
 
     def parsing(self, body):
         """Reserves what the JSON tokens of the whole ``body`` take on top."""

@@ -5504,6 +5504,35 @@ echo '{"done": true}'""")).status == 200
         waiting.close()
 
 
+def test_a_body_that_waits_for_the_budget_is_408_at_its_body_timeout(proxies):
+    """The wait for room counts in a body's --body-timeout: it once moved the
+    deadline, so that a body behind a long run waited as long as the run."""
+    # one 90 KB body fits (x 13 with its parse), two do not
+    proxy = proxies("--max-body", "200K", "--body-memory", "1200K", "--body-timeout", "2",
+                    "--concurrent")
+    assert proxy.init(bash("""
+case "$1" in *hold*) touch started; while [ ! -e release ]; do sleep 0.02; done ;; esac
+echo '{"done": true}'""")).status == 200
+    body = json.dumps({"value": {"x": "y" * 90000}}).encode()
+    first = in_thread(proxy.post, "/run", {"value": {"x": "y" * 90000, "hold": True}},
+                      timeout=60)
+    assert wait_for(lambda: (proxy.action_dir / "started").exists())
+    waiting = RawClient(proxy, timeout=30)
+    try:
+        waiting.send(head("POST", "/run", "Content-Length: %d" % len(body)) + body)
+        response = waiting.response()
+        assert response.status == 408, response
+        assert "no room in the proxy's --body-memory within its --body-timeout" in (
+            response.json["error"])
+        assert waiting.closed_by_peer()
+    finally:
+        waiting.close()
+    check_a_run_still_works(proxy, result={"done": True})  # a small body has room
+    (proxy.action_dir / "release").write_text("")
+    assert first().json == {"done": True}
+    assert proxy.post("/run", body, timeout=30).json == {"done": True}  # what it held is free
+
+
 NON_JSON_NUMBERS = [b"NaN", b"Infinity", b"-Infinity", b"1e999", b"-1e999"]
 
 
