@@ -891,6 +891,7 @@ TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+\Z")
 FIELD_VALUE = re.compile(rb"[\t\x20-\x7e\x80-\xff]*\Z")
 HTTP_VERSION = re.compile(r"HTTP/([0-9])\.([0-9])\Z")
 CHUNK_SIZE = re.compile(rb"[0-9A-Fa-f]*\Z")
+PLAIN_CHUNK = re.compile(rb"([0-9A-Fa-f]{1,8})\r\n")  # a chunk's head without extension
 REQUEST_LINE_GAP = re.compile(r"[ \t]+")
 CONTROL_CHARACTER = re.compile(r"[\x00-\x1f\x7f]")
 ABSOLUTE_FORM = re.compile(r"[A-Za-z][A-Za-z0-9+.\-]*://[^/?#]*")
@@ -1034,12 +1035,12 @@ class RequestReader:
 
     def chunked(self, buffer, limit, share):
         while True:
+            if self.whole_chunks(buffer, limit, share):
+                continue
             size = self.chunk_size()
             if size == 0:
                 break
-            if len(buffer) + size > limit:
-                raise HTTPError(413, "The request body is more than the limit of %d bytes."
-                                % limit, close=True)
+            check_room(buffer, size, limit)
             try:
                 self.take(buffer, size, share)
             except HTTPError as error:
@@ -1051,6 +1052,29 @@ class RequestReader:
         self.room = self.max_head  # trailers: as many bytes and fields as a head
         if self.fields() is None:
             raise HTTPError(400, "The chunked request body is malformed.", close=True)
+
+    def whole_chunks(self, buffer, limit, share):
+        """The plain chunks (a size, CRLF, the data, CRLF) that the reader's buffer
+        holds whole, taken at once: a body in 1-byte chunks costs one reservation
+        and one read per buffer, not per chunk.  False if there was none: the next
+        chunk (not yet whole, the last one, with an extension, a fault) is then
+        chunk_size()'s and take()'s."""
+        data, start, pieces = self.peek(), 0, []
+        while True:
+            head = PLAIN_CHUNK.match(data, start)
+            end = head and head.end() + int(head.group(1), 16)
+            if not head or end == head.end() or data[end:end + 2] != b"\r\n":
+                break  # a slice past the buffer's end is short too
+            pieces.append(data[head.end():end])
+            start = end + 2
+        if not start:
+            return False
+        body = b"".join(pieces)
+        check_room(buffer, len(body), limit)
+        share.arrived(len(body))  # before the bytes leave the reader's buffer
+        self.rfile.read(start)
+        buffer += body
+        return True
 
     def chunk_size(self):
         """The size on a chunk's first line: leading zeros, however many, are
@@ -1076,6 +1100,13 @@ class RequestReader:
                 skipped += len(self.rfile.read(zeros))
             if zeros < len(data) or not data:
                 return skipped
+
+
+def check_room(buffer, size, limit):
+    """A chunked body is refused as soon as it would pass the limit."""
+    if len(buffer) + size > limit:
+        raise HTTPError(413, "The request body is more than the limit of %d bytes." % limit,
+                        close=True)
 
 
 def parse_request_line(requestline):

@@ -1224,6 +1224,30 @@ def test_a_chunked_body_over_the_limit_is_413(proxies):
     check_a_run_still_works(proxy)
 
 
+def test_a_body_in_1_byte_chunks_among_other_chunks_arrives_whole_or_413_past_the_limit(
+        proxies):
+    """Plain chunks the proxy's buffer holds whole are taken together; the others
+    (an extension, leading zeros, one split over sends, the last) one by one."""
+    proxy = proxies("--max-body", "1000")
+    assert proxy.init(ECHO_BASH).status == 200
+    body = json.dumps({"value": {"s": "0123456789abcdef" * 20}}).encode()
+    tiny = b"".join(b"1\r\n%c\r\n" % byte for byte in body[:200])
+    chunks = (tiny + b"3;ext=1\r\n%s\r\n" % body[200:203] + b"00004\r\n%s\r\n" % body[203:207]
+              + b"%x\r\n%s\r\n" % (len(body) - 207, body[207:]) + b"0\r\n\r\n")
+    request = head("POST", "/run", "Transfer-Encoding: chunked") + chunks
+    client = RawClient(proxy)
+    try:
+        for start in range(0, len(request), 333):  # pieces that split chunks anywhere
+            client.send(request[start:start + 333])
+        response = client.response()
+        assert (response.status, response.json) == (200, json.loads(body)["value"])
+    finally:
+        client.close()
+    too_long = b"".join(b"1\r\n \r\n" for _ in range(1001))
+    response = raw_request(proxy, head("POST", "/run", "Transfer-Encoding: chunked") + too_long)
+    assert response.status == 413 and "limit of 1000 bytes" in response.json["error"], response
+
+
 def test_chunked_request_bodies_are_accepted_for_init_and_run(proxy):
     conn = http.client.HTTPConnection("127.0.0.1", proxy.port, timeout=10)
     try:
@@ -1905,12 +1929,14 @@ def test_concurrent_loop_runs_get_a_process_each(proxies, tmp_path):
     assert [r.status for r in results] == [200, 200, 200]
     assert len({r.json["pid"] for r in results}) == 3
     assert [r.json["request"]["activation_id"] for r in results] == ["act0", "act1", "act2"]
-    out, _ = check_streams(proxy, sentinels=3)
-    # Three activations share the stream at once: where a sentinel line falls among
-    # the others' lines is theirs to decide, so blank remnants around them may come.
-    assert sorted(filter(None, out.split("\n"))) == ["log from act0", "log from act1",
-                                                     "log from act2"]
-
+    # Three activations share each stream, their sentinel lines among the others'
+    # lines (which split_logs would leave blank): whole lines, each activation's log
+    # before its sentinel, so no part of the stream holds more sentinels than logs.
+    for stream, word in zip(proxy.logs(), ("log", "err")):
+        lines = stream.split("\n")
+        assert lines.pop() == "", stream
+        assert sorted(lines) == [SENTINEL] * 3 + ["%s from act%d" % (word, n) for n in range(3)]
+        assert all(2 * lines[:end].count(SENTINEL) <= end for end in range(7)), stream
 
 
 TWO_RESULTS_FIRST = python_script(r'''

@@ -77,7 +77,9 @@ payload         a 1 MiB argument echoed back through stdin, per /run, against
 attack          peak memory (VmHWM) of a proxy under hostile clients, against the
                 bound the README states (idle RSS + what each limit allows):
                 1000 connections that send a head slowly, 60 that each hold an
-                unfinished 60 KB header line, 8 concurrent bodies at --max-body;
+                unfinished 60 KB header line, 8 concurrent bodies at --max-body,
+                8 bodies trickled in 1-byte chunks (a send each, from a process
+                of their own, for as long as the /run latency is measured);
                 and the /run latency meanwhile, against the same proxy's before
                 (target: unchanged within noise).
 
@@ -1264,6 +1266,8 @@ def measure_attacks(bench):
          lambda proxy: big_bodies(proxy, containers_body(max_body // 4)), bodies_bound),
         ("chunks", "%d concurrent bodies of 128 KiB in 1-byte chunks" % BODY_CLIENTS, budget,
          lambda proxy: big_bodies(proxy, string_body(128 * 1024), chunked=True), bodies_bound),
+        ("trickle", "%d bodies trickling 1-byte chunks, a send each" % BODY_CLIENTS, budget,
+         trickled_chunks, bodies_bound),
     ]
     figures = []
     for key, label, env, attack, allowance in attacks:
@@ -1387,6 +1391,48 @@ def big_bodies(proxy, body, chunked=False):
 
     with client_threads(post, "large bodies") as finish:
         yield finish
+
+
+# Clients that each send a /run body in 1-byte chunks, one send() per chunk, from a
+# process of their own (their loop would hold the GIL of the bench's own client).
+TRICKLER = r'''
+import select, socket, sys
+socks = [socket.create_connection(("127.0.0.1", int(sys.argv[1])), 120)
+         for _ in range(int(sys.argv[2]))]
+for sock in socks:
+    sock.sendall(b"POST /run HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n"
+                 b"Connection: close\r\n\r\n11\r\n{\"value\": {\"x\": \"\r\n")
+print("sending", flush=True)
+while not select.select([sys.stdin], [], [], 0)[0]:  # until the bench closes it
+    for sock in socks:
+        sock.sendall(b"1\r\ny\r\n")
+for sock in socks:
+    sock.sendall(b"3\r\n\"}}\r\n0\r\n\r\n")
+print(" ".join(sock.makefile("rb").readline().split()[1].decode() for sock in socks))
+'''
+
+
+@contextlib.contextmanager
+def trickled_chunks(proxy):
+    """``BODY_CLIENTS`` bodies trickled for as long as the /run latency is measured."""
+    trickler = subprocess.Popen([PYTHON, "-c", TRICKLER, str(proxy.port), str(BODY_CLIENTS)],
+                                stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+
+    def finish():
+        trickler.stdin.close()
+        statuses = trickler.stdout.read().split()
+        trickler.wait()
+        if statuses != ["200"] * BODY_CLIENTS:
+            raise ProxyError("the trickled bodies were answered %s" % statuses)
+
+    try:
+        if trickler.stdout.readline() != "sending\n":
+            raise ProxyError("the trickling clients did not start")
+        yield finish
+    finally:
+        if trickler.poll() is None:
+            trickler.kill()
+            trickler.wait()
 
 
 @contextlib.contextmanager
