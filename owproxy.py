@@ -2470,10 +2470,11 @@ class Processes:
         return process
 
     def end(self, process):
-        """Kills the process's group and every process that carries its marker."""
+        """Kills the process's group and every process that carries its marker or
+        is in its session (whatever marker it copied: no other can be there)."""
         kill_group(process)
         if not self.none_escaped(process):
-            self.kill_marked(process.marker, killed={process.pid})
+            self.kill_marked(process.marker, killed={process.pid}, session=process.pid)
 
     def none_escaped(self, process):
         """True when nothing ``process`` started can be alive, known without a scan of
@@ -2497,11 +2498,11 @@ class Processes:
         self.kill_marked(None)
         self.reap_orphans(force=True)
 
-    def kill_marked(self, marker, killed=()):
+    def kill_marked(self, marker, killed=(), session=None):
         """Kills the descendants whose marker is ``marker`` (every descendant when
-        None), and the stray orphans, again while some are found (one may fork
-        meanwhile) or one that was killed still exits: until it has, its children
-        are not yet the proxy's."""
+        None) or who are in ``session``, and the stray orphans, again while some
+        are found (one may fork meanwhile) or one that was killed still exits:
+        until it has, its children are not yet the proxy's."""
         if not self.subreaper:
             return
         wanted = ("\0%s=%s\0" % (ACTIVATION_MARKER, marker)).encode() if marker else b""
@@ -2509,7 +2510,8 @@ class Processes:
         for _ in range(self.kill_rounds):
             # Those dead before the scan begins have handed their children over.
             exiting = [pid for pid in killed if running(pid)]
-            found = [pid for pid in descendants(os.getpid()) if wanted in environ_of(pid)]
+            found = [pid for pid in descendants(os.getpid())
+                     if wanted in environ_of(pid) or session and session_of(pid) == session]
             found += self.stray_orphans()
             for pid in found:
                 try:
@@ -2647,6 +2649,13 @@ def asleep(pid):
 def running(pid):
     """Not gone, nor a zombie: it may still do something."""
     return process_state(pid) not in (None, b"Z", b"X")
+
+
+def session_of(pid):
+    """The id of ``pid``'s session: the pid of the process that made it, which no
+    other process can join, nor take while a member lives; None if it is gone."""
+    fields = stat_fields(pid)
+    return int(fields[3]) if len(fields) > 3 else None
 
 
 def parent_of(pid):

@@ -4734,6 +4734,40 @@ echo '{"ok": true}'
     assert wait_for(lambda: not processes_with(slow))
 
 
+def test_a_borrowed_marker_saves_no_process_that_stays_in_its_activations_session(
+        proxies, tmp_path):
+    """A process that copies a running activation's marker (from /proc/PID/environ)
+    but stays in its own activation's session, which none can join, dies with that
+    activation; one that also starts a session of its own (whose id is its own
+    pid, telling nothing of where it came from) lives until the other one ends."""
+    proxy = proxies(env={"__OW_ALLOW_CONCURRENT": "true"})
+    own, in_session, own_session = unique_sleep(), unique_sleep(), unique_sleep()
+    go, marker, left = tmp_path / "go", tmp_path / "marker", tmp_path / "left"
+    assert proxy.init(bash("""
+case "$1" in
+  *slow*) setsid sleep %s </dev/null >/dev/null 2>&1 &
+          echo "$OWPROXY_ACTIVATION" > %s
+          while [ ! -e %s ]; do sleep 0.05; done ;;
+  *) borrowed=$(cat %s)
+     set -m
+     OWPROXY_ACTIVATION=$borrowed sleep %s </dev/null >/dev/null 2>&1 &
+     OWPROXY_ACTIVATION=$borrowed setsid sh -c 'touch %s; exec sleep %s' \
+       </dev/null >/dev/null 2>&1 &
+     while [ ! -e %s ]; do sleep 0.01; done ;;  # in its session by now
+esac
+echo '{"ok": true}'
+""" % (own, marker, go, marker, in_session, left, own_session, left))).status == 200
+    slow = in_thread(proxy.run, {"slow": 1}, timeout=30)
+    assert wait_for(lambda: processes_with(own) and marker.exists() and marker.read_text())
+    assert proxy.run({"quick": 1}).json == {"ok": True}
+    assert wait_for(lambda: not processes_with(in_session)), "a borrowed marker saved it"
+    assert processes_with(own), "the other activation's process was killed"
+    assert processes_with(own_session)  # until the activation whose marker it took ends
+    go.touch()
+    assert slow().json == {"ok": True}
+    assert wait_for(lambda: not processes_with(own) and not processes_with(own_session))
+
+
 def test_an_escaped_process_of_a_warm_action_dies_with_its_worker_not_before(proxies):
     proxy = proxies("--loop", env={"PROXY_ALLOW_REINIT": "1"})
     seconds = unique_sleep()
