@@ -4784,17 +4784,24 @@ def held_spawn(processes, argv, cwd):
     """A thread spawning ``argv`` whose child waits, before its exec, until the
     returned ``release()``; the thread's Popen lands in the list returned."""
     hold, release = os.pipe()
+    forked, fork_seen = os.pipe()
     spawned = []
+
+    def child():
+        os.write(fork_seen, b"x")
+        os.read(hold, 1)
+
     thread = threading.Thread(target=lambda: spawned.append(processes.spawn(
-        argv, dict(os.environ), cwd, preexec_fn=lambda: os.read(hold, 1))))
+        argv, dict(os.environ), cwd, preexec_fn=child)))
     thread.start()
-    assert wait_for(lambda: processes.spawning == 1)
+    # Forked, so that no later spawn's pipes leak into this child until its exec.
+    assert os.read(forked, 1) == b"x" and processes.spawning == 1
 
     def done():
         os.write(release, b"x")
         thread.join(30)
-        os.close(hold)
-        os.close(release)
+        for fd in (hold, release, forked, fork_seen):
+            os.close(fd)
     return spawned, done
 
 
