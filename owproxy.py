@@ -1564,6 +1564,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
     timeout = 120  # seconds a client may take to read an answer (reading has own limits)
     linger_seconds = 2.0  # how long a client may go on sending once the proxy closes
     route = None
+    client_ended = False  # the client's end of file came where a request could begin
 
     def date_time_string(self, timestamp=None):
         return http_date(timestamp)
@@ -1610,7 +1611,8 @@ class ProxyHandler(BaseHTTPRequestHandler):
         self.connection.settimeout(self.server.settings.idle_timeout)
         try:
             with self.server.resting(self.connection):
-                return bool(self.rfile.peek(1))
+                self.client_ended = not self.rfile.peek(1)
+                return not self.client_ended
         except OSError:
             return False
         finally:
@@ -1733,7 +1735,8 @@ class ProxyHandler(BaseHTTPRequestHandler):
 
     def finish(self):
         BaseHTTPRequestHandler.finish(self)
-        linger(self.connection, self.linger_seconds)
+        if not self.client_ended:  # after its end of file a client can send nothing more
+            linger(self.connection, self.linger_seconds)
 
     def version_string(self):
         return self.server_version
@@ -2450,23 +2453,34 @@ class Processes:
         self.lock = threading.Lock()
         self.alive = set()
         self.spawned = 0
+        self.spawning = 0  # spawns under way, which run side by side
+        self.spawns_done = threading.Condition(self.lock)
         self.subreaper = None  # decided at the first spawn
         self.reaped_at = 0.0
 
     def spawn(self, argv, env, cwd, **options):
         """Starts an action process in a session (and process group) of its own, its
-        pipes to the proxy, its marker in its environment."""
+        pipes to the proxy, its marker in its environment.  Concurrent activations
+        spawn side by side, not one after the other (a spawn waits for the exec)."""
         with self.lock:
             if self.subreaper is None:
                 self.subreaper = become_subreaper(self.logs)
             self.spawned += 1
+            self.spawning += 1
             marker = "%d-%d" % (os.getpid(), self.spawned)
+        process = None
+        try:
             process = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                        stderr=subprocess.PIPE, cwd=cwd,
                                        env=dict(env, **{ACTIVATION_MARKER: marker}),
                                        start_new_session=True, **options)
             process.marker = marker
-            self.alive.add(process)
+        finally:
+            with self.lock:
+                self.spawning -= 1
+                if process is not None:
+                    self.alive.add(process)
+                self.spawns_done.notify_all()
         return process
 
     def end(self, process):
@@ -2481,7 +2495,7 @@ class Processes:
         the descendants: it has exited, so all it left are orphans and their
         children, orphans go to the proxy's main thread, and that thread has no
         children but the action processes the proxy knows."""
-        if not self.subreaper or process_state(process.pid) != b"Z":
+        if not self.subreaper or not exited(process.pid):
             return False
         return self.own_pids().issuperset(orphans())
 
@@ -2491,8 +2505,10 @@ class Processes:
         self.reap_orphans(force=True)
 
     def kill_all(self):
-        """At shutdown: every action process, whatever its activation."""
+        """At shutdown: every action process, whatever its activation, those being
+        spawned too."""
         with self.lock:
+            self.spawns_done.wait_for(lambda: not self.spawning)
             for process in self.alive:
                 kill_group(process)
         self.kill_marked(None)
@@ -2550,11 +2566,19 @@ class Processes:
         thread's, and every ``reap_interval`` those of any thread."""
         if not (self.subreaper or os.getpid() == 1):
             return
-        if not force and time.monotonic() - self.reaped_at < self.reap_interval:
-            return
-        self.reaped_at = time.monotonic()
-        own = self.own_pids()  # their threads wait for them
-        children = orphans() if force else children_of(os.getpid())
+        if force:
+            self.reap(orphans(), self.own_pids())
+        elif time.monotonic() - self.reaped_at >= self.reap_interval:
+            with self.lock:  # and no spawn begins meanwhile
+                if self.spawning:
+                    return  # its child may have no Popen pid yet: the next look reaps
+                self.reaped_at = time.monotonic()
+                self.reap(children_of(os.getpid()), {process.pid for process in self.alive})
+
+    @staticmethod
+    def reap(children, own):
+        """Waits for the zombies among ``children`` that are not ``own`` (their
+        threads wait for them) nor any Popen's."""
         zombies = [pid for pid in children if pid not in own and process_state(pid) == b"Z"]
         if zombies:
             import gc
@@ -2590,8 +2614,7 @@ def children_of(pid, tasks=None):
     found = []
     try:
         for task in tasks or os.listdir("/proc/%d/task" % pid):
-            with open("/proc/%d/task/%s/children" % (pid, task), "rb") as children:
-                found.extend(int(child) for child in children.read().split())
+            found.extend(map(int, proc_file("/proc/%d/task/%s/children" % (pid, task)).split()))
     except FileNotFoundError:
         if os.path.isdir("/proc/%d/task" % pid):  # a kernel without these lists
             return [child for child in map(int, filter(str.isdigit, os.listdir("/proc")))
@@ -2620,8 +2643,7 @@ def descendants(pid):
 def environ_of(pid):
     """The environment ``pid`` started with, each entry between NULs; empty if unknown."""
     try:
-        with open("/proc/%d/environ" % pid, "rb") as environ:
-            return b"\0" + environ.read()
+        return b"\0" + proc_file("/proc/%d/environ" % pid)
     except OSError:
         return b""
 
@@ -2666,10 +2688,31 @@ def parent_of(pid):
 def stat_fields(pid):
     """The fields of /proc/PID/stat after the command name: state, parent, ..."""
     try:
-        with open("/proc/%d/stat" % pid, "rb") as stat:
-            return stat.read().rpartition(b")")[2].split() or [None, None]
+        return proc_file("/proc/%d/stat" % pid).rpartition(b")")[2].split() or [None, None]
     except OSError:
         return [None, None]
+
+
+def proc_file(path):
+    """A /proc file's text, read with four system calls, where a Python file object
+    makes nine: an activation's cleanup reads a few."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        chunks = [os.read(fd, 65536)]
+        while chunks[-1]:
+            chunks.append(os.read(fd, 65536))
+    finally:
+        os.close(fd)
+    return b"".join(chunks)
+
+
+def exited(pid):
+    """True when the child ``pid`` has exited and no one has waited for it yet: one
+    system call, where its /proc state takes four."""
+    try:
+        return os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None
+    except ChildProcessError:
+        return False
 
 
 def kill_group(process):
@@ -2787,7 +2830,8 @@ class Pump:
     def __init__(self, process, stdout, stderr, results=None, result_pipe=None):
         self.process = process
         self.stdout, self.stderr, self.results = stdout, stderr, results
-        self.selector = selectors.DefaultSelector()
+        # poll, not epoll: no descriptor to make, no system call per (un)registration
+        self.selector = selectors.PollSelector()
         self.pending = b""
         self.exit_fd = pidfd_for(process.pid)
         self.selector.register(process.stdout, selectors.EVENT_READ, stdout)
@@ -3308,8 +3352,8 @@ class WorkerChannel:
         pending = bytearray()
         while True:
             select.select([self.request_fd], [], [])
-            try:
-                chunk = os.read(self.request_fd, 1 << 20)
+            try:  # 64 KiB: a larger bytes object would be an mmap and its page faults per read
+                chunk = os.read(self.request_fd, 65536)
             except BlockingIOError:
                 continue  # the action's code read it first, or nothing came yet
             if not chunk:

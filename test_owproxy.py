@@ -2109,6 +2109,12 @@ def test_a_python_function_is_served_warm_with_its_own_activation_variables(func
     assert not (function_proxy.action_dir / "exec").exists()
 
 
+def test_a_python_function_gets_an_argument_that_takes_its_worker_many_reads(proxy):
+    assert proxy.init("def main(args):\n    return {'size': len(args['text'])}\n").status == 200
+    for size in (3 * 65536 + 5, 3 * MIB):
+        assert proxy.run({"text": "x" * size}).json == {"size": size}
+
+
 def test_a_python_function_with_another_entry_point(proxy):
     assert proxy.init("def handler(args):\n    return {'handled': args}\n",
                       main="handler").status == 200
@@ -4832,6 +4838,61 @@ def test_as_pid_1_the_proxy_needs_no_ctypes_to_end_what_escaped_its_group(proxie
         os.kill(pid_1, signal.SIGTERM)
     assert proxy.process.wait(10) == 0
     assert "cannot become a child subreaper" not in proxy.logs()[1]
+
+
+def held_spawn(processes, argv, cwd):
+    """A thread spawning ``argv`` whose child waits, before its exec, until the
+    returned ``release()``; the thread's Popen lands in the list returned."""
+    hold, release = os.pipe()
+    forked, fork_seen = os.pipe()
+    spawned = []
+
+    def child():
+        os.write(fork_seen, b"x")
+        os.read(hold, 1)
+
+    thread = threading.Thread(target=lambda: spawned.append(processes.spawn(
+        argv, dict(os.environ), cwd, preexec_fn=child)))
+    thread.start()
+    # Forked, so that no later spawn's pipes leak into this child until its exec.
+    assert os.read(forked, 1) == b"x" and processes.spawning == 1
+
+    def done():
+        os.write(release, b"x")
+        thread.join(30)
+        for fd in (hold, release, forked, fork_seen):
+            os.close(fd)
+    return spawned, done
+
+
+def test_a_spawn_under_way_holds_up_no_other_activations_spawn(tmp_path):
+    processes = owproxy.Processes(owproxy.Logs())
+    processes.subreaper = False  # no prctl on the test process itself
+    spawned, release = held_spawn(processes, ["true"], str(tmp_path))
+    try:
+        other = threading.Thread(target=lambda: spawned.append(
+            processes.spawn(["true"], dict(os.environ), str(tmp_path))))
+        other.start()
+        other.join(30)
+        assert len(spawned) == 1, "the second spawn waited for the first"
+    finally:
+        release()
+    assert len(spawned) == 2
+    for process in spawned:
+        assert process.wait(30) == 0
+        processes.discard(process)
+
+
+def test_a_shutdown_kills_the_process_of_a_spawn_under_way(tmp_path):
+    processes = owproxy.Processes(owproxy.Logs())
+    processes.subreaper = False  # the group kill alone, so the wait is what counts
+    spawned, release = held_spawn(processes, ["sleep", "600"], str(tmp_path))
+    killer = threading.Thread(target=processes.kill_all)
+    killer.start()
+    release()
+    killer.join(30)
+    assert spawned[0].wait(30) == -signal.SIGKILL
+    processes.discard(spawned[0])
 
 
 def test_the_proxy_reaps_the_orphans_it_inherits(proxy):
