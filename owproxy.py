@@ -55,6 +55,22 @@ STANDARD_MODULES = (
     "traceback", "urllib", "uuid", "zipfile", "zlib")
 
 
+def found_spec(name):
+    """The spec the import system finds for ``name``, whatever sys.modules holds
+    (a stand-in, say); None if there is none."""
+    package = name.rpartition(".")[0]
+    path = sys.modules[package].__path__ if package else None
+    finders = (getattr(finder, "find_spec", None) for finder in sys.meta_path)
+    return next((spec for spec in (find(name, path) for find in finders if find) if spec), None)
+
+
+def module_exists(name):
+    try:
+        return found_spec(name) is not None
+    except ImportError:
+        return False
+
+
 def unusable_python(missing=None):
     """Exits with one line that says what to install: on an old Python, or with
     the name of a module whose import failed, the standard modules it lacks."""
@@ -67,22 +83,6 @@ def unusable_python(missing=None):
                    % (", ".join(lacking or [missing]), sys.executable or "this Python"))
     sys.stderr.write("owproxy: %s\n" % problem)
     sys.exit(2)
-
-
-def module_exists(name):
-    try:
-        return found_spec(name) is not None
-    except ImportError:
-        return False
-
-
-def found_spec(name):
-    """The spec the import system finds for ``name``, whatever sys.modules holds
-    (a stand-in, say); None if there is none."""
-    package = name.rpartition(".")[0]
-    path = sys.modules[package].__path__ if package else None
-    finders = (getattr(finder, "find_spec", None) for finder in sys.meta_path)
-    return next((spec for spec in (find(name, path) for find in finders if find) if spec), None)
 
 
 # What the imports below pull in and no request uses: http.server's, http.client's,
@@ -143,6 +143,7 @@ def defer_modules(names):
 
 if sys.version_info < (3, 8):
     unusable_python()
+
 # Only in the proxy's own process: a library user's or a function's code sees
 # modules loaded the ordinary way.
 if __name__ == "__main__" and sys.argv[1:2] != ["function-worker"]:
@@ -168,9 +169,44 @@ __version__ = "1.0.0"
 OWPROXY_FILE = os.path.abspath(__file__)
 
 
+def import_http_server_without_ssl():
+    """Imports http.server without ssl, unless something has imported ssl already.
+
+    http.server imports http.client, which imports ssl: some 4 MiB and several
+    milliseconds at every start, for TLS that nothing here speaks.  ssl is kept
+    out while they load; http.client completes itself, reloading with ssl, the
+    first time code (a runner's, a Python action's) asks for what ssl brings.
+    """
+    if "ssl" in sys.modules or "http.client" in sys.modules:
+        return
+    sys.modules["ssl"] = None
+    try:
+        __import__("http.server")
+    finally:
+        del sys.modules["ssl"]
+    client = sys.modules["http.client"]
+
+    def complete(name):
+        if name in ("HTTPSConnection", "ssl"):
+            import importlib
+            importlib.reload(client)
+            if name in client.__dict__:
+                return client.__dict__[name]
+        raise AttributeError("module 'http.client' has no attribute %r" % name)
+
+    client.__getattr__ = complete
+
+
+import_http_server_without_ssl()
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer  # noqa: E402
+import http.client  # noqa: E402
+
+
 # ============================================================================
 # 1. Configuration
 # ============================================================================
+
+# -- Exact strings and limits --------------------------------------------------
 
 LOG_SENTINEL = "XXX_THE_END_OF_A_WHISK_ACTIVATION_XXX"
 
@@ -197,6 +233,7 @@ REINIT_HINT = ("to replace the action, start the proxy with --allow-reinit "
 # The exact texts the invoker, the upstream tests and users already know.
 INIT_TWICE = "Cannot initialize the action more than once."
 INIT_FAILED = "The action failed to generate or locate a binary. See logs for details."
+
 # The Go ActionLoop proxy's own texts, which --loop speaks (the README's table says where).
 INIT_NO_CODE = "Missing main/no code to execute."
 INIT_START_FAILED = "Cannot start action. Check logs for details."
@@ -222,6 +259,7 @@ WEB_BAD_RESULT = ("The action returned a web response with an invalid statusCode
 
 LIVENESS_PATH = "/healthz"
 READINESS_PATH = "/readyz"
+SHUTTING_DOWN = "The proxy is shutting down."
 INTERNAL_ERROR = "Internal error. {}"
 
 MIB = 1024 * 1024
@@ -230,8 +268,16 @@ LINE_HEAD = 1024  # bytes of an overlong line that the logs show
 HTTP_METHODS = ("GET", "POST", "PUT", "DELETE", "PATCH", "HEAD", "OPTIONS")
 
 
+# -- Settings ------------------------------------------------------------------
+
 class ConfigError(Exception):
     """A setting has a value the proxy cannot use; reported in one line."""
+
+
+def whole_number(text):
+    """Digits alone as a number (int() would take "+1", "1_0" or " 1 "), else -1."""
+    text = str(text).strip()
+    return int(text) if text.isascii() and text.isdigit() else -1
 
 
 def parse_port(text):
@@ -246,12 +292,6 @@ def positive_int(text):
     if number < 1:
         raise ValueError("not a positive whole number")
     return number
-
-
-def whole_number(text):
-    """Digits alone as a number (int() would take "+1", "1_0" or " 1 "), else -1."""
-    text = str(text).strip()
-    return int(text) if text.isascii() and text.isdigit() else -1
 
 
 def parse_flag(text):
@@ -447,12 +487,12 @@ def settings_parser():
     return parser
 
 
-def resolve_settings(argv, environ):
-    """The settings to serve with, the action directory checked."""
-    settings = given_settings(argv, environ)
-    settings.action_dir = os.path.abspath(settings.action_dir)  # the action's cwd is there
-    check_action_dir(settings.action_dir)
-    return settings
+def flag_value(flag, text, parse):
+    """``parse(text)``; a value it refuses is a one-line error naming the flag."""
+    try:
+        return parse(text)
+    except ValueError as error:
+        raise ConfigError("%s %s: %s" % (flag, text, error))
 
 
 def given_settings(argv, environ):
@@ -473,14 +513,6 @@ def given_settings(argv, environ):
     return Settings(**values)
 
 
-def flag_value(flag, text, parse):
-    """``parse(text)``; a value it refuses is a one-line error naming the flag."""
-    try:
-        return parse(text)
-    except ValueError as error:
-        raise ConfigError("%s %s: %s" % (flag, text, error))
-
-
 def check_action_dir(path):
     """It must exist; it need not be writable (an image's own action, read-only
     roots): only an /init that brings code writes there."""
@@ -492,43 +524,27 @@ def check_action_dir(path):
                           "once with `python3 owproxy.py invoke FILE`" % path)
 
 
-def env_string(value):
-    """How OpenWhisk exports a JSON value as an environment variable."""
-    if isinstance(value, str):
-        return value
-    if value is None:
-        return ""
-    return json.dumps(value, ensure_ascii=False)
-
-
-def exported(names_and_values, prefix=""):
-    """The environment entries for a JSON object, refusing what execve cannot carry."""
-    entries = {}
-    for name, value in names_and_values:
-        key, text = prefix + name, env_string(value)
-        if not name or not exportable(key, text):
-            raise ValueError("%r cannot be exported as an environment variable" % name)
-        entries[key] = text
-    return entries
-
-
-def activation_fields(message):
-    """A /run body's fields but ``value``, as the environment has them: ``__OW_<KEY>``."""
-    return exported(((key.upper(), value) for key, value in message.items()
-                     if key != "value"), prefix="__OW_")
-
-
-def exportable(key, text):
-    try:
-        os.fsencode(key + text)
-    except UnicodeEncodeError:  # a lone surrogate has no bytes
-        return False
-    return "=" not in key and "\0" not in key + text
+def resolve_settings(argv, environ):
+    """The settings to serve with, the action directory checked."""
+    settings = given_settings(argv, environ)
+    settings.action_dir = os.path.abspath(settings.action_dir)  # the action's cwd is there
+    check_action_dir(settings.action_dir)
+    return settings
 
 
 # ============================================================================
 # 2. Logs
 # ============================================================================
+
+def flush_python_streams():
+    """What Python code in the proxy (a runner's hooks) printed goes out before
+    the sentinels, which bypass sys.stdout, close the activation's logs."""
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (AttributeError, ValueError, OSError):
+            pass  # no stream, or one closed: nothing of it can be lost
+
 
 class Logs:
     """The proxy's stdout and stderr, which the invoker reads as the action's logs.
@@ -567,16 +583,6 @@ class Logs:
         self.err(line)
 
 
-def flush_python_streams():
-    """What Python code in the proxy (a runner's hooks) printed goes out before
-    the sentinels, which bypass sys.stdout, close the activation's logs."""
-    for stream in (sys.stdout, sys.stderr):
-        try:
-            stream.flush()
-        except (AttributeError, ValueError, OSError):
-            pass  # no stream, or one closed: nothing of it can be lost
-
-
 def clean_utf8(data):
     """The bytes, with invalid UTF-8 replaced so the log stream stays text."""
     try:
@@ -584,6 +590,18 @@ def clean_utf8(data):
         return data
     except UnicodeDecodeError:
         return data.decode("utf-8", "replace").encode("utf-8")
+
+
+class Overlong:
+    """A line longer than the limit, kept as its first bytes and its size."""
+
+    def __init__(self, head, size):
+        self.head, self.size = head, size
+
+    def log(self, logs, limit):
+        logs.out(clean_utf8(self.head) + b"\n")
+        logs.note("that line had %d bytes, more than the limit of %d: only its first %d "
+                  "are shown" % (self.size, limit, len(self.head)))
 
 
 class LineForwarder:
@@ -665,27 +683,15 @@ class LineForwarder:
         self.write(clean_utf8(data))
 
 
-class Overlong:
-    """A line longer than the limit, kept as its first bytes and its size."""
-
-    def __init__(self, head, size):
-        self.head, self.size = head, size
-
-    def log(self, logs, limit):
-        logs.out(clean_utf8(self.head) + b"\n")
-        logs.note("that line had %d bytes, more than the limit of %d: only its first %d "
-                  "are shown" % (self.size, limit, len(self.head)))
+# A line that could be a result, and one that is not blank, found without a copy of it.
+RESULT_START = re.compile(rb"\s*[{[]")
+NOT_BLANK = re.compile(rb"\S")
 
 
 def could_be_result(line, start=0, end=None):
     """True for a line (``line[start:end]``) whose first non-blank character opens
     a JSON object or array."""
     return RESULT_START.match(line, start, len(line) if end is None else end) is not None
-
-
-# A line that could be a result, and one that is not blank, found without a copy of it.
-RESULT_START = re.compile(rb"\s*[{[]")
-NOT_BLANK = re.compile(rb"\S")
 
 
 class ResultForwarder(LineForwarder):
@@ -752,40 +758,29 @@ class ResultForwarder(LineForwarder):
 
 
 # ============================================================================
-# 3. HTTP layer
+# 3. Requests and answers
 # ============================================================================
 
-def import_http_server_without_ssl():
-    """Imports http.server without ssl, unless something has imported ssl already.
+MAX_HEADER_FIELDS = 100  # per request head, and per trailer section
+TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+\Z")
+FIELD_VALUE = re.compile(rb"[\t\x20-\x7e\x80-\xff]*\Z")
+HTTP_VERSION = re.compile(r"HTTP/([0-9])\.([0-9])\Z")
+CHUNK_SIZE = re.compile(rb"[0-9A-Fa-f]*\Z")
+PLAIN_CHUNK = re.compile(rb"([0-9A-Fa-f]{1,8})\r\n")  # a chunk's head without extension
+REQUEST_LINE_GAP = re.compile(r"[ \t]+")
+CONTROL_CHARACTER = re.compile(r"[\x00-\x1f\x7f]")
+ABSOLUTE_FORM = re.compile(r"[A-Za-z][A-Za-z0-9+.\-]*://[^/?#]*")
+CHUNKED = None  # a RequestHead's length when its body comes in chunks
 
-    http.server imports http.client, which imports ssl: some 4 MiB and several
-    milliseconds at every start, for TLS that nothing here speaks.  ssl is kept
-    out while they load; http.client completes itself, reloading with ssl, the
-    first time code (a runner's, a Python action's) asks for what ssl brings.
-    """
-    if "ssl" in sys.modules or "http.client" in sys.modules:
-        return
-    sys.modules["ssl"] = None
-    try:
-        __import__("http.server")
-    finally:
-        del sys.modules["ssl"]
-    client = sys.modules["http.client"]
-
-    def complete(name):
-        if name in ("HTTPSConnection", "ssl"):
-            import importlib
-            importlib.reload(client)
-            if name in client.__dict__:
-                return client.__dict__[name]
-        raise AttributeError("module 'http.client' has no attribute %r" % name)
-
-    client.__getattr__ = complete
-
-
-import_http_server_without_ssl()
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer  # noqa: E402
-import http.client  # noqa: E402
+# What parsing a body takes, per byte and per JSON token, with a margin over what
+# VmHWM shows on Python 3.8 and 3.13 (a /run of one long string: 4.5 bytes per
+# byte; of ``[{},{},...]``: some 36 bytes per token on top): every byte is held
+# as the body, as its text, as the parsed values and as the action's input; each
+# container or member (``,:[{``) is a Python object, and each control character
+# or backslash grows when it is encoded again.
+EXPANDING = [bytes([byte]) for byte in b",:[{\\" + bytes(range(32))]
+PARSE_COST_PER_TOKEN = 48
+PARSE_COST = {"init": 6, "run": 12}  # per body byte: an init decodes, a run re-encodes
 
 
 class HTTPError(Exception):
@@ -814,6 +809,23 @@ class Route:
         self.headers, self.preflight = list(headers), preflight
 
 
+def reject_constant(name):
+    raise ValueError("%s is not JSON" % name)
+
+
+def finite_float(text):
+    number = float(text)
+    if number in (float("inf"), float("-inf")):
+        raise ValueError("%s is too large a number" % text)
+    return number
+
+
+def strict_json(text):
+    """JSON as every action's parser takes it: NaN, Infinity and numbers too large
+    for a float, which Python's json would accept, are refused (ValueError)."""
+    return json.loads(text, parse_constant=reject_constant, parse_float=finite_float)
+
+
 class Request:
     """What a handler sees of a request."""
 
@@ -833,29 +845,29 @@ class Request:
         return {} if message is None else message
 
 
-def strict_json(text):
-    """JSON as every action's parser takes it: NaN, Infinity and numbers too large
-    for a float, which Python's json would accept, are refused (ValueError)."""
-    return json.loads(text, parse_constant=reject_constant, parse_float=finite_float)
-
-
-def reject_constant(name):
-    raise ValueError("%s is not JSON" % name)
-
-
-def finite_float(text):
-    number = float(text)
-    if number in (float("inf"), float("-inf")):
-        raise ValueError("%s is too large a number" % text)
-    return number
-
-
 class WebResponse:
     """A payload sent as it is, with its own headers (name, value pairs, so
     that one may repeat), instead of as JSON."""
 
     def __init__(self, body, headers):
         self.body, self.headers = body, headers
+
+
+class ResultLine:
+    """A result line that holds a JSON object or array: its ``value``, and, when
+    the line is UTF-8, its ``data``, the bytes the answer sends as they came
+    (decoding and encoding a large result again would cost more than running it)."""
+
+    def __init__(self, value, data=None):
+        self.value, self.data = value, data
+
+
+def json_bytes(payload):
+    """UTF-8 JSON; escaped to ASCII only when it holds lone surrogates."""
+    try:
+        return json.dumps(payload, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        return json.dumps(payload).encode("ascii")
 
 
 def encode_answer(status, payload):
@@ -876,1558 +888,136 @@ def encode_answer(status, payload):
         raise HTTPError(502, RUN_TOO_DEEP.format("result"))
 
 
-def json_bytes(payload):
-    """UTF-8 JSON; escaped to ASCII only when it holds lone surrogates."""
-    try:
-        return json.dumps(payload, ensure_ascii=False).encode("utf-8")
-    except UnicodeEncodeError:
-        return json.dumps(payload).encode("ascii")
+# ============================================================================
+# 4. Processes
+# ============================================================================
 
+# -- Keeping track -------------------------------------------------------------
 
-# -- reading requests the strict way (RFC 9112) ----------------------------------
-
-MAX_HEADER_FIELDS = 100  # per request head, and per trailer section
-TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+\Z")
-FIELD_VALUE = re.compile(rb"[\t\x20-\x7e\x80-\xff]*\Z")
-HTTP_VERSION = re.compile(r"HTTP/([0-9])\.([0-9])\Z")
-CHUNK_SIZE = re.compile(rb"[0-9A-Fa-f]*\Z")
-PLAIN_CHUNK = re.compile(rb"([0-9A-Fa-f]{1,8})\r\n")  # a chunk's head without extension
-REQUEST_LINE_GAP = re.compile(r"[ \t]+")
-CONTROL_CHARACTER = re.compile(r"[\x00-\x1f\x7f]")
-ABSOLUTE_FORM = re.compile(r"[A-Za-z][A-Za-z0-9+.\-]*://[^/?#]*")
-CHUNKED = None  # a RequestHead's length when its body comes in chunks
-SHUTTING_DOWN = "The proxy is shutting down."
-
-
-class RequestHead:
-    """A request line and its header fields, read and checked: ``length`` is the
-    body's (CHUNKED when it comes in chunks), ``keep_alive`` whether another
-    request may follow on the connection."""
-
-    def __init__(self, requestline, method, target, version, headers, length, keep_alive):
-        self.requestline, self.method, self.target, self.version = (
-            requestline, method, target, version)
-        self.headers, self.length, self.keep_alive = headers, length, keep_alive
-
-
-class RequestReader:
-    """Reads the requests of one connection as RFC 9112 says, and as nginx, Go's
-    net/http and h11 do: nothing but a whole head (ended by its blank line, within
-    ``max_head`` bytes, ``MAX_HEADER_FIELDS`` fields and ``timeout`` seconds) is a
-    request, and a head whose framing is ambiguous is refused, so that no byte a
-    client sent as a body is ever read as a request.  Errors are HTTPErrors that
-    close the connection; socket.timeout ends it without an answer."""
-
-    def __init__(self, rfile, sock, max_head, timeout):
-        self.rfile, self.sock = rfile, sock
-        self.max_head, self.timeout = max_head, timeout
-        self.deadline = None  # while a head is read: when it must be complete
-        self.room = 0  # bytes the head being read may still take
-
-    def head(self):
-        """The next request's head, or None when the client sends no more (also a
-        head cut short by end-of-file: that is no request).  The clock starts now:
-        on a kept-alive connection, once the request's first byte came."""
-        self.deadline, self.room = time.monotonic() + self.timeout, self.max_head
-        idle = self.sock.gettimeout()
-        try:
-            line = b""
-            while not line:  # empty lines before a request line are allowed
-                line = self.line(HTTPError(414, "The request line is longer than the "
-                                                "limit of %d bytes." % self.max_head, True))
-                if line is None:
-                    return None
-            requestline = line.decode("latin-1")
-            method, target, version = parse_request_line(requestline)
-            # HTTP/0.9 has no header fields: waiting for them would answer it only
-            # when the header timeout ends it.
-            fields = [] if version == "HTTP/0.9" else self.fields()
-        finally:
-            self.deadline = None
-            self.sock.settimeout(idle)
-        if fields is None:
-            return None
-        check_host(version, fields)
-        headers = http.client.HTTPMessage()
-        for name, value in fields:
-            headers.set_raw(name, value)
-        return RequestHead(requestline, method, origin_form(target), version, headers,
-                           body_length(version, fields), keeps_alive(version, fields))
-
-    def fields(self):
-        """The header (or trailer) fields up to their blank line, as (name, value)
-        pairs; None at end-of-file."""
-        fields = []
-        too_large = HTTPError(431, "The request's header fields are larger than the limit "
-                                   "of %d bytes." % self.max_head, True)
-        while True:
-            line = self.line(too_large)
-            if not line:
-                return fields if line == b"" else None
-            if len(fields) == MAX_HEADER_FIELDS:
-                raise HTTPError(431, "The request has more than %d header fields."
-                                % MAX_HEADER_FIELDS, True)
-            fields.append(parse_field(line))
-
-    def line(self, too_long):
-        """The next line without its end (CRLF, or a bare LF as RFC 9112 allows);
-        None at end-of-file; ``too_long`` is raised past ``room`` bytes."""
-        parts = []
-        while True:
-            data = self.peek()
-            if not data:
-                return None
-            end = data.find(b"\n", 0, self.room)
-            if end < 0 and len(data) >= self.room:
-                raise too_long
-            taken = self.rfile.read(len(data) if end < 0 else end + 1)
-            self.room -= len(taken)
-            parts.append(taken)
-            if end >= 0:
-                line = b"".join(parts)[:-1]
-                line = line[:-1] if line.endswith(b"\r") else line
-                if b"\r" in line:
-                    raise HTTPError(400, "A line of the request holds a bare CR.", True)
-                return line
-
-    def peek(self):
-        """What has arrived, waiting for more only until the deadline, if any."""
-        if self.deadline is not None:
-            left = self.deadline - time.monotonic()
-            if left <= 0:
-                raise socket.timeout("the request head took too long")
-            self.sock.settimeout(left)
-        return self.rfile.peek(1)
-
-    # -- bodies --------------------------------------------------------------------
-
-    def body(self, length, limit, share, timeout):
-        """The body of a head whose length is within ``limit`` (checked before; a
-        chunked body is checked as it comes), whole within ``timeout`` seconds (else
-        408), in one buffer that grows, with its ``share`` of the body memory, as
-        bytes arrive: whatever the chunk sizes, no object is kept per piece."""
-        share.deadline = self.deadline = time.monotonic() + timeout
-        idle = self.sock.gettimeout()
-        buffer = bytearray()
-        try:
-            if length is CHUNKED:
-                self.chunked(buffer, limit, share)
-            else:
-                self.take(buffer, length, share)
-        except socket.timeout:
-            raise HTTPError(408, "The request body did not arrive within %g seconds."
-                            % timeout, close=True)
-        finally:
-            self.deadline = None
-            self.sock.settimeout(idle)
-        return buffer
-
-    def take(self, buffer, size, share):
-        """``size`` more bytes into ``buffer``, reserved as they arrive, at most a
-        read buffer ahead of the reservation."""
-        while size:
-            arrived = min(size, len(self.peek()))  # what the reader's buffer holds
-            if not arrived:
-                raise HTTPError(400, "The request body ended early.", close=True)
-            share.arrived(arrived)  # before the bytes leave the socket's
-            buffer += self.rfile.read(arrived)
-            size -= arrived
-
-    def chunked(self, buffer, limit, share):
-        while True:
-            if self.whole_chunks(buffer, limit, share):
-                continue
-            size = self.chunk_size()
-            if size == 0:
-                break
-            check_room(buffer, size, limit)
-            try:
-                self.take(buffer, size, share)
-            except HTTPError as error:
-                if error.status != 400:
-                    raise
-                raise HTTPError(400, "The chunked request body is malformed.", close=True)
-            if self.rfile.read(2) != b"\r\n":
-                raise HTTPError(400, "The chunked request body is malformed.", close=True)
-        self.room = self.max_head  # trailers: as many bytes and fields as a head
-        if self.fields() is None:
-            raise HTTPError(400, "The chunked request body is malformed.", close=True)
-
-    def whole_chunks(self, buffer, limit, share):
-        """The plain chunks (a size, CRLF, the data, CRLF) that the reader's buffer
-        holds whole, taken at once: a body in 1-byte chunks costs one reservation
-        and one read per buffer, not per chunk.  False if there was none: the next
-        chunk (not yet whole, the last one, with an extension, a fault) is then
-        chunk_size()'s and take()'s."""
-        data, start, pieces = self.peek(), 0, []
-        while True:
-            head = PLAIN_CHUNK.match(data, start)
-            end = head and head.end() + int(head.group(1), 16)
-            if not head or end == head.end() or data[end:end + 2] != b"\r\n":
-                break  # a slice past the buffer's end is short too
-            pieces.append(data[head.end():end])
-            start = end + 2
-        if not start:
-            return False
-        body = b"".join(pieces)
-        check_room(buffer, len(body), limit)
-        share.arrived(len(body))  # before the bytes leave the reader's buffer
-        self.rfile.read(start)
-        buffer += body
+def become_subreaper(logs):
+    """Makes orphans of the proxy's descendants its children (Linux 3.4); True if it
+    could.  As PID 1 the kernel gives it every orphan already, without ctypes."""
+    if os.getpid() == 1:
         return True
-
-    def chunk_size(self):
-        """The size on a chunk's first line: leading zeros, however many, are
-        skipped as they come; an extension is ignored; a size too large for any
-        body is a 413 without reading more."""
-        zeros = self.skip_zeros()
-        self.room = self.max_head
-        line = self.line(HTTPError(400, "The chunked request body is malformed.", True))
-        digits = (line or b"").partition(b";")[0].rstrip(b" \t")
-        if line is None or not (digits or zeros) or not CHUNK_SIZE.match(digits):
-            raise HTTPError(400, "The chunked request body is malformed.", close=True)
-        if len(digits) > 15:
-            raise HTTPError(413, "A chunk of the request body is larger than any body "
-                                 "the proxy accepts.", close=True)
-        return int(digits or b"0", 16)
-
-    def skip_zeros(self):
-        skipped = 0
-        while True:
-            data = self.peek()
-            zeros = len(data) - len(data.lstrip(b"0"))
-            if zeros:
-                skipped += len(self.rfile.read(zeros))
-            if zeros < len(data) or not data:
-                return skipped
-
-
-def check_room(buffer, size, limit):
-    """A chunked body is refused as soon as it would pass the limit."""
-    if len(buffer) + size > limit:
-        raise HTTPError(413, "The request body is more than the limit of %d bytes." % limit,
-                        close=True)
-
-
-def parse_request_line(requestline):
-    """``(method, target, version)``, with http.server's own messages for what it
-    would refuse too.  Two words are an HTTP/0.9 GET.  Only SP (and, leniently,
-    HTAB) separates them: str.split() would also split on NBSP, NEL or 0x1F, which
-    a proxy before this one would take as part of the target."""
-    words = REQUEST_LINE_GAP.split(requestline.strip(" \t"))
-    if any(CONTROL_CHARACTER.search(word) for word in words):
-        raise HTTPError(400, "Bad request syntax (%r)" % requestline, True)
-    if len(words) == 3:
-        version = HTTP_VERSION.match(words[2])
-        if not version:
-            raise HTTPError(400, "Bad request version (%r)" % words[2], True)
-        if version.group(1) != "1":
-            raise HTTPError(505, "Invalid HTTP version (%s)" % words[2][5:], True)
-    elif len(words) == 2 and words[0] == "GET":
-        words.append("HTTP/0.9")
-    elif len(words) == 2:
-        raise HTTPError(400, "Bad HTTP/0.9 request type (%r)" % words[0], True)
-    else:
-        raise HTTPError(400, "Bad request syntax (%r)" % requestline, True)
-    if not TOKEN.match(words[0].encode("latin-1")):
-        raise HTTPError(400, "Bad request method (%r)" % words[0], True)
-    return tuple(words)
-
-
-def origin_form(target):
-    """The path (and query) of a target in absolute form (``http://host/run``), which
-    RFC 9112 says a server must accept; any other target as it is."""
-    absolute = ABSOLUTE_FORM.match(target)
-    if not absolute:
-        return target
-    rest = target[absolute.end():]
-    return rest if rest.startswith("/") else "/" + rest
-
-
-def check_host(version, fields):
-    """RFC 9112 section 3.2: an HTTP/1.1 request names one Host, no request two."""
-    hosts = [name for name, _ in fields if name.lower() == "host"]
-    if len(hosts) > 1 or (version == "HTTP/1.1" and not hosts):
-        raise HTTPError(400, "An HTTP/1.1 request must have exactly one Host header; "
-                             "this one has %d." % len(hosts), True)
-
-
-def parse_field(line):
-    """A header field line as (name, value): a token, a colon, a value of visible
-    characters, spaces and tabs.  A line folded onto the previous one is refused."""
-    name, colon, value = line.partition(b":")
-    if line[:1] in (b" ", b"\t"):
-        raise HTTPError(400, "A header field is folded over two lines.", True)
-    if not colon or not TOKEN.match(name):
-        raise HTTPError(400, "The header line %r is not a name, a colon and a value."
-                        % line[:100].decode("latin-1"), True)
-    value = value.strip(b" \t")
-    if not FIELD_VALUE.match(value):
-        raise HTTPError(400, "The header field %s holds a control character."
-                        % name.decode("latin-1"), True)
-    return name.decode("latin-1"), value.decode("latin-1")
-
-
-def field_list(fields, wanted):
-    """The comma-separated elements of every field named ``wanted``."""
-    return [element.strip() for name, value in fields if name.lower() == wanted
-            for element in value.split(",")]
-
-
-def body_length(version, fields):
-    """The body's length from Content-Length, or CHUNKED: anything else that a
-    server and a proxy before it could read differently is refused."""
-    codings = field_list(fields, "transfer-encoding")
-    lengths = set(field_list(fields, "content-length"))
-    if codings and lengths:
-        raise HTTPError(400, "The request has both a Content-Length and a "
-                             "Transfer-Encoding.", True)
-    if codings and version != "HTTP/1.1":
-        raise HTTPError(400, "Transfer-Encoding is not allowed in %s." % version, True)
-    if codings:
-        if [coding.lower() for coding in codings] != ["chunked"]:
-            raise HTTPError(501, "The Transfer-Encoding %s is not supported; send chunked or "
-                                 "a Content-Length." % ", ".join(codings), True)
-        return CHUNKED
-    if len(lengths) > 1:
-        raise HTTPError(400, "The request has differing Content-Length values.", True)
-    length = lengths.pop() if lengths else "0"
-    if not (length.isascii() and length.isdigit()):
-        raise HTTPError(400, "The Content-Length header is not a length.", True)
-    length = length.lstrip("0") or "0"
-    return int(length) if len(length) <= 18 else 10 ** 18  # more than any limit
-
-
-def keeps_alive(version, fields):
-    """HTTP/1.1 keeps the connection unless told to close; HTTP/1.0 only if asked."""
-    options = {option.lower() for option in field_list(fields, "connection")}
-    if "close" in options:
-        return False
-    return version == "HTTP/1.1" or version == "HTTP/1.0" and "keep-alive" in options
-
-
-# -- what clients may take: body memory, threads, connections --------------------
-
-class BodyBudget:
-    """How many bytes of memory request bodies, and what parsing them makes, may
-    take at once.  Each body has a share that grows as its bytes arrive (nothing is
-    reserved for bytes a client has only announced, so a sender that does not send
-    holds nothing) and by what its parse is expected to take.  A share that would
-    pass the budget waits, its body unread in its socket (TCP holds its sender
-    back), until earlier bodies are answered; the oldest body never waits, so no
-    two bodies wait for each other.  A body whose share alone would pass the budget
-    is refused (413): it could never fit."""
-
-    def __init__(self, size):
-        self.size, self.held = size, 0
-        self.shares = []  # of the bodies being read or served, oldest first
-        self.changed = threading.Condition()
-
-    @contextlib.contextmanager
-    def share(self, per_byte):
-        share = BodyShare(self, per_byte)
-        with self.changed:
-            self.shares.append(share)
-        try:
-            yield share
-        finally:
-            with self.changed:
-                self.held -= share.held
-                self.shares.remove(share)
-                self.changed.notify_all()
-
-    def check_fits(self, size):
-        if size > self.size:
-            raise HTTPError(413, "The request body would take %d bytes of memory once parsed, "
-                                 "more than the proxy's --body-memory of %d bytes."
-                            % (size, self.size), close=True)
-
-    def grow(self, share, size):
-        """Adds ``size`` bytes to ``share``, waiting for room until the share's
-        deadline: a body that waits is not answered later than one that stalls."""
-        if not size:
-            return
-        self.check_fits(share.held + size)
-        with self.changed:
-            while share is not self.shares[0] and self.held + size > self.size:
-                left = share.deadline - time.monotonic()
-                if left <= 0:
-                    raise HTTPError(408, "The request body found no room in the proxy's "
-                                         "--body-memory within its --body-timeout.", close=True)
-                self.changed.wait(left)
-            self.held += size
-            share.held += size
-
-
-class BodyShare:
-    """One body's part of the BodyBudget: each byte that arrives counts with what
-    parsing it will take (``per_byte``, PARSE_COST), so that a body that will not
-    fit waits before it is read rather than after."""
-
-    def __init__(self, budget, per_byte):
-        self.budget, self.per_byte, self.held = budget, per_byte, 0
-        self.deadline = None  # the body's --body-timeout, its waits for room included
-
-    def check_fits(self, length):
-        """A 413 at once for a declared length that could never fit."""
-        self.budget.check_fits(length * (1 + self.per_byte))
-
-    def arrived(self, size):
-        self.budget.grow(self, size * (1 + self.per_byte))
-
-    def parsing(self, body):
-        """Reserves what the JSON tokens of the whole ``body`` take on top."""
-        self.budget.grow(self, PARSE_COST_PER_TOKEN * sum(body.count(byte)
-                                                          for byte in EXPANDING))
-
-
-# What parsing a body takes, per byte and per JSON token, with a margin over what
-# VmHWM shows on Python 3.8 and 3.13 (a /run of one long string: 4.5 bytes per
-# byte; of ``[{},{},...]``: some 36 bytes per token on top): every byte is held
-# as the body, as its text, as the parsed values and as the action's input; each
-# container or member (``,:[{``) is a Python object, and each control character
-# or backslash grows when it is encoded again.
-EXPANDING = [bytes([byte]) for byte in b",:[{\\" + bytes(range(32))]
-PARSE_COST_PER_TOKEN = 48
-PARSE_COST = {"init": 6, "run": 12}  # per body byte: an init decodes, a run re-encodes
-
-
-def error_bytes(status, message):
-    """A whole answer that closes the connection, for a socket no handler serves."""
-    status, body, headers = encode_answer(status, {"error": message})
-    lines = ["HTTP/1.1 %d %s" % (status, http.HTTPStatus(status).phrase),
-             "Server: " + ProxyHandler.server_version,
-             "Date: " + http_date(time.time()),
-             "Content-Length: %d" % len(body)]
-    lines += ["%s: %s" % pair for pair in headers] + ["Connection: close", "", ""]
-    return "\r\n".join(lines).encode("latin-1") + body
-
-
-def http_date(seconds):
-    """RFC 9110's date, in English whatever the locale; email.utils.formatdate's
-    would load datetime for it."""
-    moment = time.gmtime(seconds)
-    return "%s, %02d %s %d %02d:%02d:%02d GMT" % (
-        BaseHTTPRequestHandler.weekdayname[moment.tm_wday], moment.tm_mday,
-        BaseHTTPRequestHandler.monthname[moment.tm_mon], moment.tm_year,
-        moment.tm_hour, moment.tm_min, moment.tm_sec)
-
-
-def linger(sock, seconds):
-    """Ends a connection whose client may still be sending what the proxy will not
-    read (a refused body, a request after ``Connection: close``): a close with
-    unread data would reset the connection, and the client could lose the answer.
-    Says it is done, then reads and drops the rest until the client closes too,
-    for at most ``seconds``."""
-    end = time.monotonic() + seconds
     try:
-        sock.shutdown(socket.SHUT_WR)
-        while time.monotonic() < end:
-            sock.settimeout(max(end - time.monotonic(), 0.001))
-            if not sock.recv(65536):
-                return
+        import ctypes
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0:
+            return True
+        reason = os.strerror(ctypes.get_errno())
+    except (ImportError, OSError, AttributeError) as error:
+        reason = str(error)
+    logs.note("cannot become a child subreaper (%s): what an action moves out of its "
+              "process group may outlive its activation" % reason)
+    return False
+
+
+def proc_file(path):
+    """A /proc file's text, read with four system calls, where a Python file object
+    makes nine: an activation's cleanup reads a few."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        chunks = [os.read(fd, 65536)]
+        while chunks[-1]:
+            chunks.append(os.read(fd, 65536))
+    finally:
+        os.close(fd)
+    return b"".join(chunks)
+
+
+def stat_fields(pid):
+    """The fields of /proc/PID/stat after the command name: state, parent, ..."""
+    try:
+        return proc_file("/proc/%d/stat" % pid).rpartition(b")")[2].split() or [None, None]
     except OSError:
-        pass
+        return [None, None]
 
 
-class HandlerThreads:
-    """The threads that serve connections.  A thread is kept after its connection
-    for the next one (up to ``keep`` of them wait idle) instead of being started
-    anew for each: handing a connection over costs a fraction of a thread start."""
-
-    def __init__(self, serve, keep):
-        self.serve, self.keep = serve, keep
-        self.idle = []  # the (wake-up lock, job list) of each thread waiting
-        self.lock = threading.Lock()
-
-    def start(self, *job):
-        with self.lock:
-            waiting = self.idle.pop() if self.idle else None
-        if waiting is None:
-            threading.Thread(target=self.work, args=job, daemon=True).start()
-        else:
-            waiting[1].append(job)
-            waiting[0].release()
-
-    def work(self, *job):
-        wake, jobs = threading.Lock(), []
-        wake.acquire()
-        while True:
-            self.serve(*job)
-            with self.lock:
-                if len(self.idle) >= self.keep:
-                    return
-                self.idle.append((wake, jobs))
-            wake.acquire()
-            job = jobs.pop()
+def parent_of(pid):
+    parent = stat_fields(pid)[1]
+    return None if parent is None else int(parent)
 
 
-def connection_limit(wanted):
-    """``wanted``, or fewer where the process may not open as many descriptors
-    (each connection takes one; 64 are kept for actions and the proxy itself):
-    past that, accept() would fail and the serving loop spin instead of answering."""
-    import resource
-    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft == resource.RLIM_INFINITY:
-        return wanted
-    return max(1, min(wanted, soft - 64))
-
-
-# -- the server, and where it listens --------------------------------------------
-
-class ProxyServer(ThreadingHTTPServer):
-    """The HTTP server: a thread per connection, routes from the platform."""
-
-    request_queue_size = 128
-    poll_interval = 0.05  # seconds serve_forever() waits for a connection at most
-
-    def __init__(self, settings, routes, logs, processes):
-        self.settings, self.routes, self.logs, self.processes = settings, routes, logs, processes
-        self.stopping = self.hurried = False
-        # Requests being answered; connections, and those of them resting (kept
-        # alive, waiting for their next request), oldest first: the others are busy.
-        self.in_flight = self.connections = 0
-        self.resting_connections = {}
-        self.counting = threading.Lock()
-        self.bodies = BodyBudget(settings.body_memory)
-        self.threads = HandlerThreads(self.process_request_thread, keep=16)
-        self.max_connections = connection_limit(settings.max_connections)
-        self.address_family, address = listening_address(settings.host, settings.port)
-        ThreadingHTTPServer.__init__(self, address, ProxyHandler)
-
-    def handle_error(self, request, client_address):
-        """A client that went away is not news; the logs belong to the action."""
-        if self.settings.verbose:
-            ThreadingHTTPServer.handle_error(self, request, client_address)
-
-    def server_bind(self):
-        """HTTPServer's, without its reverse DNS lookup of the address (for a
-        server_name nothing here uses), which can stall a start where DNS is slow."""
-        if self.address_family == socket.AF_INET6:  # '::' takes IPv4 clients too
-            self.socket.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
-        socketserver.TCPServer.server_bind(self)
-        self.server_name, self.server_port = self.server_address[:2]
-
-    def get_request(self):
-        """A connection, its client's address as people write it: an IPv4 client
-        of a dual-stack socket is 1.2.3.4 rather than ::ffff:1.2.3.4."""
-        connection, address = self.socket.accept()
-        if address[0].startswith("::ffff:") and "." in address[0]:
-            address = (address[0][len("::ffff:"):], address[1])
-        return connection, address
-
-    def service_actions(self):
-        """Called by serve_forever() between requests, at least every poll_interval:
-        where the serving loop ends once a signal has asked it to."""
-        if self.stopping:
-            raise Shutdown()
-        self.processes.reap_orphans()
-
-    def working(self, delta):
-        with self.counting:
-            self.in_flight += delta
-
-    @contextlib.contextmanager
-    def resting(self, sock):
-        """While a kept-alive connection waits for its next request."""
-        with self.counting:
-            self.resting_connections[sock] = None
-        try:
-            yield
-        finally:
-            with self.counting:
-                self.resting_connections.pop(sock, None)
-
-    def close_longest_resting(self):
-        """At the cap, makes room by ending the connection that has rested longest
-        (its thread sees the end at once and stops counting it); False if none is
-        resting.  Called with ``counting`` held."""
-        if not self.resting_connections:
-            return False
-        sock = next(iter(self.resting_connections))
-        del self.resting_connections[sock]
-        with contextlib.suppress(OSError):
-            sock.shutdown(socket.SHUT_RDWR)
-        return True
-
-    def process_request(self, request, client_address):
-        """A thread for the connection, up to ``max_connections`` of them; past
-        that, a 503 from the serving thread itself, so that a flood of connections
-        costs no threads."""
-        with self.counting:
-            admitted = (self.connections < self.max_connections
-                        or self.close_longest_resting())
-            self.connections += admitted
-        if not admitted:
-            return self.turn_away(request, "The proxy is serving its limit of %d "
-                                           "connections." % self.max_connections)
-        try:
-            self.threads.start(request, client_address)
-        except BaseException:
-            self.connection_ended()
-            raise
-
-    def process_request_thread(self, request, client_address):
-        try:
-            ThreadingHTTPServer.process_request_thread(self, request, client_address)
-        finally:
-            self.connection_ended()
-
-    def connection_ended(self):
-        with self.counting:
-            self.connections -= 1
-
-    def turn_away(self, sock, message, seconds=0.0):
-        """503 and close, without a thread: what the client sent so far is read
-        first, and for ``seconds`` what it still sends, so that closing does not
-        reset the connection."""
-        try:
-            sock.setblocking(False)
-            with contextlib.suppress(BlockingIOError):
-                sock.recv(65536)
-            sock.send(error_bytes(503, message))
-        except OSError:
-            pass
-        linger(sock, seconds)
-        sock.close()
-
-    def turn_away_waiting(self, seconds):
-        """At the end: a 503 to every connection still waiting to be accepted,
-        which closing the socket would reset; ``seconds`` for all of them to go."""
-        self.socket.setblocking(False)
-        end = time.monotonic() + seconds
-        while True:
-            try:
-                sock, _ = self.socket.accept()
-            except OSError:
-                return
-            self.turn_away(sock, SHUTTING_DOWN, max(0.0, end - time.monotonic()))
-
-    def serve_until_idle(self, timeout):
-        """Goes on serving while requests are in flight, at most ``timeout`` seconds
-        or until ``hurried`` is set (by a second signal); True if none is left.
-        Meanwhile health probes hear that the proxy is not ready, new activations
-        get 503."""
-        self.timeout = 0.05  # how long handle_request() waits for a connection
-        end = time.monotonic() + timeout
-        while self.in_flight and not self.hurried and time.monotonic() < end:
-            self.handle_request()
-        return not self.in_flight
-
-    def finish_connections(self, timeout):
-        """Accepting no more, waits at most ``timeout`` seconds for the busy
-        connections to be answered (a 503 now): a close with a request unread
-        would reset them."""
-        end = time.monotonic() + timeout
-        while self.connections - len(self.resting_connections) and time.monotonic() < end:
-            time.sleep(0.01)
-
-
-def listening_address(host, port):
-    """``(family, socket address)`` for ``--host``: ``::`` is every address of both
-    families, or of IPv4 alone where the host has no IPv6; an IPv4 or IPv6 address
-    (in brackets or not) or a name gives its own family.  Raises OSError."""
-    if host.startswith("[") and host.endswith("]"):
-        host = host[1:-1]
-    if host == "::" and not has_ipv6():
-        host = "0.0.0.0"
-    if host.isascii():  # a str host would load the idna codec, for nothing
-        host = host.encode("ascii")
-    family, _, _, _, address = socket.getaddrinfo(host, port, 0, socket.SOCK_STREAM, 0,
-                                                  socket.AI_PASSIVE)[0]
-    return family, address
-
-
-def has_ipv6():
+def children_of(pid, tasks=None):
+    """The pids of ``pid``'s children (those of each of its threads, or of ``tasks``)."""
+    found = []
     try:
-        socket.socket(socket.AF_INET6, socket.SOCK_STREAM).close()
-        return True
-    except (AttributeError, OSError):  # a Python built without IPv6, or a kernel
-        return False
+        for task in tasks or os.listdir("/proc/%d/task" % pid):
+            found.extend(map(int, proc_file("/proc/%d/task/%s/children" % (pid, task)).split()))
+    except FileNotFoundError:
+        if os.path.isdir("/proc/%d/task" % pid):  # a kernel without these lists
+            return [child for child in map(int, filter(str.isdigit, os.listdir("/proc")))
+                    if parent_of(child) == pid]
+    except OSError:
+        pass  # it is gone, or a thread of it is
+    return found
 
 
-def url_host(host):
-    """A host as a URL names it: an IPv6 address in brackets."""
-    return "[%s]" % host if ":" in host and not host.startswith("[") else host
+def orphans():
+    """The children of the proxy's main thread: every orphan it inherits, as a
+    subreaper or as PID 1, and the processes the main thread itself spawned (those
+    of other threads are their own)."""
+    return children_of(os.getpid(), [os.getpid()])
 
 
-# -- the handler -----------------------------------------------------------------
-
-class ProxyHandler(BaseHTTPRequestHandler):
-    """Reads one request at a time (RequestReader), finds its route, and writes
-    one answer."""
-
-    protocol_version = "HTTP/1.1"
-    server_version = "owproxy/" + __version__
-    disable_nagle_algorithm = True
-    wbufsize = 65536  # so that head and body leave in one write
-    timeout = 120  # seconds a client may take to read an answer (reading has own limits)
-    linger_seconds = 2.0  # how long a client may go on sending once the proxy closes
-    route = None
-    client_ended = False  # the client's end of file came where a request could begin
-
-    def date_time_string(self, timestamp=None):
-        return http_date(timestamp)
-
-    def setup(self):
-        BaseHTTPRequestHandler.setup(self)
-        settings = self.server.settings
-        self.reader = RequestReader(self.rfile, self.connection, settings.max_header,
-                                    settings.header_timeout)
-        self.served = 0
-
-    def handle_one_request(self):
-        try:
-            if self.parse_request():
-                self.dispatch()
-        except socket.timeout:  # a client too slow with its head, or silent too long
-            self.close_connection = True
-
-    def parse_request(self):
-        """Reads the next request's head; False when there is none to serve (the
-        connection then closes), after an answer if it was refused."""
-        self.close_connection, self.route = True, None
-        self.command, self.requestline = "", ""
-        self.request_version = self.protocol_version  # what a refusal is answered in
-        if self.served and not self.next_request_begins():
-            return False
-        try:
-            head = self.reader.head()
-        except HTTPError as error:
-            self.refuse(error.status, error.message)
-            return False
-        if head is None:
-            return False
-        self.served += 1
-        self.requestline, self.command, self.path = head.requestline, head.method, head.target
-        self.request_version, self.headers, self.head = head.version, head.headers, head
-        self.close_connection = not head.keep_alive
-        return True
-
-    def next_request_begins(self):
-        """Waits, resting, for the first byte of a kept-alive connection's next
-        request; False if the client closes instead, rests past --idle-timeout, or
-        the connection is closed to admit another at the cap."""
-        self.connection.settimeout(self.server.settings.idle_timeout)
-        try:
-            with self.server.resting(self.connection):
-                self.client_ended = not self.rfile.peek(1)
-                return not self.client_ended
-        except OSError:
-            return False
-        finally:
-            self.connection.settimeout(self.timeout)
-
-    def dispatch(self):
-        path, _, query = self.path.partition("?")
-        route = self.route = self.server.routes.get(path)
-        if route is None:
-            self.refuse(404, "There is no %s here." % path)
-        elif self.command not in route.methods:
-            self.refuse(405, "%s does not accept %s; use %s." % (
-                path, self.command, " or ".join(route.methods)),
-                [("Allow", ", ".join(route.methods))] + route.headers)
-        elif self.command == "OPTIONS" and route.preflight:
-            self.preflight(route)
-        elif self.shutting_down(route):  # at once: no waiting for the route's lock
-            self.refuse(503, SHUTTING_DOWN)
-        else:
-            self.server.working(+1)
-            try:
-                with self.server.bodies.share(route.parse_cost) as share:
-                    self.serve(route, query, share)
-            finally:
-                self.server.working(-1)
-
-    def shutting_down(self, route):
-        return self.server.stopping and not route.quiet
-
-    def serve(self, route, query, share):
-        """Reads the body, then runs the handler under the route's lock: a slow
-        upload holds up nobody.  What parsing the body will take is reserved first."""
-        try:
-            body = self.read_body(share)
-            share.parsing(body)
-            request = Request(self.command, query, self.headers, body)
-        except HTTPError as error:
-            request = error
-        with route.lock:
-            late = self.shutting_down(route)  # it began while this request waited
-            if not late:
-                status, body, headers = self.outcome(route, request)
-                if route.sentinels(status, request):
-                    self.server.logs.sentinels()
-        if late:
-            return self.refuse(503, SHUTTING_DOWN)
-        if route.headers:
-            given = {name.lower() for name, _ in headers}
-            headers = headers + [(name, value) for name, value in route.headers
-                                 if name.lower() not in given]
-        self.answer(status, body, headers)
-
-    def preflight(self, route):
-        """A CORS preflight, answered with the route's headers at once.  Its body,
-        which means nothing, is never read into memory: the connection closes, and
-        what the client still sends is dropped as it comes."""
-        self.close_connection = True
-        self.answer(200, b"", route.headers)
-
-    def outcome(self, route, request):
-        """The encoded answer to a request: whatever goes wrong on the way, even in
-        a runner's hooks, is an error answer, so sentinels and answer always follow."""
-        try:
-            if isinstance(request, HTTPError):
-                raise request
-            status, payload = route.handle(request)
-            return encode_answer(status, payload)
-        except HTTPError as error:
-            self.close_connection = self.close_connection or error.close
-            return encode_answer(error.status, {"error": error.message})
-        except BaseException as error:  # a hook's sys.exit() too: this thread answers
-            self.server.logs.note("internal error: %r" % (error,))
-            return encode_answer(500, {"error": INTERNAL_ERROR.format(error)})
-
-    # -- request bodies --------------------------------------------------------
-
-    def read_body(self, share):
-        limit, length = self.server.settings.max_body, self.head.length
-        if length is not CHUNKED and length > limit:
-            raise HTTPError(413, "The request body has %d bytes, more than the limit of %d."
-                            % (length, limit), close=True)
-        if length is not CHUNKED:
-            share.check_fits(length)
-        if (self.headers.get("Expect", "").lower() == "100-continue"
-                and self.request_version == "HTTP/1.1"):  # HTTP/1.0 knows no 100
-            self.send_response_only(100)
-            self.end_headers()
-            self.wfile.flush()
-        return self.reader.body(length, limit, share, self.server.settings.body_timeout)
-
-    # -- answers ---------------------------------------------------------------
-
-    def answer(self, status, body, headers):
-        if self.request_version == "HTTP/0.9":  # http.server would send the body alone
-            self.request_version = self.protocol_version
-        if status in (204, 304):
-            body = b""  # these statuses carry none
-        self.log_request(status)
-        self.send_response_only(status)
-        given = {name.lower() for name, _ in headers}  # a web result's replace the proxy's
-        if "server" not in given:
-            self.send_header("Server", self.version_string())
-        if "date" not in given:
-            self.send_header("Date", self.date_time_string())
-        self.send_header("Content-Length", str(len(body)))
-        for name, value in headers:
-            self.send_header(name, value)
-        if self.close_connection:
-            self.send_header("Connection", "close")
-        self.end_headers()
-        if self.command != "HEAD":
-            self.wfile.write(body)
-        self.wfile.flush()  # now, while the request still counts as in flight
-
-    def refuse(self, status, message, headers=()):
-        """An answer to a request whose body is left unread, so the connection must close."""
-        self.close_connection = True
-        status, body, json_headers = encode_answer(status, {"error": message})
-        self.answer(status, body, json_headers + list(headers))
-
-    def finish(self):
-        BaseHTTPRequestHandler.finish(self)
-        if not self.client_ended:  # after its end of file a client can send nothing more
-            linger(self.connection, self.linger_seconds)
-
-    def version_string(self):
-        return self.server_version
-
-    def log_request(self, code="-", size="-"):
-        if self.server.settings.verbose and not getattr(self.route, "quiet", False):
-            BaseHTTPRequestHandler.log_request(self, code, size)
-
-    def log_message(self, format, *args):
-        if self.server.settings.verbose:
-            BaseHTTPRequestHandler.log_message(self, format, *args)
-            sys.stderr.flush()  # Python 3.8 buffers a stderr that is no terminal
+def descendants(pid):
+    found, parents = [], [pid]
+    while parents:
+        children = children_of(parents.pop())
+        found.extend(children)
+        parents.extend(children)
+    return found
 
 
-# ============================================================================
-# 4. Init: installing code into the action directory
-# ============================================================================
-
-class InitError(Exception):
-    """Why an /init failed; written to stderr for the user to read."""
-
-
-class StartError(InitError):
-    """The code was installed, but the action would not start (or not in this image)."""
-
-
-class InitCancelled(InitError):
-    """The proxy is shutting down: the init stopped where it was, nothing installed."""
-
-    def __init__(self):
-        InitError.__init__(self, SHUTTING_DOWN)
-
-
-def check_stopping(stopping):
-    if stopping is not None and stopping.is_set():
-        raise InitCancelled()
-
-
-def scratch_dir(near):
-    """A fresh private directory for the proxy's own work on the directory ``near``
-    (staging, unpacking): in ``near``'s parent when that is writable, else under
-    ``TMPDIR`` (``/tmp``).  Never in ``near`` itself, which may be read-only."""
-    import tempfile
-    parent = os.path.dirname(near)
-    return tempfile.mkdtemp(prefix=".owproxy-", dir=parent if writable(parent) else None)
-
-
-def writable(folder):
-    return os.access(folder, os.W_OK | os.X_OK)
-
-
-def stage_dir(dest):
-    """A fresh directory to build what then moves into ``dest``: a scratch directory
-    when a rename from there into ``dest`` works (the same mount, so that moving is
-    atomic), else a hidden one inside ``dest``."""
-    import tempfile
-    stage = scratch_dir(dest)
-    probe = os.path.join(dest, os.path.basename(stage))
+def environ_of(pid):
+    """The environment ``pid`` started with, each entry between NULs; empty if unknown."""
     try:
-        os.rename(stage, probe)
-        os.rename(probe, stage)
-        return stage
-    except OSError:  # another mount (a volume on the action directory): EXDEV
-        remove_tree(probe)
-        remove_tree(stage)
-        return tempfile.mkdtemp(prefix=".owproxy-", dir=dest)
+        return b"\0" + proc_file("/proc/%d/environ" % pid)
+    except OSError:
+        return b""
 
 
-def check_writable(folder):
-    """An /init with code needs to write; a directory it cannot write to serves only
-    what it holds.  Which of the two causes it is tells the user what to change: the
-    mount (a read-only root) or the owner (a --user the image was not built for)."""
-    if writable(folder):
-        return
-    if os.statvfs(folder).f_flag & os.ST_RDONLY:
-        cause = "is read-only"
-    else:
-        cause = "is not writable by uid %d" % os.geteuid()
-    raise InitError("the action directory %s %s, so /init cannot install code there: bake "
-                    "the action into the image, or point --action-dir (OWPROXY_ACTION_DIR) "
-                    "at a writable directory" % (folder, cause))
-
-
-def is_directory(path):
-    return os.path.isdir(path) and not os.path.islink(path)
-
-
-def is_executable(path):
-    return os.path.isfile(path) and os.access(path, os.X_OK)
-
-
-FOLDER_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW
-
-
-def remove_tree(path):
-    """Removes a file, or a folder with all it holds, never through a link, as far
-    as it can.  Without recursion (shutil.rmtree recurses up to Python 3.12, and an
-    archive may nest folders deeper than the stack) and with one folder open at a
-    time, each listed once: linear in what it removes, whatever the depth."""
-    if not is_directory(path):
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(path)
-        return
-    with contextlib.suppress(OSError):
-        folder = os.open(path, FOLDER_FLAGS)
-        try:
-            below = [(None, emptied(folder))]  # from ``path`` down: (name, subfolders left)
-            while len(below) > 1 or below[0][1]:
-                name, left = below[-1]
-                if left:
-                    inner = left.pop()
-                    opened = os.open(inner, FOLDER_FLAGS, dir_fd=folder)
-                    os.close(folder)
-                    folder = opened
-                    below.append((inner, emptied(folder)))
-                else:
-                    below.pop()
-                    opened = os.open(os.pardir, FOLDER_FLAGS, dir_fd=folder)
-                    os.close(folder)
-                    folder = opened
-                    os.rmdir(name, dir_fd=folder)
-        finally:
-            os.close(folder)
-        os.rmdir(path)
-
-
-def make_folders(path):
-    """``os.makedirs(path, exist_ok=True)`` without its recursion, one level per
-    missing folder, which an archive's deep folders would take past the stack."""
-    missing = []
-    while not os.path.isdir(path):
-        missing.append(path)
-        path = os.path.dirname(path)
-    for folder in reversed(missing):
-        try:
-            os.mkdir(folder)
-        except FileExistsError:
-            if not os.path.isdir(folder):
-                raise
-
-
-def emptied(folder):
-    """Removes what the open ``folder`` holds but folders; returns their names."""
-    inner = []
-    with os.scandir(folder) as entries:
-        for entry in entries:
-            if entry.is_dir(follow_symlinks=False):
-                inner.append(entry.name)
-            else:
-                os.unlink(entry.name, dir_fd=folder)
-    return inner
-
-
-def put(path, target):
-    """Moves ``path`` to ``target``, replacing it: in one step (rename(2)) unless a
-    directory is involved, so that a file such as ``exec`` never goes missing."""
-    if is_directory(path) or is_directory(target):
-        remove_tree(target)
-    os.replace(path, target)
-
-
-class Installation:
-    """Moves a staged tree into a directory, and the ``displaced`` names out of it,
-    so that leaving with an error puts back exactly what was there before.  A file
-    is replaced in one step, its old version kept as a hard link, so ``exec``
-    always names a complete action, the old one or the new one, even for a run
-    that starts meanwhile; ``exec`` is moved last.
-    """
-
-    def __init__(self, stage, dest, displaced=(), binary=None):
-        self.stage, self.dest, self.displaced = stage, dest, displaced
-        self.backup = None
-        self.moved = []  # (name, where its old version is kept, or None)
-        self.version = Version(binary, names=os.listdir(stage))
-
-    def __enter__(self):
-        try:
-            for name in self.displaced:
-                target = os.path.join(self.dest, name)
-                if os.path.lexists(target):
-                    kept = self.keep(target, os.path.join("displaced", name), link=False)
-                    self.moved.append((name, kept))
-            for name in sorted(os.listdir(self.stage), key=lambda name: name == "exec"):
-                target = os.path.join(self.dest, name)
-                kept = None
-                if os.path.lexists(target):
-                    kept = self.keep(target, os.path.join("replaced", name), link=True)
-                self.moved.append((name, kept))
-                put(os.path.join(self.stage, name), target)
-        except OSError as error:
-            self.__exit__(OSError, error, None)
-            raise InitError("cannot install the action: %s" % error)
-        return self.version
-
-    def keep(self, target, name, link):
-        """Keeps ``target`` in the backup as ``name``: as a hard link, leaving it in
-        place, where ``link`` asks and the file system allows, else moved there."""
-        self.backup = self.backup or stage_dir(self.dest)
-        kept = os.path.join(self.backup, name)
-        make_folders(os.path.dirname(kept))
-        if link and not is_directory(target):
-            try:
-                os.link(target, kept, follow_symlinks=False)
-                return kept
-            except OSError:
-                pass  # no hard links on this file system: a move will do
-        os.replace(target, kept)
-        return kept
-
-    def __exit__(self, kind, error, trace):
-        if kind is not None:
-            for name, kept in reversed(self.moved):
-                target = os.path.join(self.dest, name)
-                if kept and os.path.lexists(kept):
-                    put(kept, target)
-                else:
-                    remove_tree(target)
-        remove_tree(self.stage)
-        if self.backup:
-            remove_tree(self.backup)
-        return False
-
-
-class Version:
-    """One init's action: ``binary``, in the folder of its own it was installed in
-    (``folder``; None for the action directory, which an exec-mode init replaces in
-    place, its top-level ``names``) and never moves from.  A run holds the version
-    current at its start until it ends; a replaced one keeps its folder, and its
-    warm processes, until the last run that holds it lets go."""
-
-    def __init__(self, binary, folder=None, names=()):
-        self.binary, self.folder, self.names = binary, folder, names
-        self.kind = self.function = None  # decided at its init (else at the first run)
-        self.pool = None
-        self.lock = threading.Lock()
-        self.users = 0
-        self.replaced = False
-
-    def hold(self):
-        with self.lock:
-            self.users += 1
-        return self
-
-    def release(self):
-        with self.lock:
-            self.users -= 1
-            unused = self.replaced and not self.users
-        if unused:
-            self.discard()
-
-    def replace(self):
-        """Another version is current: this one goes once no run holds it."""
-        with self.lock:
-            self.replaced = True
-            unused = not self.users
-        if self.pool is not None:
-            self.pool.retire()
-        if unused:
-            self.discard()
-
-    def discard(self):
-        if self.pool is not None:
-            self.pool.close(0.0)
-        if self.folder is not None:
-            remove_tree(self.folder)
-
-
-class Gate:
-    """Runs of an action directory's version pass through it together; an init that
-    replaces the action directory's files does so alone: it waits (at most its
-    ``wait``) for the runs in flight, and the runs that come meanwhile wait for it."""
-
-    def __init__(self):
-        self.changed = threading.Condition()
-        self.runs = 0
-        self.replacing = False
-
-    @contextlib.contextmanager
-    def run(self):
-        with self.changed:
-            self.changed.wait_for(lambda: not self.replacing)
-            self.runs += 1
-        try:
-            yield
-        finally:
-            with self.changed:
-                self.runs -= 1
-                self.changed.notify_all()
-
-    @contextlib.contextmanager
-    def alone(self, wait):
-        with self.changed:
-            self.replacing = True
-            try:
-                if not self.changed.wait_for(lambda: not self.runs, wait):
-                    raise InitError("the %d run(s) in flight did not end within %g seconds, "
-                                    "so the action stays as it was (see --reinit-wait)"
-                                    % (self.runs, wait))
-            except BaseException:
-                self.replacing = False
-                self.changed.notify_all()
-                raise
-        try:
-            yield
-        finally:
-            with self.changed:
-                self.replacing = False
-                self.changed.notify_all()
-
-
-class CompiledVersion:
-    """A version in a folder of its own, ``N/src`` and ``N/bin`` as the Go proxy lays
-    them out, the action ``N/bin/<exec>``: the folder goes if the init fails."""
-
-    def __init__(self, folder, bin, name):
-        self.stage = bin
-        self.version = Version(os.path.join(bin, name), folder)
-
-    def __enter__(self):
-        return self.version
-
-    def __exit__(self, kind, error, trace):
-        if kind is not None:
-            self.version.discard()
-        return False
-
-
-def decode_base64(code):
-    import base64
-    import binascii
-    try:
-        return base64.b64decode("".join(code.split()), validate=True)
-    except (binascii.Error, ValueError) as error:
-        raise InitError("the code is not valid base64 (%s)" % error)
-
-
-def archive_path(name):
-    """The parts of an archive member's path, refusing any that leave the directory."""
-    if name.startswith("/"):
-        raise InitError("the archive entry %r has an absolute path" % name)
-    parts = [part for part in name.split("/") if part not in ("", ".")]
-    if ".." in parts:
-        raise InitError("the archive entry %r points outside the action directory" % name)
-    return parts
-
-
-ZIP_MAGIC, TAR_GZ_MAGIC = b"PK", b"\x1f\x8b\x08"
-
-
-def unpack(data, dest, max_total, name, stopping=None):
-    """Installs ``binary`` code into the empty directory ``dest``: a zip, a tar.gz,
-    or anything else as the executable ``name`` itself (a script or a binary).
-    An archive stops at its next entry once ``stopping`` is set."""
-    import io
-    if data.startswith(ZIP_MAGIC):
-        extract_zip(data, dest, max_total, stopping)
-    elif data.startswith(TAR_GZ_MAGIC):
-        extract_tar(data, dest, max_total, stopping)
-    elif name.startswith(os.pardir):  # a runner whose binary lies outside its archive's folder
-        raise InitError("the code is neither a zip nor a tar.gz archive")
-    else:
-        write_member(os.path.join(dest, name), io.BytesIO(data), 0o755)
-
-
-def is_jar(data):
-    """A zip that holds a jar's manifest."""
-    import io
-    import zipfile
-    if not data.startswith(ZIP_MAGIC):
-        return False
-    try:
-        with zipfile.ZipFile(io.BytesIO(data)) as archive:
-            return "META-INF/MANIFEST.MF" in archive.namelist()
-    except (zipfile.BadZipFile, ValueError):
-        return False
-
-
-def extract_zip(data, dest, max_total, stopping=None):
-    """Extracts a zip archive into the empty directory ``dest``.
-
-    Nothing is written outside ``dest``: absolute and ``..`` names are refused,
-    symbolic links are created last and no other entry may lie below one, and
-    every file is created afresh (O_EXCL, O_NOFOLLOW).  The sizes the archive
-    declares are checked before anything is written; zipfile never inflates an
-    entry past its declared size, and every entry, a link's target included, is
-    read in bounded chunks.
-    """
-    import io
-    import zipfile
-    try:
-        archive = zipfile.ZipFile(io.BytesIO(data))
-    except (zipfile.BadZipFile, ValueError) as error:
-        raise InitError("the code is not a zip archive (%s)" % error)
-    with archive:
-        members = archive.infolist()
-        if len(members) > MAX_ARCHIVE_ENTRIES:
-            raise InitError("the archive has %d entries, more than the limit of %d"
-                            % (len(members), MAX_ARCHIVE_ENTRIES))
-        total = sum(member.file_size for member in members)
-        if total > max_total:
-            raise InitError("the archive expands to %d bytes, more than the limit of %d"
-                            % (total, max_total))
-        extract_entries(((member.filename, member) for member in members), dest,
-                        functools.partial(extract_member, archive), stopping)
-
-
-def extract_member(archive, member, path):
-    """Writes one file or directory; a symbolic link's target is returned, to be made last."""
-    import stat
-    mode = member.external_attr >> 16
-    try:
-        if stat.S_ISLNK(mode):
-            with archive.open(member) as source:
-                return link_target(member.filename, source.read(path_max() + 1))
-        if member.is_dir():
-            make_folders(path)
-            return None
-        with archive.open(member) as source:
-            write_member(path, source, mode)
+def marker_of(environ):
+    """The activation marker in an environ_of() text, None if it has none."""
+    start = environ.find(b"\0%s=" % ACTIVATION_MARKER.encode())
+    if start < 0:
         return None
-    except InitError:
-        raise
-    except Exception as error:
-        raise InitError("cannot extract %r from the archive: %s" % (member.filename, error))
+    start += len(ACTIVATION_MARKER) + 2
+    end = environ.find(b"\0", start)
+    return environ[start:end if end >= 0 else len(environ)].decode("latin-1")
 
 
-def extract_tar(data, dest, max_total, stopping=None):
-    """Extracts a tar.gz archive into the empty directory ``dest`` under the rules
-    of ``extract_zip``.  gzip declares no sizes, so they are counted as the
-    archive streams by, and extended headers (long names) are bounded too."""
-    import io
-    import tarfile
-    import zlib
+def process_state(pid):
+    return stat_fields(pid)[0]
 
-    class Header(tarfile.TarInfo):
-        """tarfile reads an extended header whole, and keeps every global one for
-        the rest of the archive: both are bounded, before anything is read."""
 
-        def _proc_member(self, tarfile_):
-            if self.type in EXTENDED_HEADERS:
-                size = self.size + (tarfile_.global_sizes if self.type == tarfile.XGLTYPE
-                                    else 0)
-                if size > MAX_EXTENDED_HEADER:
-                    raise InitError("the archive has an extended header of %d bytes, more "
-                                    "than the limit of %d" % (size, MAX_EXTENDED_HEADER))
-                if self.type == tarfile.XGLTYPE:
-                    tarfile_.global_sizes = size
-            return tarfile.TarInfo._proc_member(self, tarfile_)
+def running(pid):
+    """Not gone, nor a zombie: it may still do something."""
+    return process_state(pid) not in (None, b"Z", b"X")
 
-    EXTENDED_HEADERS = (tarfile.GNUTYPE_LONGNAME, tarfile.GNUTYPE_LONGLINK, tarfile.XHDTYPE,
-                        tarfile.XGLTYPE, tarfile.SOLARIS_XHDTYPE)
+
+def session_of(pid):
+    """The id of ``pid``'s session: the pid of the process that made it, which no
+    other process can join, nor take while a member lives; None if it is gone."""
+    fields = stat_fields(pid)
+    return int(fields[3]) if len(fields) > 3 else None
+
+
+def exited(pid):
+    """True when the child ``pid`` has exited and no one has waited for it yet: one
+    system call, where its /proc state takes four."""
     try:
-        with tarfile.open(fileobj=io.BytesIO(data), mode="r|gz", tarinfo=Header) as archive:
-            archive.global_sizes = 0  # of the global headers so far, which tarfile keeps
-            extract_entries(counted(archive, max_total), dest,
-                            functools.partial(extract_tar_member, archive), stopping)
-    except (tarfile.TarError, EOFError, OSError, zlib.error, TypeError, ValueError) as error:
-        raise InitError("the code is not a tar.gz archive (%s)" % error)
-
-
-def counted(archive, max_total):
-    """The (name, member) pairs of a tar archive, stopped at the limits as they pass."""
-    total = 0
-    for count in itertools.count(1):
-        member = archive.next()
-        if member is None:
-            return
-        archive.members.clear()  # a stream needs no index of the entries gone by
-        total += member.size
-        if count > MAX_ARCHIVE_ENTRIES:
-            raise InitError("the archive has more entries than the limit of %d"
-                            % MAX_ARCHIVE_ENTRIES)
-        if total > max_total:
-            raise InitError("the archive expands to more than the limit of %d bytes"
-                            % max_total)
-        yield member.name, member
-
-
-def extract_entries(entries, dest, extract, stopping=None):
-    """Extracts (name, entry) pairs into ``dest`` with ``extract(entry, path)``, which
-    returns a link's target instead of making the link: links come last."""
-    names, links = [], []
-    for name, entry in entries:
-        check_stopping(stopping)
-        parts = archive_path(name)
-        if not parts:
-            continue  # the archive's own folder, "./"
-        names.append(parts)
-        target = extract(entry, os.path.join(dest, *parts))
-        if target is not None:
-            links.append((parts, target))
-    make_links(dest, names, links)
-
-
-def extract_tar_member(archive, member, path):
-    """``extract_member`` for a tar entry; only files, folders and links are taken."""
-    if member.issym():
-        return link_target(member.name, os.fsencode(member.linkname))
-    try:
-        if member.isdir():
-            make_folders(path)
-        elif member.isfile():
-            write_member(path, archive.extractfile(member), member.mode)
-        else:
-            raise InitError("the archive entry %r is not a file, folder or symbolic link"
-                            % member.name)
-    except OSError as error:
-        raise InitError("cannot extract %r from the archive: %s" % (member.name, error))
-    return None
-
-
-def write_member(path, source, mode):
-    """Writes a file afresh (never through a link) from ``source``, in bounded chunks."""
-    import shutil
-    make_folders(os.path.dirname(path))
-    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
-    permissions = (mode & 0o777 | 0o600) if mode & 0o777 else 0o644
-    with os.fdopen(os.open(path, flags, permissions), "wb") as target:
-        shutil.copyfileobj(source, target, MIB)
-
-
-@functools.lru_cache(maxsize=None)
-def path_max():
-    """The longest path the system takes (PATH_MAX), so the longest link target made."""
-    try:
-        return os.pathconf("/", "PC_PATH_MAX")
-    except (OSError, ValueError):
-        return 4096
-
-
-def link_target(name, target):
-    """A link's target from its bytes (read up to one past PATH_MAX, never more)."""
-    if len(target) > path_max():
-        raise InitError("the symbolic link %r has a target longer than PATH_MAX (%d bytes)"
-                        % (name, path_max()))
-    try:
-        return target.decode("utf-8")
-    except UnicodeDecodeError as error:
-        raise InitError("the symbolic link %r has a target that is not UTF-8 (%s)"
-                        % (name, error))
-
-
-def make_links(dest, names, links):
-    """Creates an archive's symbolic links, last, once no other entry lies below one."""
-    below_link = entries_below_links(names, [parts for parts, _ in links])
-    if below_link:
-        raise InitError("the archive entry %r lies below the symbolic link %r"
-                        % tuple("/".join(parts) for parts in below_link))
-    for parts, target in links:
-        path = os.path.join(dest, *parts)
-        try:
-            make_folders(os.path.dirname(path))
-            os.symlink(target, path)
-        except OSError as error:
-            raise InitError("cannot create the link %r: %s" % ("/".join(parts), error))
-
-
-def entries_below_links(names, links):
-    """An entry below a link, and that link, if there is one: the names go into a
-    tree of their folders, so the check is one step per name part (comparing each
-    name's prefixes with the links is quadratic in the depth)."""
-    LINK = object()  # the mark of a link in the tree
-    tree = {}
-    for parts in links:
-        node = tree
-        for part in parts[:-1]:
-            node = node.setdefault(part, {})
-        node[parts[-1]] = {LINK: parts}
-    for parts in names:
-        node = tree
-        for part in parts[:-1]:
-            node = node.get(part)
-            if node is None:
-                break
-            if LINK in node:
-                return parts, node[LINK]
-    return None
-
-
-# -- runtime images' compile scripts, and compiling at build time -----------------
-
-def runnable(path):
-    """Code that runs as it is, not compiled: a script (``#!``) or an ELF binary."""
-    try:
-        with open(path, "rb") as file:
-            return file.read(4).startswith((b"#!", b"\x7fELF"))
-    except OSError:
+        return os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None
+    except ChildProcessError:
         return False
 
 
-def compile_action(compiler, main, src, bin, env, timeout, stopping=None):
-    """Runs a runtime image's compile script as the Go proxy does, ``COMPILER MAIN SRC
-    BIN``: whatever it prints, even with exit status 0, is why it failed.  It is
-    killed, with its process group, at the timeout or once ``stopping`` is set."""
+def kill_group(process):
     try:
-        process = subprocess.Popen([compiler, main, src, bin], env=env,
-                                   stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                   stderr=subprocess.STDOUT, start_new_session=True)
-    except OSError as error:
-        raise InitError("cannot run the compiler %s: %s" % (compiler, error.strerror))
-    end = time.monotonic() + timeout
-    try:
-        while True:
-            try:
-                output = process.communicate(timeout=min(COMPILE_POLL, timeout))[0]
-                break
-            except subprocess.TimeoutExpired:
-                check_stopping(stopping)
-                if time.monotonic() > end:
-                    raise InitError("the compiler did not finish within %g seconds" % timeout)
-    finally:
-        kill_group(process)  # and whatever it left running
-        process.stdout.close()
-        process.wait()
-    if output:
-        raise InitError(output.decode("utf-8", "replace"))
-    if process.returncode:
-        raise InitError("exit status %d" % process.returncode)
+        os.killpg(process.pid, signal.SIGKILL)
+    except OSError:
+        pass  # the group is already gone
 
-
-COMPILE_POLL = 0.05  # seconds between two looks, during a compile, for a shutdown
-
-
-def compile_command(args, flags=()):
-    """``--compile MAIN`` (the Go proxy's ``-compile MAIN``), at an image's build
-    time: the code on stdin unpacked and compiled as /init would, a zip of the
-    result on stdout, exit status 0; or the cause on stderr, 1.  An /init of that
-    zip compiles nothing again: its ``exec`` runs as it is.  ``flags``, those given
-    before it, are the proxy's settings (an image's ENTRYPOINT may hold some)."""
-    import base64
-    import tempfile
-    usage = "usage: owproxy.py --compile [MAIN] <CODE >ZIP\n"
-    if args[:1] in (["-h"], ["--help"]):
-        sys.stdout.write(usage + COMPILE_HELP)
-        return 0
-    if len(args) > 1 or args[:1] and args[0].startswith("-"):
-        sys.stderr.write("owproxy: " + usage)
-        return 2
-    main = args[0] if args else "main"
-    data = sys.stdin.buffer.read()
-    message = {"code": base64.b64encode(data).decode(), "binary": True, "main": main}
-    if not data.startswith((ZIP_MAGIC, TAR_GZ_MAGIC)):
-        with contextlib.suppress(UnicodeDecodeError):
-            message = {"code": data.decode("utf-8"), "main": main}  # source, as /init takes it
-    # The action directory in a folder of its own, so that the staging beside it goes too.
-    folder = tempfile.mkdtemp(prefix="owproxy-compile-")
-    try:
-        action = os.path.join(folder, "action")
-        os.mkdir(action)
-        runner = ActionRunner()
-        runner.configure(resolve_settings(list(flags) + ["--action-dir", action], os.environ),
-                         Logs(out_fd=2), Processes())  # stdout is the zip's
-        zip_tree(runner.install(message).stage, sys.stdout.buffer)
-        return 0
-    except (InitError, ConfigError, OSError) as error:
-        sys.stderr.write("owproxy: %s\n" % str(error).rstrip("\n"))
-        return 1
-    finally:
-        remove_tree(folder)
-
-
-COMPILE_HELP = """
-Unpacks the code on stdin (source, a zip or a tar.gz) and compiles it with the
-image's OW_COMPILER, as /init would, then writes a zip of the result to stdout
-(exit 0; 1 with the cause on stderr).  MAIN is the entry point (default main).
-Deploy the zip: its exec runs as it is, with no compile at the cold start.
-"""
-
-
-def zip_tree(folder, out):
-    """Writes a zip of ``folder`` to the file ``out``, in bounded chunks: files with
-    their modes, folders, and links as links (``extract_zip`` makes them again)."""
-    import stat
-    import zipfile
-    with zipfile.ZipFile(out, "w", zipfile.ZIP_DEFLATED) as archive:
-        for root, folders, files in os.walk(folder):
-            folders.sort()
-            for name in sorted(folders + files):
-                path = os.path.join(root, name)
-                entry = os.path.relpath(path, folder)
-                if os.path.islink(path):
-                    info = zipfile.ZipInfo(entry)
-                    info.external_attr = (stat.S_IFLNK | 0o777) << 16
-                    archive.writestr(info, os.readlink(path))
-                else:
-                    archive.write(path, entry)
-
-
-# ============================================================================
-# 5. Execution
-# ============================================================================
 
 class Processes:
     """Every action process, and everything it starts, until it is killed and reaped.
@@ -2591,202 +1181,13 @@ class Processes:
                     pass  # a Popen that was just polled took it
 
 
-def become_subreaper(logs):
-    """Makes orphans of the proxy's descendants its children (Linux 3.4); True if it
-    could.  As PID 1 the kernel gives it every orphan already, without ctypes."""
-    if os.getpid() == 1:
-        return True
-    try:
-        import ctypes
-        libc = ctypes.CDLL(None, use_errno=True)
-        if libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0:
-            return True
-        reason = os.strerror(ctypes.get_errno())
-    except (ImportError, OSError, AttributeError) as error:
-        reason = str(error)
-    logs.note("cannot become a child subreaper (%s): what an action moves out of its "
-              "process group may outlive its activation" % reason)
-    return False
-
-
-def children_of(pid, tasks=None):
-    """The pids of ``pid``'s children (those of each of its threads, or of ``tasks``)."""
-    found = []
-    try:
-        for task in tasks or os.listdir("/proc/%d/task" % pid):
-            found.extend(map(int, proc_file("/proc/%d/task/%s/children" % (pid, task)).split()))
-    except FileNotFoundError:
-        if os.path.isdir("/proc/%d/task" % pid):  # a kernel without these lists
-            return [child for child in map(int, filter(str.isdigit, os.listdir("/proc")))
-                    if parent_of(child) == pid]
-    except OSError:
-        pass  # it is gone, or a thread of it is
-    return found
-
-
-def orphans():
-    """The children of the proxy's main thread: every orphan it inherits, as a
-    subreaper or as PID 1, and the processes the main thread itself spawned (those
-    of other threads are their own)."""
-    return children_of(os.getpid(), [os.getpid()])
-
-
-def descendants(pid):
-    found, parents = [], [pid]
-    while parents:
-        children = children_of(parents.pop())
-        found.extend(children)
-        parents.extend(children)
-    return found
-
-
-def environ_of(pid):
-    """The environment ``pid`` started with, each entry between NULs; empty if unknown."""
-    try:
-        return b"\0" + proc_file("/proc/%d/environ" % pid)
-    except OSError:
-        return b""
-
-
-def marker_of(environ):
-    """The activation marker in an environ_of() text, None if it has none."""
-    start = environ.find(b"\0%s=" % ACTIVATION_MARKER.encode())
-    if start < 0:
-        return None
-    start += len(ACTIVATION_MARKER) + 2
-    end = environ.find(b"\0", start)
-    return environ[start:end if end >= 0 else len(environ)].decode("latin-1")
-
-
-def process_state(pid):
-    return stat_fields(pid)[0]
-
-
 def asleep(pid):
     """True when ``pid`` and every descendant are sleeping (waiting for input, a
     child, a timer), none running, exiting or gone."""
     return all(process_state(each) == b"S" for each in [pid] + descendants(pid))
 
 
-def running(pid):
-    """Not gone, nor a zombie: it may still do something."""
-    return process_state(pid) not in (None, b"Z", b"X")
-
-
-def session_of(pid):
-    """The id of ``pid``'s session: the pid of the process that made it, which no
-    other process can join, nor take while a member lives; None if it is gone."""
-    fields = stat_fields(pid)
-    return int(fields[3]) if len(fields) > 3 else None
-
-
-def parent_of(pid):
-    parent = stat_fields(pid)[1]
-    return None if parent is None else int(parent)
-
-
-def stat_fields(pid):
-    """The fields of /proc/PID/stat after the command name: state, parent, ..."""
-    try:
-        return proc_file("/proc/%d/stat" % pid).rpartition(b")")[2].split() or [None, None]
-    except OSError:
-        return [None, None]
-
-
-def proc_file(path):
-    """A /proc file's text, read with four system calls, where a Python file object
-    makes nine: an activation's cleanup reads a few."""
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        chunks = [os.read(fd, 65536)]
-        while chunks[-1]:
-            chunks.append(os.read(fd, 65536))
-    finally:
-        os.close(fd)
-    return b"".join(chunks)
-
-
-def exited(pid):
-    """True when the child ``pid`` has exited and no one has waited for it yet: one
-    system call, where its /proc state takes four."""
-    try:
-        return os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None
-    except ChildProcessError:
-        return False
-
-
-def kill_group(process):
-    try:
-        os.killpg(process.pid, signal.SIGKILL)
-    except OSError:
-        pass  # the group is already gone
-
-
-def deadline_of(env):
-    """The activation's deadline on the monotonic clock, or None.
-
-    ``__OW_DEADLINE`` is epoch milliseconds.  One already past when the run
-    begins is not enforced: the invoker never sends one, test harnesses do.
-    """
-    try:
-        remaining = float(env.get("__OW_DEADLINE", "")) / 1000.0 - time.time()
-    except ValueError:
-        return None
-    return time.monotonic() + remaining if remaining > 0 else None
-
-
-def exit_note(returncode):
-    """Why an action process ended, when that was not a plain exit 0."""
-    if not returncode:
-        return None
-    if returncode < 0:
-        try:
-            name = signal.Signals(-returncode).name
-        except ValueError:
-            name = "unknown signal"
-        return "the action was killed by signal %d (%s)" % (-returncode, name)
-    return "the action exited with status %d" % returncode
-
-
-def not_runnable(path):
-    """Why ``path``, which the action needs, cannot run, and what to do."""
-    if not os.path.isfile(path):
-        return ("%s is missing: POST /init with the action's code first, or put an "
-                "executable exec in the image" % path)
-    return "%s is not an executable file: chmod +x it, or POST /init with the code" % path
-
-
-def start_failure(path, error):
-    """What keeps the system from starting ``path`` (``error`` is exec's OSError),
-    and what to do about it, in one line; None when there is nothing to add."""
-    import errno
-    import re
-    try:
-        with open(path, "rb") as program:
-            head = program.read(4096)
-    except OSError:
-        head = b""
-    first = head.split(b"\n", 1)[0]
-    if error.errno == errno.ENOEXEC:
-        if head.startswith(b"\x7fELF"):
-            return "%s is an ELF binary for another machine: build it for this one" % path
-        if re.search(rb"^\s*#\s*include\s*[<\"]|\bint\s+main\s*\(", head, re.MULTILINE):
-            return ("%s is C source, not a program: compile it (cc -o exec main.c) and deploy "
-                    "the binary" % path)
-        if b"\0" not in head:
-            return ("%s is text without a #! line, and not an ELF binary: make its first line "
-                    "name its interpreter, e.g. #!/bin/sh" % path)
-        return "%s is neither a script with a #! line nor an ELF binary" % path
-    if first.startswith(b"#!") and first.endswith(b"\r"):
-        return ("the #! line of %s ends with a carriage return (Windows line endings): "
-                "convert the file to Unix line endings, e.g. with dos2unix" % path)
-    if error.errno == errno.ENOENT and first.startswith(b"#!"):
-        return ("%s names %s as its interpreter in its #! line, which is not in this image"
-                % (path, first[2:].strip().split(b" ")[0].decode("utf-8", "replace")))
-    if error.errno == errno.EACCES:
-        return "%s is not executable: chmod +x it, on a file system that allows programs" % path
-    return None
-
+# -- The pump ------------------------------------------------------------------
 
 class LineReader(LineForwarder):
     """Collects the lines a warm action writes on its result descriptor (fd 3); a
@@ -2812,6 +1213,14 @@ class LineReader(LineForwarder):
         count = len(self.lines) + bool(self.partial or self.cut)
         self.lines, self.partial, self.partial_size, self.cut = [], [], 0, None
         return count
+
+
+def pidfd_for(pid):
+    """A descriptor that becomes readable when ``pid`` exits (Linux 5.3, Python 3.9)."""
+    try:
+        return os.pidfd_open(pid)
+    except (AttributeError, OSError):
+        return None
 
 
 class Pump:
@@ -2936,30 +1345,744 @@ class Pump:
             os.close(self.exit_fd)
 
 
-def request_line(message):
-    """An ActionLoop request line, its text as the request had it: non-ASCII as
-    UTF-8, not escaped (a launcher that reads with ``read line`` would lose the
-    backslash of an escape), and no newline but the last (JSON escapes those
-    inside strings)."""
-    return json_bytes(message) + b"\n"
+# -- Why a process ended -------------------------------------------------------
 
+def deadline_of(env):
+    """The activation's deadline on the monotonic clock, or None.
 
-def pidfd_for(pid):
-    """A descriptor that becomes readable when ``pid`` exits (Linux 5.3, Python 3.9)."""
+    ``__OW_DEADLINE`` is epoch milliseconds.  One already past when the run
+    begins is not enforced: the invoker never sends one, test harnesses do.
+    """
     try:
-        return os.pidfd_open(pid)
-    except (AttributeError, OSError):
+        remaining = float(env.get("__OW_DEADLINE", "")) / 1000.0 - time.time()
+    except ValueError:
         return None
+    return time.monotonic() + remaining if remaining > 0 else None
 
 
-class ResultLine:
-    """A result line that holds a JSON object or array: its ``value``, and, when
-    the line is UTF-8, its ``data``, the bytes the answer sends as they came
-    (decoding and encoding a large result again would cost more than running it)."""
+def exit_note(returncode):
+    """Why an action process ended, when that was not a plain exit 0."""
+    if not returncode:
+        return None
+    if returncode < 0:
+        try:
+            name = signal.Signals(-returncode).name
+        except ValueError:
+            name = "unknown signal"
+        return "the action was killed by signal %d (%s)" % (-returncode, name)
+    return "the action exited with status %d" % returncode
 
-    def __init__(self, value, data=None):
-        self.value, self.data = value, data
 
+def not_runnable(path):
+    """Why ``path``, which the action needs, cannot run, and what to do."""
+    if not os.path.isfile(path):
+        return ("%s is missing: POST /init with the action's code first, or put an "
+                "executable exec in the image" % path)
+    return "%s is not an executable file: chmod +x it, or POST /init with the code" % path
+
+
+def start_failure(path, error):
+    """What keeps the system from starting ``path`` (``error`` is exec's OSError),
+    and what to do about it, in one line; None when there is nothing to add."""
+    import errno
+    import re
+    try:
+        with open(path, "rb") as program:
+            head = program.read(4096)
+    except OSError:
+        head = b""
+    first = head.split(b"\n", 1)[0]
+    if error.errno == errno.ENOEXEC:
+        if head.startswith(b"\x7fELF"):
+            return "%s is an ELF binary for another machine: build it for this one" % path
+        if re.search(rb"^\s*#\s*include\s*[<\"]|\bint\s+main\s*\(", head, re.MULTILINE):
+            return ("%s is C source, not a program: compile it (cc -o exec main.c) and deploy "
+                    "the binary" % path)
+        if b"\0" not in head:
+            return ("%s is text without a #! line, and not an ELF binary: make its first line "
+                    "name its interpreter, e.g. #!/bin/sh" % path)
+        return "%s is neither a script with a #! line nor an ELF binary" % path
+    if first.startswith(b"#!") and first.endswith(b"\r"):
+        return ("the #! line of %s ends with a carriage return (Windows line endings): "
+                "convert the file to Unix line endings, e.g. with dos2unix" % path)
+    if error.errno == errno.ENOENT and first.startswith(b"#!"):
+        return ("%s names %s as its interpreter in its #! line, which is not in this image"
+                % (path, first[2:].strip().split(b" ")[0].decode("utf-8", "replace")))
+    if error.errno == errno.EACCES:
+        return "%s is not executable: chmod +x it, on a file system that allows programs" % path
+    return None
+
+
+# ============================================================================
+# 5. Installation
+# ============================================================================
+
+# -- Folders -------------------------------------------------------------------
+
+class InitError(Exception):
+    """Why an /init failed; written to stderr for the user to read."""
+
+
+class StartError(InitError):
+    """The code was installed, but the action would not start (or not in this image)."""
+
+
+class InitCancelled(InitError):
+    """The proxy is shutting down: the init stopped where it was, nothing installed."""
+
+    def __init__(self):
+        InitError.__init__(self, SHUTTING_DOWN)
+
+
+def check_stopping(stopping):
+    if stopping is not None and stopping.is_set():
+        raise InitCancelled()
+
+
+def writable(folder):
+    return os.access(folder, os.W_OK | os.X_OK)
+
+
+def scratch_dir(near):
+    """A fresh private directory for the proxy's own work on the directory ``near``
+    (staging, unpacking): in ``near``'s parent when that is writable, else under
+    ``TMPDIR`` (``/tmp``).  Never in ``near`` itself, which may be read-only."""
+    import tempfile
+    parent = os.path.dirname(near)
+    return tempfile.mkdtemp(prefix=".owproxy-", dir=parent if writable(parent) else None)
+
+
+def is_directory(path):
+    return os.path.isdir(path) and not os.path.islink(path)
+
+
+FOLDER_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW
+
+
+def emptied(folder):
+    """Removes what the open ``folder`` holds but folders; returns their names."""
+    inner = []
+    with os.scandir(folder) as entries:
+        for entry in entries:
+            if entry.is_dir(follow_symlinks=False):
+                inner.append(entry.name)
+            else:
+                os.unlink(entry.name, dir_fd=folder)
+    return inner
+
+
+def remove_tree(path):
+    """Removes a file, or a folder with all it holds, never through a link, as far
+    as it can.  Without recursion (shutil.rmtree recurses up to Python 3.12, and an
+    archive may nest folders deeper than the stack) and with one folder open at a
+    time, each listed once: linear in what it removes, whatever the depth."""
+    if not is_directory(path):
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+        return
+    with contextlib.suppress(OSError):
+        folder = os.open(path, FOLDER_FLAGS)
+        try:
+            below = [(None, emptied(folder))]  # from ``path`` down: (name, subfolders left)
+            while len(below) > 1 or below[0][1]:
+                name, left = below[-1]
+                if left:
+                    inner = left.pop()
+                    opened = os.open(inner, FOLDER_FLAGS, dir_fd=folder)
+                    os.close(folder)
+                    folder = opened
+                    below.append((inner, emptied(folder)))
+                else:
+                    below.pop()
+                    opened = os.open(os.pardir, FOLDER_FLAGS, dir_fd=folder)
+                    os.close(folder)
+                    folder = opened
+                    os.rmdir(name, dir_fd=folder)
+        finally:
+            os.close(folder)
+        os.rmdir(path)
+
+
+def stage_dir(dest):
+    """A fresh directory to build what then moves into ``dest``: a scratch directory
+    when a rename from there into ``dest`` works (the same mount, so that moving is
+    atomic), else a hidden one inside ``dest``."""
+    import tempfile
+    stage = scratch_dir(dest)
+    probe = os.path.join(dest, os.path.basename(stage))
+    try:
+        os.rename(stage, probe)
+        os.rename(probe, stage)
+        return stage
+    except OSError:  # another mount (a volume on the action directory): EXDEV
+        remove_tree(probe)
+        remove_tree(stage)
+        return tempfile.mkdtemp(prefix=".owproxy-", dir=dest)
+
+
+def check_writable(folder):
+    """An /init with code needs to write; a directory it cannot write to serves only
+    what it holds.  Which of the two causes it is tells the user what to change: the
+    mount (a read-only root) or the owner (a --user the image was not built for)."""
+    if writable(folder):
+        return
+    if os.statvfs(folder).f_flag & os.ST_RDONLY:
+        cause = "is read-only"
+    else:
+        cause = "is not writable by uid %d" % os.geteuid()
+    raise InitError("the action directory %s %s, so /init cannot install code there: bake "
+                    "the action into the image, or point --action-dir (OWPROXY_ACTION_DIR) "
+                    "at a writable directory" % (folder, cause))
+
+
+def is_executable(path):
+    return os.path.isfile(path) and os.access(path, os.X_OK)
+
+
+def make_folders(path):
+    """``os.makedirs(path, exist_ok=True)`` without its recursion, one level per
+    missing folder, which an archive's deep folders would take past the stack."""
+    missing = []
+    while not os.path.isdir(path):
+        missing.append(path)
+        path = os.path.dirname(path)
+    for folder in reversed(missing):
+        try:
+            os.mkdir(folder)
+        except FileExistsError:
+            if not os.path.isdir(folder):
+                raise
+
+
+def put(path, target):
+    """Moves ``path`` to ``target``, replacing it: in one step (rename(2)) unless a
+    directory is involved, so that a file such as ``exec`` never goes missing."""
+    if is_directory(path) or is_directory(target):
+        remove_tree(target)
+    os.replace(path, target)
+
+
+# -- Versions ------------------------------------------------------------------
+
+class Version:
+    """One init's action: ``binary``, in the folder of its own it was installed in
+    (``folder``; None for the action directory, which an exec-mode init replaces in
+    place, its top-level ``names``) and never moves from.  A run holds the version
+    current at its start until it ends; a replaced one keeps its folder, and its
+    warm processes, until the last run that holds it lets go."""
+
+    def __init__(self, binary, folder=None, names=()):
+        self.binary, self.folder, self.names = binary, folder, names
+        self.kind = self.function = None  # decided at its init (else at the first run)
+        self.pool = None
+        self.lock = threading.Lock()
+        self.users = 0
+        self.replaced = False
+
+    def hold(self):
+        with self.lock:
+            self.users += 1
+        return self
+
+    def release(self):
+        with self.lock:
+            self.users -= 1
+            unused = self.replaced and not self.users
+        if unused:
+            self.discard()
+
+    def replace(self):
+        """Another version is current: this one goes once no run holds it."""
+        with self.lock:
+            self.replaced = True
+            unused = not self.users
+        if self.pool is not None:
+            self.pool.retire()
+        if unused:
+            self.discard()
+
+    def discard(self):
+        if self.pool is not None:
+            self.pool.close(0.0)
+        if self.folder is not None:
+            remove_tree(self.folder)
+
+
+class Installation:
+    """Moves a staged tree into a directory, and the ``displaced`` names out of it,
+    so that leaving with an error puts back exactly what was there before.  A file
+    is replaced in one step, its old version kept as a hard link, so ``exec``
+    always names a complete action, the old one or the new one, even for a run
+    that starts meanwhile; ``exec`` is moved last.
+    """
+
+    def __init__(self, stage, dest, displaced=(), binary=None):
+        self.stage, self.dest, self.displaced = stage, dest, displaced
+        self.backup = None
+        self.moved = []  # (name, where its old version is kept, or None)
+        self.version = Version(binary, names=os.listdir(stage))
+
+    def __enter__(self):
+        try:
+            for name in self.displaced:
+                target = os.path.join(self.dest, name)
+                if os.path.lexists(target):
+                    kept = self.keep(target, os.path.join("displaced", name), link=False)
+                    self.moved.append((name, kept))
+            for name in sorted(os.listdir(self.stage), key=lambda name: name == "exec"):
+                target = os.path.join(self.dest, name)
+                kept = None
+                if os.path.lexists(target):
+                    kept = self.keep(target, os.path.join("replaced", name), link=True)
+                self.moved.append((name, kept))
+                put(os.path.join(self.stage, name), target)
+        except OSError as error:
+            self.__exit__(OSError, error, None)
+            raise InitError("cannot install the action: %s" % error)
+        return self.version
+
+    def keep(self, target, name, link):
+        """Keeps ``target`` in the backup as ``name``: as a hard link, leaving it in
+        place, where ``link`` asks and the file system allows, else moved there."""
+        self.backup = self.backup or stage_dir(self.dest)
+        kept = os.path.join(self.backup, name)
+        make_folders(os.path.dirname(kept))
+        if link and not is_directory(target):
+            try:
+                os.link(target, kept, follow_symlinks=False)
+                return kept
+            except OSError:
+                pass  # no hard links on this file system: a move will do
+        os.replace(target, kept)
+        return kept
+
+    def __exit__(self, kind, error, trace):
+        if kind is not None:
+            for name, kept in reversed(self.moved):
+                target = os.path.join(self.dest, name)
+                if kept and os.path.lexists(kept):
+                    put(kept, target)
+                else:
+                    remove_tree(target)
+        remove_tree(self.stage)
+        if self.backup:
+            remove_tree(self.backup)
+        return False
+
+
+class Gate:
+    """Runs of an action directory's version pass through it together; an init that
+    replaces the action directory's files does so alone: it waits (at most its
+    ``wait``) for the runs in flight, and the runs that come meanwhile wait for it."""
+
+    def __init__(self):
+        self.changed = threading.Condition()
+        self.runs = 0
+        self.replacing = False
+
+    @contextlib.contextmanager
+    def run(self):
+        with self.changed:
+            self.changed.wait_for(lambda: not self.replacing)
+            self.runs += 1
+        try:
+            yield
+        finally:
+            with self.changed:
+                self.runs -= 1
+                self.changed.notify_all()
+
+    @contextlib.contextmanager
+    def alone(self, wait):
+        with self.changed:
+            self.replacing = True
+            try:
+                if not self.changed.wait_for(lambda: not self.runs, wait):
+                    raise InitError("the %d run(s) in flight did not end within %g seconds, "
+                                    "so the action stays as it was (see --reinit-wait)"
+                                    % (self.runs, wait))
+            except BaseException:
+                self.replacing = False
+                self.changed.notify_all()
+                raise
+        try:
+            yield
+        finally:
+            with self.changed:
+                self.replacing = False
+                self.changed.notify_all()
+
+
+class CompiledVersion:
+    """A version in a folder of its own, ``N/src`` and ``N/bin`` as the Go proxy lays
+    them out, the action ``N/bin/<exec>``: the folder goes if the init fails."""
+
+    def __init__(self, folder, bin, name):
+        self.stage = bin
+        self.version = Version(os.path.join(bin, name), folder)
+
+    def __enter__(self):
+        return self.version
+
+    def __exit__(self, kind, error, trace):
+        if kind is not None:
+            self.version.discard()
+        return False
+
+
+# -- Archives ------------------------------------------------------------------
+
+def decode_base64(code):
+    import base64
+    import binascii
+    try:
+        return base64.b64decode("".join(code.split()), validate=True)
+    except (binascii.Error, ValueError) as error:
+        raise InitError("the code is not valid base64 (%s)" % error)
+
+
+def archive_path(name):
+    """The parts of an archive member's path, refusing any that leave the directory."""
+    if name.startswith("/"):
+        raise InitError("the archive entry %r has an absolute path" % name)
+    parts = [part for part in name.split("/") if part not in ("", ".")]
+    if ".." in parts:
+        raise InitError("the archive entry %r points outside the action directory" % name)
+    return parts
+
+
+ZIP_MAGIC, TAR_GZ_MAGIC = b"PK", b"\x1f\x8b\x08"
+
+
+def write_member(path, source, mode):
+    """Writes a file afresh (never through a link) from ``source``, in bounded chunks."""
+    import shutil
+    make_folders(os.path.dirname(path))
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
+    permissions = (mode & 0o777 | 0o600) if mode & 0o777 else 0o644
+    with os.fdopen(os.open(path, flags, permissions), "wb") as target:
+        shutil.copyfileobj(source, target, MIB)
+
+
+@functools.lru_cache(maxsize=None)
+def path_max():
+    """The longest path the system takes (PATH_MAX), so the longest link target made."""
+    try:
+        return os.pathconf("/", "PC_PATH_MAX")
+    except (OSError, ValueError):
+        return 4096
+
+
+def link_target(name, target):
+    """A link's target from its bytes (read up to one past PATH_MAX, never more)."""
+    if len(target) > path_max():
+        raise InitError("the symbolic link %r has a target longer than PATH_MAX (%d bytes)"
+                        % (name, path_max()))
+    try:
+        return target.decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise InitError("the symbolic link %r has a target that is not UTF-8 (%s)"
+                        % (name, error))
+
+
+def extract_member(archive, member, path):
+    """Writes one file or directory; a symbolic link's target is returned, to be made last."""
+    import stat
+    mode = member.external_attr >> 16
+    try:
+        if stat.S_ISLNK(mode):
+            with archive.open(member) as source:
+                return link_target(member.filename, source.read(path_max() + 1))
+        if member.is_dir():
+            make_folders(path)
+            return None
+        with archive.open(member) as source:
+            write_member(path, source, mode)
+        return None
+    except InitError:
+        raise
+    except Exception as error:
+        raise InitError("cannot extract %r from the archive: %s" % (member.filename, error))
+
+
+def entries_below_links(names, links):
+    """An entry below a link, and that link, if there is one: the names go into a
+    tree of their folders, so the check is one step per name part (comparing each
+    name's prefixes with the links is quadratic in the depth)."""
+    LINK = object()  # the mark of a link in the tree
+    tree = {}
+    for parts in links:
+        node = tree
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+        node[parts[-1]] = {LINK: parts}
+    for parts in names:
+        node = tree
+        for part in parts[:-1]:
+            node = node.get(part)
+            if node is None:
+                break
+            if LINK in node:
+                return parts, node[LINK]
+    return None
+
+
+def make_links(dest, names, links):
+    """Creates an archive's symbolic links, last, once no other entry lies below one."""
+    below_link = entries_below_links(names, [parts for parts, _ in links])
+    if below_link:
+        raise InitError("the archive entry %r lies below the symbolic link %r"
+                        % tuple("/".join(parts) for parts in below_link))
+    for parts, target in links:
+        path = os.path.join(dest, *parts)
+        try:
+            make_folders(os.path.dirname(path))
+            os.symlink(target, path)
+        except OSError as error:
+            raise InitError("cannot create the link %r: %s" % ("/".join(parts), error))
+
+
+def extract_entries(entries, dest, extract, stopping=None):
+    """Extracts (name, entry) pairs into ``dest`` with ``extract(entry, path)``, which
+    returns a link's target instead of making the link: links come last."""
+    names, links = [], []
+    for name, entry in entries:
+        check_stopping(stopping)
+        parts = archive_path(name)
+        if not parts:
+            continue  # the archive's own folder, "./"
+        names.append(parts)
+        target = extract(entry, os.path.join(dest, *parts))
+        if target is not None:
+            links.append((parts, target))
+    make_links(dest, names, links)
+
+
+def extract_zip(data, dest, max_total, stopping=None):
+    """Extracts a zip archive into the empty directory ``dest``.
+
+    Nothing is written outside ``dest``: absolute and ``..`` names are refused,
+    symbolic links are created last and no other entry may lie below one, and
+    every file is created afresh (O_EXCL, O_NOFOLLOW).  The sizes the archive
+    declares are checked before anything is written; zipfile never inflates an
+    entry past its declared size, and every entry, a link's target included, is
+    read in bounded chunks.
+    """
+    import io
+    import zipfile
+    try:
+        archive = zipfile.ZipFile(io.BytesIO(data))
+    except (zipfile.BadZipFile, ValueError) as error:
+        raise InitError("the code is not a zip archive (%s)" % error)
+    with archive:
+        members = archive.infolist()
+        if len(members) > MAX_ARCHIVE_ENTRIES:
+            raise InitError("the archive has %d entries, more than the limit of %d"
+                            % (len(members), MAX_ARCHIVE_ENTRIES))
+        total = sum(member.file_size for member in members)
+        if total > max_total:
+            raise InitError("the archive expands to %d bytes, more than the limit of %d"
+                            % (total, max_total))
+        extract_entries(((member.filename, member) for member in members), dest,
+                        functools.partial(extract_member, archive), stopping)
+
+
+def counted(archive, max_total):
+    """The (name, member) pairs of a tar archive, stopped at the limits as they pass."""
+    total = 0
+    for count in itertools.count(1):
+        member = archive.next()
+        if member is None:
+            return
+        archive.members.clear()  # a stream needs no index of the entries gone by
+        total += member.size
+        if count > MAX_ARCHIVE_ENTRIES:
+            raise InitError("the archive has more entries than the limit of %d"
+                            % MAX_ARCHIVE_ENTRIES)
+        if total > max_total:
+            raise InitError("the archive expands to more than the limit of %d bytes"
+                            % max_total)
+        yield member.name, member
+
+
+def extract_tar_member(archive, member, path):
+    """``extract_member`` for a tar entry; only files, folders and links are taken."""
+    if member.issym():
+        return link_target(member.name, os.fsencode(member.linkname))
+    try:
+        if member.isdir():
+            make_folders(path)
+        elif member.isfile():
+            write_member(path, archive.extractfile(member), member.mode)
+        else:
+            raise InitError("the archive entry %r is not a file, folder or symbolic link"
+                            % member.name)
+    except OSError as error:
+        raise InitError("cannot extract %r from the archive: %s" % (member.name, error))
+    return None
+
+
+def extract_tar(data, dest, max_total, stopping=None):
+    """Extracts a tar.gz archive into the empty directory ``dest`` under the rules
+    of ``extract_zip``.  gzip declares no sizes, so they are counted as the
+    archive streams by, and extended headers (long names) are bounded too."""
+    import io
+    import tarfile
+    import zlib
+
+    class Header(tarfile.TarInfo):
+        """tarfile reads an extended header whole, and keeps every global one for
+        the rest of the archive: both are bounded, before anything is read."""
+
+        def _proc_member(self, tarfile_):
+            if self.type in EXTENDED_HEADERS:
+                size = self.size + (tarfile_.global_sizes if self.type == tarfile.XGLTYPE
+                                    else 0)
+                if size > MAX_EXTENDED_HEADER:
+                    raise InitError("the archive has an extended header of %d bytes, more "
+                                    "than the limit of %d" % (size, MAX_EXTENDED_HEADER))
+                if self.type == tarfile.XGLTYPE:
+                    tarfile_.global_sizes = size
+            return tarfile.TarInfo._proc_member(self, tarfile_)
+
+    EXTENDED_HEADERS = (tarfile.GNUTYPE_LONGNAME, tarfile.GNUTYPE_LONGLINK, tarfile.XHDTYPE,
+                        tarfile.XGLTYPE, tarfile.SOLARIS_XHDTYPE)
+    try:
+        with tarfile.open(fileobj=io.BytesIO(data), mode="r|gz", tarinfo=Header) as archive:
+            archive.global_sizes = 0  # of the global headers so far, which tarfile keeps
+            extract_entries(counted(archive, max_total), dest,
+                            functools.partial(extract_tar_member, archive), stopping)
+    except (tarfile.TarError, EOFError, OSError, zlib.error, TypeError, ValueError) as error:
+        raise InitError("the code is not a tar.gz archive (%s)" % error)
+
+
+def unpack(data, dest, max_total, name, stopping=None):
+    """Installs ``binary`` code into the empty directory ``dest``: a zip, a tar.gz,
+    or anything else as the executable ``name`` itself (a script or a binary).
+    An archive stops at its next entry once ``stopping`` is set."""
+    import io
+    if data.startswith(ZIP_MAGIC):
+        extract_zip(data, dest, max_total, stopping)
+    elif data.startswith(TAR_GZ_MAGIC):
+        extract_tar(data, dest, max_total, stopping)
+    elif name.startswith(os.pardir):  # a runner whose binary lies outside its archive's folder
+        raise InitError("the code is neither a zip nor a tar.gz archive")
+    else:
+        write_member(os.path.join(dest, name), io.BytesIO(data), 0o755)
+
+
+def is_jar(data):
+    """A zip that holds a jar's manifest."""
+    import io
+    import zipfile
+    if not data.startswith(ZIP_MAGIC):
+        return False
+    try:
+        with zipfile.ZipFile(io.BytesIO(data)) as archive:
+            return "META-INF/MANIFEST.MF" in archive.namelist()
+    except (zipfile.BadZipFile, ValueError):
+        return False
+
+
+# -- Compile scripts -----------------------------------------------------------
+
+def runnable(path):
+    """Code that runs as it is, not compiled: a script (``#!``) or an ELF binary."""
+    try:
+        with open(path, "rb") as file:
+            return file.read(4).startswith((b"#!", b"\x7fELF"))
+    except OSError:
+        return False
+
+
+COMPILE_POLL = 0.05  # seconds between two looks, during a compile, for a shutdown
+
+
+def compile_action(compiler, main, src, bin, env, timeout, stopping=None):
+    """Runs a runtime image's compile script as the Go proxy does, ``COMPILER MAIN SRC
+    BIN``: whatever it prints, even with exit status 0, is why it failed.  It is
+    killed, with its process group, at the timeout or once ``stopping`` is set."""
+    try:
+        process = subprocess.Popen([compiler, main, src, bin], env=env,
+                                   stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                   stderr=subprocess.STDOUT, start_new_session=True)
+    except OSError as error:
+        raise InitError("cannot run the compiler %s: %s" % (compiler, error.strerror))
+    end = time.monotonic() + timeout
+    try:
+        while True:
+            try:
+                output = process.communicate(timeout=min(COMPILE_POLL, timeout))[0]
+                break
+            except subprocess.TimeoutExpired:
+                check_stopping(stopping)
+                if time.monotonic() > end:
+                    raise InitError("the compiler did not finish within %g seconds" % timeout)
+    finally:
+        kill_group(process)  # and whatever it left running
+        process.stdout.close()
+        process.wait()
+    if output:
+        raise InitError(output.decode("utf-8", "replace"))
+    if process.returncode:
+        raise InitError("exit status %d" % process.returncode)
+
+
+# ============================================================================
+# 6. Runs
+# ============================================================================
+
+# -- The activation's environment ----------------------------------------------
+
+def env_string(value):
+    """How OpenWhisk exports a JSON value as an environment variable."""
+    if isinstance(value, str):
+        return value
+    if value is None:
+        return ""
+    return json.dumps(value, ensure_ascii=False)
+
+
+def exportable(key, text):
+    try:
+        os.fsencode(key + text)
+    except UnicodeEncodeError:  # a lone surrogate has no bytes
+        return False
+    return "=" not in key and "\0" not in key + text
+
+
+def exported(names_and_values, prefix=""):
+    """The environment entries for a JSON object, refusing what execve cannot carry."""
+    entries = {}
+    for name, value in names_and_values:
+        key, text = prefix + name, env_string(value)
+        if not name or not exportable(key, text):
+            raise ValueError("%r cannot be exported as an environment variable" % name)
+        entries[key] = text
+    return entries
+
+
+def activation_fields(message):
+    """A /run body's fields but ``value``, as the environment has them: ``__OW_<KEY>``."""
+    return exported(((key.upper(), value) for key, value in message.items()
+                     if key != "value"), prefix="__OW_")
+
+
+class ActivationEnv(dict):
+    """An activation's environment, which knows the activation's own fields among
+    its entries: a warm process gets those (and only those) on its input line."""
+
+    def __init__(self, base, fields):
+        dict.__init__(self, base)
+        self.fields = fields
+
+
+def json_type(value):
+    return {dict: "an object", list: "an array", str: "a string", bool: "a boolean",
+            type(None): "null"}.get(type(value), "a number")
+
+
+# -- An executable run once ----------------------------------------------------
 
 def result_value(result):
     """A result as Python values, whether or not it still holds its line."""
@@ -2981,6 +2104,14 @@ def parse_result(line):
     return ResultLine(result, data) if isinstance(result, (dict, list)) else None
 
 
+def log_line(line, logs, limit):
+    """A line held back as a possible result that turned out to be a log."""
+    if isinstance(line, Overlong):
+        line.log(logs, limit)
+    elif line is not None:
+        logs.out(clean_utf8(line) + b"\n")
+
+
 def result_answer(line, logs, limit, echo=True):
     """200 with the result, or the exact 502 with the offending line in the logs
     (unless not ``echo``)."""
@@ -2996,14 +2127,6 @@ def result_answer(line, logs, limit, echo=True):
             log_line(line, logs, limit)
         return 502, {"error": RUN_BAD_RESULT}
     return 200, result
-
-
-def log_line(line, logs, limit):
-    """A line held back as a possible result that turned out to be a log."""
-    if isinstance(line, Overlong):
-        line.log(logs, limit)
-    elif line is not None:
-        logs.out(clean_utf8(line) + b"\n")
 
 
 class ErrorForwarder(LineForwarder):
@@ -3050,6 +2173,20 @@ def run_once(argv, data, env, cwd, logs, processes, limit):
         logs.note("the action met a closed file descriptor: if it is an ActionLoop program, "
                   "which answers on fd 3, start the proxy with --loop")
     return status, payload
+
+
+# ============================================================================
+# 7. Warm processes
+# ============================================================================
+
+# -- Warm processes and their pool ---------------------------------------------
+
+def request_line(message):
+    """An ActionLoop request line, its text as the request had it: non-ASCII as
+    UTF-8, not escaped (a launcher that reads with ``read line`` would lose the
+    backslash of an escape), and no newline but the last (JSON escapes those
+    inside strings)."""
+    return json_bytes(message) + b"\n"
 
 
 class WarmProcess:
@@ -3286,7 +2423,7 @@ class WarmPool:
             process.stop()
 
 
-# -- Python functions ----------------------------------------------------------
+# -- The function worker -------------------------------------------------------
 
 def looks_like_python(code):
     """Source that is not an executable (no ``#!``, not ELF) and is Python: it
@@ -3302,35 +2439,6 @@ def looks_like_python(code):
     except (SyntaxError, ValueError):
         return re.search(r"^(async\s+def|def|class|import|from\s+\S+\s+import)\s", code,
                          re.MULTILINE) is not None
-
-
-def function_worker(path, name, limit, notes):
-    """The warm interpreter of a Python action (started with ``python3 -u``, so its
-    logs stream): imports ``path`` once and acks, then for each request calls
-    ``name(value)`` with that activation's ``__OW_*`` variables and replies.
-    ``notes`` is "explain" when a result it refuses goes to the logs with why,
-    "quiet" when the logs hold only what the action wrote.
-
-    The protocol is the proxy's alone: its two descriptors move to numbers no one
-    expects, closed in any child, the request one non-blocking (the action's
-    stdin and fd 3 become /dev/null); each request carries a fresh token that
-    its reply, ``TOKEN [status, payload]`` on one line, must repeat."""
-    channel = WorkerChannel(0, 3)
-    os.dup2(os.open(os.devnull, os.O_RDWR), 0)
-    os.dup2(0, 3)
-    sys.stdin = open(os.devnull)
-    main = load_function(path, name)
-    channel.reply('{"ok": true}')
-    for token, line in channel:
-        try:
-            status, payload = call_function(main, json.loads(line), int(limit),
-                                            notes == "explain")
-        except OSError:  # the action closed the worker's own streams: a fresh one next
-            sys.exit(1)
-        except Exception as error:  # the request itself: a value nested too deeply
-            status, payload = 502, json.dumps({"error": "The action could not receive its "
-                                                        "argument: %s" % describe(error)})
-        channel.reply("%s [%d, %s]" % (token, status, payload))
 
 
 class WorkerChannel:
@@ -3375,34 +2483,6 @@ class WorkerChannel:
             data = data[os.write(self.result_fd, data):]
 
 
-def load_function(path, name):
-    """The function ``name`` of the Python file ``path``, its folder and its
-    ``virtualenv/`` on the import path.  Exits saying why when it cannot."""
-    import glob
-    import importlib.util
-    import site
-    folder = os.path.dirname(path)
-    shown = os.path.relpath(path, folder)
-    sys.path.insert(0, folder)
-    for packages in glob.glob(os.path.join(folder, "virtualenv", "lib", "python3*",
-                                           "site-packages")):
-        site.addsitedir(packages)
-    try:
-        spec = importlib.util.spec_from_file_location("main__", path)
-        module = importlib.util.module_from_spec(spec)
-        sys.modules["main__"] = module
-        spec.loader.exec_module(module)
-    except BaseException as error:
-        print_user_traceback(error)
-        worker_note("%s failed to load: %s" % (shown, describe(error)))
-        sys.exit(1)
-    function = getattr(module, name, None)
-    if not callable(function):
-        worker_note("%s defines no function %r" % (shown, name))
-        sys.exit(1)
-    return function
-
-
 def worker_note(text):
     sys.stderr.write("owproxy: %s\n" % text)
 
@@ -3432,6 +2512,43 @@ def print_user_traceback(error):
         older.tb_next = newer
     text = "".join(traceback.format_exception(type(error), error, kept[0] if kept else None))
     sys.stderr.write(text.replace(os.getcwd() + os.sep, ""))
+
+
+def load_function(path, name):
+    """The function ``name`` of the Python file ``path``, its folder and its
+    ``virtualenv/`` on the import path.  Exits saying why when it cannot."""
+    import glob
+    import importlib.util
+    import site
+    folder = os.path.dirname(path)
+    shown = os.path.relpath(path, folder)
+    sys.path.insert(0, folder)
+    for packages in glob.glob(os.path.join(folder, "virtualenv", "lib", "python3*",
+                                           "site-packages")):
+        site.addsitedir(packages)
+    try:
+        spec = importlib.util.spec_from_file_location("main__", path)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules["main__"] = module
+        spec.loader.exec_module(module)
+    except BaseException as error:
+        print_user_traceback(error)
+        worker_note("%s failed to load: %s" % (shown, describe(error)))
+        sys.exit(1)
+    function = getattr(module, name, None)
+    if not callable(function):
+        worker_note("%s defines no function %r" % (shown, name))
+        sys.exit(1)
+    return function
+
+
+def refused(error, shown, explain, why):
+    """The 502 for a result the worker will not send; if ``explain``, the logs show
+    it (or its head) and why."""
+    if explain:
+        print(shown)
+        worker_note(why)
+    return 502, json.dumps({"error": error})
 
 
 def call_function(main, message, limit, explain):
@@ -3468,16 +2585,38 @@ def call_function(main, message, limit, explain):
     return 200, text
 
 
-def refused(error, shown, explain, why):
-    """The 502 for a result the worker will not send; if ``explain``, the logs show
-    it (or its head) and why."""
-    if explain:
-        print(shown)
-        worker_note(why)
-    return 502, json.dumps({"error": error})
+def function_worker(path, name, limit, notes):
+    """The warm interpreter of a Python action (started with ``python3 -u``, so its
+    logs stream): imports ``path`` once and acks, then for each request calls
+    ``name(value)`` with that activation's ``__OW_*`` variables and replies.
+    ``notes`` is "explain" when a result it refuses goes to the logs with why,
+    "quiet" when the logs hold only what the action wrote.
+
+    The protocol is the proxy's alone: its two descriptors move to numbers no one
+    expects, closed in any child, the request one non-blocking (the action's
+    stdin and fd 3 become /dev/null); each request carries a fresh token that
+    its reply, ``TOKEN [status, payload]`` on one line, must repeat."""
+    channel = WorkerChannel(0, 3)
+    os.dup2(os.open(os.devnull, os.O_RDWR), 0)
+    os.dup2(0, 3)
+    sys.stdin = open(os.devnull)
+    main = load_function(path, name)
+    channel.reply('{"ok": true}')
+    for token, line in channel:
+        try:
+            status, payload = call_function(main, json.loads(line), int(limit),
+                                            notes == "explain")
+        except OSError:  # the action closed the worker's own streams: a fresh one next
+            sys.exit(1)
+        except Exception as error:  # the request itself: a value nested too deeply
+            status, payload = 502, json.dumps({"error": "The action could not receive its "
+                                                        "argument: %s" % describe(error)})
+        channel.reply("%s [%d, %s]" % (token, status, payload))
 
 
-# -- the runner ------------------------------------------------------------------
+# ============================================================================
+# 8. The runner
+# ============================================================================
 
 class ActionRunner:
     """Prepares and runs the action.  Subclass it to change one step, keeping the
@@ -3916,23 +3055,16 @@ class ActionRunner:
             pool.release(process)
 
 
-class ActivationEnv(dict):
-    """An activation's environment, which knows the activation's own fields among
-    its entries: a warm process gets those (and only those) on its input line."""
-
-    def __init__(self, base, fields):
-        dict.__init__(self, base)
-        self.fields = fields
-
-
-def json_type(value):
-    return {dict: "an object", list: "an array", str: "a string", bool: "a boolean",
-            type(None): "null"}.get(type(value), "a number")
-
-
 # ============================================================================
-# 6. Platforms
+# 9. Platforms
 # ============================================================================
+
+# -- OpenWhisk -----------------------------------------------------------------
+
+# The fields of a /run body besides "value", as the invoker sends them.
+ACTIVATION_FIELDS = frozenset(("namespace", "action_name", "action_version", "activation_id",
+                               "transaction_id", "deadline", "api_key"))
+
 
 class OpenWhisk:
     """The OpenWhisk routes: POST /init once, then POST /run per activation."""
@@ -4008,9 +3140,106 @@ class OpenWhisk:
         return self.runner.answer(value, self.runner.env(message))
 
 
-# The fields of a /run body besides "value", as the invoker sends them.
-ACTIVATION_FIELDS = frozenset(("namespace", "action_name", "action_version", "activation_id",
-                               "transaction_id", "deadline", "api_key"))
+# -- Knative -------------------------------------------------------------------
+
+def dedicated_init(environ):
+    """The init of a container dedicated to one action by its environment, or None."""
+    if not environ.get("__OW_ACTION_CODE"):
+        return None
+    return {"code": environ["__OW_ACTION_CODE"],
+            "main": environ.get("__OW_ACTION_MAIN") or "main",
+            "binary": environ.get("__OW_ACTION_BINARY", "").lower() == "true",
+            "raw": environ.get("__OW_ACTION_RAW", "").lower() == "true",
+            "name": environ.get("__OW_ACTION_NAME", "")}
+
+
+def is_json_type(content_type):
+    """True for a JSON content type, and for none at all."""
+    media = (content_type or "application/json").split(";")[0].strip().lower()
+    return media == "application/json" or media.endswith("+json")
+
+
+def parse_query(query):
+    from urllib.parse import parse_qsl
+    return dict(parse_qsl(query))
+
+
+def body_text(body):
+    """A raw body as text: as it is when it is UTF-8, else base64 (OpenWhisk's rule)."""
+    try:
+        return body.decode("utf-8")
+    except UnicodeDecodeError:
+        import base64
+        return base64.b64encode(body).decode("ascii")
+
+
+CORS = {
+    "Access-Control-Allow-Origin": "*",
+    "Access-Control-Allow-Methods": "OPTIONS, GET, DELETE, POST, PUT, HEAD, PATCH",
+    "Access-Control-Allow-Headers": "Authorization, Origin, X-Requested-With, Content-Type, "
+                                    "Accept, User-Agent",
+}
+
+# Headers the proxy writes itself: an action's own would contradict them.
+FRAMING_HEADERS = ("content-length", "transfer-encoding", "connection")
+
+
+def web_status(code):
+    """A web action's statusCode as an int (a number or a string of digits, as
+    OpenWhisk takes it), or None when it is none the proxy can send."""
+    if isinstance(code, str) and code.strip().isdigit():
+        code = int(code)
+    if isinstance(code, float) and code.is_integer():
+        code = int(code)
+    if isinstance(code, int) and not isinstance(code, bool) and 200 <= code <= 599:
+        return code
+    return None
+
+
+def valid_header(name, value):
+    """A header http.server can write as it is, by the rules the proxy reads
+    requests with (TOKEN, FIELD_VALUE), so that no action can split the response."""
+    try:
+        return bool(TOKEN.match(name.encode("ascii"))
+                    and FIELD_VALUE.match(value.encode("latin-1")))
+    except UnicodeEncodeError:
+        return False
+
+
+def web_response(result):
+    """The HTTP response a web action's ``{statusCode, headers, body}`` describes:
+    a header whose value is an array is sent once per element, as OpenWhisk does."""
+    status = web_status(result.get("statusCode", 200))
+    headers = result.get("headers")
+    headers = {} if headers is None else headers
+    if status is None or not isinstance(headers, dict):
+        return 502, {"error": WEB_BAD_RESULT}
+    pairs = [(str(name), env_string(value))
+             for name, values in headers.items() if str(name).lower() not in FRAMING_HEADERS
+             for value in (values if isinstance(values, list) else [values])]
+    if not all(valid_header(name, value) for name, value in pairs):
+        return 502, {"error": WEB_BAD_RESULT}
+    content_type = next((value for name, value in pairs if name.lower() == "content-type"),
+                        None)
+    body = result.get("body")
+    if body is None or body == "":
+        data = b""
+        status = 204 if status == 200 else status
+    elif isinstance(body, str) and (content_type or "").lower().startswith("image/"):
+        try:
+            data = decode_base64(body)
+        except InitError:
+            return 502, {"error": WEB_BAD_RESULT}
+    elif isinstance(body, str):
+        data = body.encode("utf-8", "surrogateescape")
+        content_type = content_type or "text/html; charset=utf-8"
+    else:
+        data = json_bytes(body)
+        content_type = content_type or "application/json"
+    if content_type:
+        pairs = [(name, value) for name, value in pairs if name.lower() != "content-type"]
+        pairs.append(("Content-Type", content_type))
+    return status, WebResponse(data, pairs)
 
 
 class Knative(OpenWhisk):
@@ -4138,105 +3367,7 @@ class Knative(OpenWhisk):
         return status, result
 
 
-def dedicated_init(environ):
-    """The init of a container dedicated to one action by its environment, or None."""
-    if not environ.get("__OW_ACTION_CODE"):
-        return None
-    return {"code": environ["__OW_ACTION_CODE"],
-            "main": environ.get("__OW_ACTION_MAIN") or "main",
-            "binary": environ.get("__OW_ACTION_BINARY", "").lower() == "true",
-            "raw": environ.get("__OW_ACTION_RAW", "").lower() == "true",
-            "name": environ.get("__OW_ACTION_NAME", "")}
-
-
-def is_json_type(content_type):
-    """True for a JSON content type, and for none at all."""
-    media = (content_type or "application/json").split(";")[0].strip().lower()
-    return media == "application/json" or media.endswith("+json")
-
-
-def parse_query(query):
-    from urllib.parse import parse_qsl
-    return dict(parse_qsl(query))
-
-
-def body_text(body):
-    """A raw body as text: as it is when it is UTF-8, else base64 (OpenWhisk's rule)."""
-    try:
-        return body.decode("utf-8")
-    except UnicodeDecodeError:
-        import base64
-        return base64.b64encode(body).decode("ascii")
-
-
-CORS = {
-    "Access-Control-Allow-Origin": "*",
-    "Access-Control-Allow-Methods": "OPTIONS, GET, DELETE, POST, PUT, HEAD, PATCH",
-    "Access-Control-Allow-Headers": "Authorization, Origin, X-Requested-With, Content-Type, "
-                                    "Accept, User-Agent",
-}
-
-# Headers the proxy writes itself: an action's own would contradict them.
-FRAMING_HEADERS = ("content-length", "transfer-encoding", "connection")
-
-
-def web_response(result):
-    """The HTTP response a web action's ``{statusCode, headers, body}`` describes:
-    a header whose value is an array is sent once per element, as OpenWhisk does."""
-    status = web_status(result.get("statusCode", 200))
-    headers = result.get("headers")
-    headers = {} if headers is None else headers
-    if status is None or not isinstance(headers, dict):
-        return 502, {"error": WEB_BAD_RESULT}
-    pairs = [(str(name), env_string(value))
-             for name, values in headers.items() if str(name).lower() not in FRAMING_HEADERS
-             for value in (values if isinstance(values, list) else [values])]
-    if not all(valid_header(name, value) for name, value in pairs):
-        return 502, {"error": WEB_BAD_RESULT}
-    content_type = next((value for name, value in pairs if name.lower() == "content-type"),
-                        None)
-    body = result.get("body")
-    if body is None or body == "":
-        data = b""
-        status = 204 if status == 200 else status
-    elif isinstance(body, str) and (content_type or "").lower().startswith("image/"):
-        try:
-            data = decode_base64(body)
-        except InitError:
-            return 502, {"error": WEB_BAD_RESULT}
-    elif isinstance(body, str):
-        data = body.encode("utf-8", "surrogateescape")
-        content_type = content_type or "text/html; charset=utf-8"
-    else:
-        data = json_bytes(body)
-        content_type = content_type or "application/json"
-    if content_type:
-        pairs = [(name, value) for name, value in pairs if name.lower() != "content-type"]
-        pairs.append(("Content-Type", content_type))
-    return status, WebResponse(data, pairs)
-
-
-def web_status(code):
-    """A web action's statusCode as an int (a number or a string of digits, as
-    OpenWhisk takes it), or None when it is none the proxy can send."""
-    if isinstance(code, str) and code.strip().isdigit():
-        code = int(code)
-    if isinstance(code, float) and code.is_integer():
-        code = int(code)
-    if isinstance(code, int) and not isinstance(code, bool) and 200 <= code <= 599:
-        return code
-    return None
-
-
-def valid_header(name, value):
-    """A header http.server can write as it is, by the rules the proxy reads
-    requests with (TOKEN, FIELD_VALUE), so that no action can split the response."""
-    try:
-        return bool(TOKEN.match(name.encode("ascii"))
-                    and FIELD_VALUE.match(value.encode("latin-1")))
-    except UnicodeEncodeError:
-        return False
-
+# -- Health --------------------------------------------------------------------
 
 def health_routes(server):
     """Liveness and readiness for Kubernetes, Knative and Docker: never locked,
@@ -4255,41 +3386,917 @@ def health_routes(server):
 
 
 # ============================================================================
-# 7. Client: trying an action locally, and talking to a running container
+# 10. HTTP server
 # ============================================================================
+
+# -- Reading requests strictly -------------------------------------------------
+
+class RequestHead:
+    """A request line and its header fields, read and checked: ``length`` is the
+    body's (CHUNKED when it comes in chunks), ``keep_alive`` whether another
+    request may follow on the connection."""
+
+    def __init__(self, requestline, method, target, version, headers, length, keep_alive):
+        self.requestline, self.method, self.target, self.version = (
+            requestline, method, target, version)
+        self.headers, self.length, self.keep_alive = headers, length, keep_alive
+
+
+def check_room(buffer, size, limit):
+    """A chunked body is refused as soon as it would pass the limit."""
+    if len(buffer) + size > limit:
+        raise HTTPError(413, "The request body is more than the limit of %d bytes." % limit,
+                        close=True)
+
+
+def parse_request_line(requestline):
+    """``(method, target, version)``, with http.server's own messages for what it
+    would refuse too.  Two words are an HTTP/0.9 GET.  Only SP (and, leniently,
+    HTAB) separates them: str.split() would also split on NBSP, NEL or 0x1F, which
+    a proxy before this one would take as part of the target."""
+    words = REQUEST_LINE_GAP.split(requestline.strip(" \t"))
+    if any(CONTROL_CHARACTER.search(word) for word in words):
+        raise HTTPError(400, "Bad request syntax (%r)" % requestline, True)
+    if len(words) == 3:
+        version = HTTP_VERSION.match(words[2])
+        if not version:
+            raise HTTPError(400, "Bad request version (%r)" % words[2], True)
+        if version.group(1) != "1":
+            raise HTTPError(505, "Invalid HTTP version (%s)" % words[2][5:], True)
+    elif len(words) == 2 and words[0] == "GET":
+        words.append("HTTP/0.9")
+    elif len(words) == 2:
+        raise HTTPError(400, "Bad HTTP/0.9 request type (%r)" % words[0], True)
+    else:
+        raise HTTPError(400, "Bad request syntax (%r)" % requestline, True)
+    if not TOKEN.match(words[0].encode("latin-1")):
+        raise HTTPError(400, "Bad request method (%r)" % words[0], True)
+    return tuple(words)
+
+
+def origin_form(target):
+    """The path (and query) of a target in absolute form (``http://host/run``), which
+    RFC 9112 says a server must accept; any other target as it is."""
+    absolute = ABSOLUTE_FORM.match(target)
+    if not absolute:
+        return target
+    rest = target[absolute.end():]
+    return rest if rest.startswith("/") else "/" + rest
+
+
+def check_host(version, fields):
+    """RFC 9112 section 3.2: an HTTP/1.1 request names one Host, no request two."""
+    hosts = [name for name, _ in fields if name.lower() == "host"]
+    if len(hosts) > 1 or (version == "HTTP/1.1" and not hosts):
+        raise HTTPError(400, "An HTTP/1.1 request must have exactly one Host header; "
+                             "this one has %d." % len(hosts), True)
+
+
+def parse_field(line):
+    """A header field line as (name, value): a token, a colon, a value of visible
+    characters, spaces and tabs.  A line folded onto the previous one is refused."""
+    name, colon, value = line.partition(b":")
+    if line[:1] in (b" ", b"\t"):
+        raise HTTPError(400, "A header field is folded over two lines.", True)
+    if not colon or not TOKEN.match(name):
+        raise HTTPError(400, "The header line %r is not a name, a colon and a value."
+                        % line[:100].decode("latin-1"), True)
+    value = value.strip(b" \t")
+    if not FIELD_VALUE.match(value):
+        raise HTTPError(400, "The header field %s holds a control character."
+                        % name.decode("latin-1"), True)
+    return name.decode("latin-1"), value.decode("latin-1")
+
+
+def field_list(fields, wanted):
+    """The comma-separated elements of every field named ``wanted``."""
+    return [element.strip() for name, value in fields if name.lower() == wanted
+            for element in value.split(",")]
+
+
+def body_length(version, fields):
+    """The body's length from Content-Length, or CHUNKED: anything else that a
+    server and a proxy before it could read differently is refused."""
+    codings = field_list(fields, "transfer-encoding")
+    lengths = set(field_list(fields, "content-length"))
+    if codings and lengths:
+        raise HTTPError(400, "The request has both a Content-Length and a "
+                             "Transfer-Encoding.", True)
+    if codings and version != "HTTP/1.1":
+        raise HTTPError(400, "Transfer-Encoding is not allowed in %s." % version, True)
+    if codings:
+        if [coding.lower() for coding in codings] != ["chunked"]:
+            raise HTTPError(501, "The Transfer-Encoding %s is not supported; send chunked or "
+                                 "a Content-Length." % ", ".join(codings), True)
+        return CHUNKED
+    if len(lengths) > 1:
+        raise HTTPError(400, "The request has differing Content-Length values.", True)
+    length = lengths.pop() if lengths else "0"
+    if not (length.isascii() and length.isdigit()):
+        raise HTTPError(400, "The Content-Length header is not a length.", True)
+    length = length.lstrip("0") or "0"
+    return int(length) if len(length) <= 18 else 10 ** 18  # more than any limit
+
+
+def keeps_alive(version, fields):
+    """HTTP/1.1 keeps the connection unless told to close; HTTP/1.0 only if asked."""
+    options = {option.lower() for option in field_list(fields, "connection")}
+    if "close" in options:
+        return False
+    return version == "HTTP/1.1" or version == "HTTP/1.0" and "keep-alive" in options
+
+
+class RequestReader:
+    """Reads the requests of one connection as RFC 9112 says, and as nginx, Go's
+    net/http and h11 do: nothing but a whole head (ended by its blank line, within
+    ``max_head`` bytes, ``MAX_HEADER_FIELDS`` fields and ``timeout`` seconds) is a
+    request, and a head whose framing is ambiguous is refused, so that no byte a
+    client sent as a body is ever read as a request.  Errors are HTTPErrors that
+    close the connection; socket.timeout ends it without an answer."""
+
+    def __init__(self, rfile, sock, max_head, timeout):
+        self.rfile, self.sock = rfile, sock
+        self.max_head, self.timeout = max_head, timeout
+        self.deadline = None  # while a head is read: when it must be complete
+        self.room = 0  # bytes the head being read may still take
+
+    def head(self):
+        """The next request's head, or None when the client sends no more (also a
+        head cut short by end-of-file: that is no request).  The clock starts now:
+        on a kept-alive connection, once the request's first byte came."""
+        self.deadline, self.room = time.monotonic() + self.timeout, self.max_head
+        idle = self.sock.gettimeout()
+        try:
+            line = b""
+            while not line:  # empty lines before a request line are allowed
+                line = self.line(HTTPError(414, "The request line is longer than the "
+                                                "limit of %d bytes." % self.max_head, True))
+                if line is None:
+                    return None
+            requestline = line.decode("latin-1")
+            method, target, version = parse_request_line(requestline)
+            # HTTP/0.9 has no header fields: waiting for them would answer it only
+            # when the header timeout ends it.
+            fields = [] if version == "HTTP/0.9" else self.fields()
+        finally:
+            self.deadline = None
+            self.sock.settimeout(idle)
+        if fields is None:
+            return None
+        check_host(version, fields)
+        headers = http.client.HTTPMessage()
+        for name, value in fields:
+            headers.set_raw(name, value)
+        return RequestHead(requestline, method, origin_form(target), version, headers,
+                           body_length(version, fields), keeps_alive(version, fields))
+
+    def fields(self):
+        """The header (or trailer) fields up to their blank line, as (name, value)
+        pairs; None at end-of-file."""
+        fields = []
+        too_large = HTTPError(431, "The request's header fields are larger than the limit "
+                                   "of %d bytes." % self.max_head, True)
+        while True:
+            line = self.line(too_large)
+            if not line:
+                return fields if line == b"" else None
+            if len(fields) == MAX_HEADER_FIELDS:
+                raise HTTPError(431, "The request has more than %d header fields."
+                                % MAX_HEADER_FIELDS, True)
+            fields.append(parse_field(line))
+
+    def line(self, too_long):
+        """The next line without its end (CRLF, or a bare LF as RFC 9112 allows);
+        None at end-of-file; ``too_long`` is raised past ``room`` bytes."""
+        parts = []
+        while True:
+            data = self.peek()
+            if not data:
+                return None
+            end = data.find(b"\n", 0, self.room)
+            if end < 0 and len(data) >= self.room:
+                raise too_long
+            taken = self.rfile.read(len(data) if end < 0 else end + 1)
+            self.room -= len(taken)
+            parts.append(taken)
+            if end >= 0:
+                line = b"".join(parts)[:-1]
+                line = line[:-1] if line.endswith(b"\r") else line
+                if b"\r" in line:
+                    raise HTTPError(400, "A line of the request holds a bare CR.", True)
+                return line
+
+    def peek(self):
+        """What has arrived, waiting for more only until the deadline, if any."""
+        if self.deadline is not None:
+            left = self.deadline - time.monotonic()
+            if left <= 0:
+                raise socket.timeout("the request head took too long")
+            self.sock.settimeout(left)
+        return self.rfile.peek(1)
+
+    # -- bodies --------------------------------------------------------------------
+
+    def body(self, length, limit, share, timeout):
+        """The body of a head whose length is within ``limit`` (checked before; a
+        chunked body is checked as it comes), whole within ``timeout`` seconds (else
+        408), in one buffer that grows, with its ``share`` of the body memory, as
+        bytes arrive: whatever the chunk sizes, no object is kept per piece."""
+        share.deadline = self.deadline = time.monotonic() + timeout
+        idle = self.sock.gettimeout()
+        buffer = bytearray()
+        try:
+            if length is CHUNKED:
+                self.chunked(buffer, limit, share)
+            else:
+                self.take(buffer, length, share)
+        except socket.timeout:
+            raise HTTPError(408, "The request body did not arrive within %g seconds."
+                            % timeout, close=True)
+        finally:
+            self.deadline = None
+            self.sock.settimeout(idle)
+        return buffer
+
+    def take(self, buffer, size, share):
+        """``size`` more bytes into ``buffer``, reserved as they arrive, at most a
+        read buffer ahead of the reservation."""
+        while size:
+            arrived = min(size, len(self.peek()))  # what the reader's buffer holds
+            if not arrived:
+                raise HTTPError(400, "The request body ended early.", close=True)
+            share.arrived(arrived)  # before the bytes leave the socket's
+            buffer += self.rfile.read(arrived)
+            size -= arrived
+
+    def chunked(self, buffer, limit, share):
+        while True:
+            if self.whole_chunks(buffer, limit, share):
+                continue
+            size = self.chunk_size()
+            if size == 0:
+                break
+            check_room(buffer, size, limit)
+            try:
+                self.take(buffer, size, share)
+            except HTTPError as error:
+                if error.status != 400:
+                    raise
+                raise HTTPError(400, "The chunked request body is malformed.", close=True)
+            if self.rfile.read(2) != b"\r\n":
+                raise HTTPError(400, "The chunked request body is malformed.", close=True)
+        self.room = self.max_head  # trailers: as many bytes and fields as a head
+        if self.fields() is None:
+            raise HTTPError(400, "The chunked request body is malformed.", close=True)
+
+    def whole_chunks(self, buffer, limit, share):
+        """The plain chunks (a size, CRLF, the data, CRLF) that the reader's buffer
+        holds whole, taken at once: a body in 1-byte chunks costs one reservation
+        and one read per buffer, not per chunk.  False if there was none: the next
+        chunk (not yet whole, the last one, with an extension, a fault) is then
+        chunk_size()'s and take()'s."""
+        data, start, pieces = self.peek(), 0, []
+        while True:
+            head = PLAIN_CHUNK.match(data, start)
+            end = head and head.end() + int(head.group(1), 16)
+            if not head or end == head.end() or data[end:end + 2] != b"\r\n":
+                break  # a slice past the buffer's end is short too
+            pieces.append(data[head.end():end])
+            start = end + 2
+        if not start:
+            return False
+        body = b"".join(pieces)
+        check_room(buffer, len(body), limit)
+        share.arrived(len(body))  # before the bytes leave the reader's buffer
+        self.rfile.read(start)
+        buffer += body
+        return True
+
+    def chunk_size(self):
+        """The size on a chunk's first line: leading zeros, however many, are
+        skipped as they come; an extension is ignored; a size too large for any
+        body is a 413 without reading more."""
+        zeros = self.skip_zeros()
+        self.room = self.max_head
+        line = self.line(HTTPError(400, "The chunked request body is malformed.", True))
+        digits = (line or b"").partition(b";")[0].rstrip(b" \t")
+        if line is None or not (digits or zeros) or not CHUNK_SIZE.match(digits):
+            raise HTTPError(400, "The chunked request body is malformed.", close=True)
+        if len(digits) > 15:
+            raise HTTPError(413, "A chunk of the request body is larger than any body "
+                                 "the proxy accepts.", close=True)
+        return int(digits or b"0", 16)
+
+    def skip_zeros(self):
+        skipped = 0
+        while True:
+            data = self.peek()
+            zeros = len(data) - len(data.lstrip(b"0"))
+            if zeros:
+                skipped += len(self.rfile.read(zeros))
+            if zeros < len(data) or not data:
+                return skipped
+
+
+# -- Body memory ---------------------------------------------------------------
+
+class BodyShare:
+    """One body's part of the BodyBudget: each byte that arrives counts with what
+    parsing it will take (``per_byte``, PARSE_COST), so that a body that will not
+    fit waits before it is read rather than after."""
+
+    def __init__(self, budget, per_byte):
+        self.budget, self.per_byte, self.held = budget, per_byte, 0
+        self.deadline = None  # the body's --body-timeout, its waits for room included
+
+    def check_fits(self, length):
+        """A 413 at once for a declared length that could never fit."""
+        self.budget.check_fits(length * (1 + self.per_byte))
+
+    def arrived(self, size):
+        self.budget.grow(self, size * (1 + self.per_byte))
+
+    def parsing(self, body):
+        """Reserves what the JSON tokens of the whole ``body`` take on top."""
+        self.budget.grow(self, PARSE_COST_PER_TOKEN * sum(body.count(byte)
+                                                          for byte in EXPANDING))
+
+
+class BodyBudget:
+    """How many bytes of memory request bodies, and what parsing them makes, may
+    take at once.  Each body has a share that grows as its bytes arrive (nothing is
+    reserved for bytes a client has only announced, so a sender that does not send
+    holds nothing) and by what its parse is expected to take.  A share that would
+    pass the budget waits, its body unread in its socket (TCP holds its sender
+    back), until earlier bodies are answered; the oldest body never waits, so no
+    two bodies wait for each other.  A body whose share alone would pass the budget
+    is refused (413): it could never fit."""
+
+    def __init__(self, size):
+        self.size, self.held = size, 0
+        self.shares = []  # of the bodies being read or served, oldest first
+        self.changed = threading.Condition()
+
+    @contextlib.contextmanager
+    def share(self, per_byte):
+        share = BodyShare(self, per_byte)
+        with self.changed:
+            self.shares.append(share)
+        try:
+            yield share
+        finally:
+            with self.changed:
+                self.held -= share.held
+                self.shares.remove(share)
+                self.changed.notify_all()
+
+    def check_fits(self, size):
+        if size > self.size:
+            raise HTTPError(413, "The request body would take %d bytes of memory once parsed, "
+                                 "more than the proxy's --body-memory of %d bytes."
+                            % (size, self.size), close=True)
+
+    def grow(self, share, size):
+        """Adds ``size`` bytes to ``share``, waiting for room until the share's
+        deadline: a body that waits is not answered later than one that stalls."""
+        if not size:
+            return
+        self.check_fits(share.held + size)
+        with self.changed:
+            while share is not self.shares[0] and self.held + size > self.size:
+                left = share.deadline - time.monotonic()
+                if left <= 0:
+                    raise HTTPError(408, "The request body found no room in the proxy's "
+                                         "--body-memory within its --body-timeout.", close=True)
+                self.changed.wait(left)
+            self.held += size
+            share.held += size
+
+
+# -- Connections and threads ---------------------------------------------------
+
+def http_date(seconds):
+    """RFC 9110's date, in English whatever the locale; email.utils.formatdate's
+    would load datetime for it."""
+    moment = time.gmtime(seconds)
+    return "%s, %02d %s %d %02d:%02d:%02d GMT" % (
+        BaseHTTPRequestHandler.weekdayname[moment.tm_wday], moment.tm_mday,
+        BaseHTTPRequestHandler.monthname[moment.tm_mon], moment.tm_year,
+        moment.tm_hour, moment.tm_min, moment.tm_sec)
+
+
+def linger(sock, seconds):
+    """Ends a connection whose client may still be sending what the proxy will not
+    read (a refused body, a request after ``Connection: close``): a close with
+    unread data would reset the connection, and the client could lose the answer.
+    Says it is done, then reads and drops the rest until the client closes too,
+    for at most ``seconds``."""
+    end = time.monotonic() + seconds
+    try:
+        sock.shutdown(socket.SHUT_WR)
+        while time.monotonic() < end:
+            sock.settimeout(max(end - time.monotonic(), 0.001))
+            if not sock.recv(65536):
+                return
+    except OSError:
+        pass
+
+
+class HandlerThreads:
+    """The threads that serve connections.  A thread is kept after its connection
+    for the next one (up to ``keep`` of them wait idle) instead of being started
+    anew for each: handing a connection over costs a fraction of a thread start."""
+
+    def __init__(self, serve, keep):
+        self.serve, self.keep = serve, keep
+        self.idle = []  # the (wake-up lock, job list) of each thread waiting
+        self.lock = threading.Lock()
+
+    def start(self, *job):
+        with self.lock:
+            waiting = self.idle.pop() if self.idle else None
+        if waiting is None:
+            threading.Thread(target=self.work, args=job, daemon=True).start()
+        else:
+            waiting[1].append(job)
+            waiting[0].release()
+
+    def work(self, *job):
+        wake, jobs = threading.Lock(), []
+        wake.acquire()
+        while True:
+            self.serve(*job)
+            with self.lock:
+                if len(self.idle) >= self.keep:
+                    return
+                self.idle.append((wake, jobs))
+            wake.acquire()
+            job = jobs.pop()
+
+
+def connection_limit(wanted):
+    """``wanted``, or fewer where the process may not open as many descriptors
+    (each connection takes one; 64 are kept for actions and the proxy itself):
+    past that, accept() would fail and the serving loop spin instead of answering."""
+    import resource
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        return wanted
+    return max(1, min(wanted, soft - 64))
+
+
+# -- The server and its handler ------------------------------------------------
+
+class Shutdown(BaseException):
+    """Leaves the serving loop (a BaseException, so that socketserver's ``except
+    Exception`` lets it through)."""
+
+
+class ProxyHandler(BaseHTTPRequestHandler):
+    """Reads one request at a time (RequestReader), finds its route, and writes
+    one answer."""
+
+    protocol_version = "HTTP/1.1"
+    server_version = "owproxy/" + __version__
+    disable_nagle_algorithm = True
+    wbufsize = 65536  # so that head and body leave in one write
+    timeout = 120  # seconds a client may take to read an answer (reading has own limits)
+    linger_seconds = 2.0  # how long a client may go on sending once the proxy closes
+    route = None
+    client_ended = False  # the client's end of file came where a request could begin
+
+    def date_time_string(self, timestamp=None):
+        return http_date(timestamp)
+
+    def setup(self):
+        BaseHTTPRequestHandler.setup(self)
+        settings = self.server.settings
+        self.reader = RequestReader(self.rfile, self.connection, settings.max_header,
+                                    settings.header_timeout)
+        self.served = 0
+
+    def handle_one_request(self):
+        try:
+            if self.parse_request():
+                self.dispatch()
+        except socket.timeout:  # a client too slow with its head, or silent too long
+            self.close_connection = True
+
+    def parse_request(self):
+        """Reads the next request's head; False when there is none to serve (the
+        connection then closes), after an answer if it was refused."""
+        self.close_connection, self.route = True, None
+        self.command, self.requestline = "", ""
+        self.request_version = self.protocol_version  # what a refusal is answered in
+        if self.served and not self.next_request_begins():
+            return False
+        try:
+            head = self.reader.head()
+        except HTTPError as error:
+            self.refuse(error.status, error.message)
+            return False
+        if head is None:
+            return False
+        self.served += 1
+        self.requestline, self.command, self.path = head.requestline, head.method, head.target
+        self.request_version, self.headers, self.head = head.version, head.headers, head
+        self.close_connection = not head.keep_alive
+        return True
+
+    def next_request_begins(self):
+        """Waits, resting, for the first byte of a kept-alive connection's next
+        request; False if the client closes instead, rests past --idle-timeout, or
+        the connection is closed to admit another at the cap."""
+        self.connection.settimeout(self.server.settings.idle_timeout)
+        try:
+            with self.server.resting(self.connection):
+                self.client_ended = not self.rfile.peek(1)
+                return not self.client_ended
+        except OSError:
+            return False
+        finally:
+            self.connection.settimeout(self.timeout)
+
+    def dispatch(self):
+        path, _, query = self.path.partition("?")
+        route = self.route = self.server.routes.get(path)
+        if route is None:
+            self.refuse(404, "There is no %s here." % path)
+        elif self.command not in route.methods:
+            self.refuse(405, "%s does not accept %s; use %s." % (
+                path, self.command, " or ".join(route.methods)),
+                [("Allow", ", ".join(route.methods))] + route.headers)
+        elif self.command == "OPTIONS" and route.preflight:
+            self.preflight(route)
+        elif self.shutting_down(route):  # at once: no waiting for the route's lock
+            self.refuse(503, SHUTTING_DOWN)
+        else:
+            self.server.working(+1)
+            try:
+                with self.server.bodies.share(route.parse_cost) as share:
+                    self.serve(route, query, share)
+            finally:
+                self.server.working(-1)
+
+    def shutting_down(self, route):
+        return self.server.stopping and not route.quiet
+
+    def serve(self, route, query, share):
+        """Reads the body, then runs the handler under the route's lock: a slow
+        upload holds up nobody.  What parsing the body will take is reserved first."""
+        try:
+            body = self.read_body(share)
+            share.parsing(body)
+            request = Request(self.command, query, self.headers, body)
+        except HTTPError as error:
+            request = error
+        with route.lock:
+            late = self.shutting_down(route)  # it began while this request waited
+            if not late:
+                status, body, headers = self.outcome(route, request)
+                if route.sentinels(status, request):
+                    self.server.logs.sentinels()
+        if late:
+            return self.refuse(503, SHUTTING_DOWN)
+        if route.headers:
+            given = {name.lower() for name, _ in headers}
+            headers = headers + [(name, value) for name, value in route.headers
+                                 if name.lower() not in given]
+        self.answer(status, body, headers)
+
+    def preflight(self, route):
+        """A CORS preflight, answered with the route's headers at once.  Its body,
+        which means nothing, is never read into memory: the connection closes, and
+        what the client still sends is dropped as it comes."""
+        self.close_connection = True
+        self.answer(200, b"", route.headers)
+
+    def outcome(self, route, request):
+        """The encoded answer to a request: whatever goes wrong on the way, even in
+        a runner's hooks, is an error answer, so sentinels and answer always follow."""
+        try:
+            if isinstance(request, HTTPError):
+                raise request
+            status, payload = route.handle(request)
+            return encode_answer(status, payload)
+        except HTTPError as error:
+            self.close_connection = self.close_connection or error.close
+            return encode_answer(error.status, {"error": error.message})
+        except BaseException as error:  # a hook's sys.exit() too: this thread answers
+            self.server.logs.note("internal error: %r" % (error,))
+            return encode_answer(500, {"error": INTERNAL_ERROR.format(error)})
+
+    # -- request bodies --------------------------------------------------------
+
+    def read_body(self, share):
+        limit, length = self.server.settings.max_body, self.head.length
+        if length is not CHUNKED and length > limit:
+            raise HTTPError(413, "The request body has %d bytes, more than the limit of %d."
+                            % (length, limit), close=True)
+        if length is not CHUNKED:
+            share.check_fits(length)
+        if (self.headers.get("Expect", "").lower() == "100-continue"
+                and self.request_version == "HTTP/1.1"):  # HTTP/1.0 knows no 100
+            self.send_response_only(100)
+            self.end_headers()
+            self.wfile.flush()
+        return self.reader.body(length, limit, share, self.server.settings.body_timeout)
+
+    # -- answers ---------------------------------------------------------------
+
+    def answer(self, status, body, headers):
+        if self.request_version == "HTTP/0.9":  # http.server would send the body alone
+            self.request_version = self.protocol_version
+        if status in (204, 304):
+            body = b""  # these statuses carry none
+        self.log_request(status)
+        self.send_response_only(status)
+        given = {name.lower() for name, _ in headers}  # a web result's replace the proxy's
+        if "server" not in given:
+            self.send_header("Server", self.version_string())
+        if "date" not in given:
+            self.send_header("Date", self.date_time_string())
+        self.send_header("Content-Length", str(len(body)))
+        for name, value in headers:
+            self.send_header(name, value)
+        if self.close_connection:
+            self.send_header("Connection", "close")
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(body)
+        self.wfile.flush()  # now, while the request still counts as in flight
+
+    def refuse(self, status, message, headers=()):
+        """An answer to a request whose body is left unread, so the connection must close."""
+        self.close_connection = True
+        status, body, json_headers = encode_answer(status, {"error": message})
+        self.answer(status, body, json_headers + list(headers))
+
+    def finish(self):
+        BaseHTTPRequestHandler.finish(self)
+        if not self.client_ended:  # after its end of file a client can send nothing more
+            linger(self.connection, self.linger_seconds)
+
+    def version_string(self):
+        return self.server_version
+
+    def log_request(self, code="-", size="-"):
+        if self.server.settings.verbose and not getattr(self.route, "quiet", False):
+            BaseHTTPRequestHandler.log_request(self, code, size)
+
+    def log_message(self, format, *args):
+        if self.server.settings.verbose:
+            BaseHTTPRequestHandler.log_message(self, format, *args)
+            sys.stderr.flush()  # Python 3.8 buffers a stderr that is no terminal
+
+
+def error_bytes(status, message):
+    """A whole answer that closes the connection, for a socket no handler serves."""
+    status, body, headers = encode_answer(status, {"error": message})
+    lines = ["HTTP/1.1 %d %s" % (status, http.HTTPStatus(status).phrase),
+             "Server: " + ProxyHandler.server_version,
+             "Date: " + http_date(time.time()),
+             "Content-Length: %d" % len(body)]
+    lines += ["%s: %s" % pair for pair in headers] + ["Connection: close", "", ""]
+    return "\r\n".join(lines).encode("latin-1") + body
+
+
+def has_ipv6():
+    try:
+        socket.socket(socket.AF_INET6, socket.SOCK_STREAM).close()
+        return True
+    except (AttributeError, OSError):  # a Python built without IPv6, or a kernel
+        return False
+
+
+def listening_address(host, port):
+    """``(family, socket address)`` for ``--host``: ``::`` is every address of both
+    families, or of IPv4 alone where the host has no IPv6; an IPv4 or IPv6 address
+    (in brackets or not) or a name gives its own family.  Raises OSError."""
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    if host == "::" and not has_ipv6():
+        host = "0.0.0.0"
+    if host.isascii():  # a str host would load the idna codec, for nothing
+        host = host.encode("ascii")
+    family, _, _, _, address = socket.getaddrinfo(host, port, 0, socket.SOCK_STREAM, 0,
+                                                  socket.AI_PASSIVE)[0]
+    return family, address
+
+
+class ProxyServer(ThreadingHTTPServer):
+    """The HTTP server: a thread per connection, routes from the platform."""
+
+    request_queue_size = 128
+    poll_interval = 0.05  # seconds serve_forever() waits for a connection at most
+
+    def __init__(self, settings, routes, logs, processes):
+        self.settings, self.routes, self.logs, self.processes = settings, routes, logs, processes
+        self.stopping = self.hurried = False
+        # Requests being answered; connections, and those of them resting (kept
+        # alive, waiting for their next request), oldest first: the others are busy.
+        self.in_flight = self.connections = 0
+        self.resting_connections = {}
+        self.counting = threading.Lock()
+        self.bodies = BodyBudget(settings.body_memory)
+        self.threads = HandlerThreads(self.process_request_thread, keep=16)
+        self.max_connections = connection_limit(settings.max_connections)
+        self.address_family, address = listening_address(settings.host, settings.port)
+        ThreadingHTTPServer.__init__(self, address, ProxyHandler)
+
+    def handle_error(self, request, client_address):
+        """A client that went away is not news; the logs belong to the action."""
+        if self.settings.verbose:
+            ThreadingHTTPServer.handle_error(self, request, client_address)
+
+    def server_bind(self):
+        """HTTPServer's, without its reverse DNS lookup of the address (for a
+        server_name nothing here uses), which can stall a start where DNS is slow."""
+        if self.address_family == socket.AF_INET6:  # '::' takes IPv4 clients too
+            self.socket.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        socketserver.TCPServer.server_bind(self)
+        self.server_name, self.server_port = self.server_address[:2]
+
+    def get_request(self):
+        """A connection, its client's address as people write it: an IPv4 client
+        of a dual-stack socket is 1.2.3.4 rather than ::ffff:1.2.3.4."""
+        connection, address = self.socket.accept()
+        if address[0].startswith("::ffff:") and "." in address[0]:
+            address = (address[0][len("::ffff:"):], address[1])
+        return connection, address
+
+    def service_actions(self):
+        """Called by serve_forever() between requests, at least every poll_interval:
+        where the serving loop ends once a signal has asked it to."""
+        if self.stopping:
+            raise Shutdown()
+        self.processes.reap_orphans()
+
+    def working(self, delta):
+        with self.counting:
+            self.in_flight += delta
+
+    @contextlib.contextmanager
+    def resting(self, sock):
+        """While a kept-alive connection waits for its next request."""
+        with self.counting:
+            self.resting_connections[sock] = None
+        try:
+            yield
+        finally:
+            with self.counting:
+                self.resting_connections.pop(sock, None)
+
+    def close_longest_resting(self):
+        """At the cap, makes room by ending the connection that has rested longest
+        (its thread sees the end at once and stops counting it); False if none is
+        resting.  Called with ``counting`` held."""
+        if not self.resting_connections:
+            return False
+        sock = next(iter(self.resting_connections))
+        del self.resting_connections[sock]
+        with contextlib.suppress(OSError):
+            sock.shutdown(socket.SHUT_RDWR)
+        return True
+
+    def process_request(self, request, client_address):
+        """A thread for the connection, up to ``max_connections`` of them; past
+        that, a 503 from the serving thread itself, so that a flood of connections
+        costs no threads."""
+        with self.counting:
+            admitted = (self.connections < self.max_connections
+                        or self.close_longest_resting())
+            self.connections += admitted
+        if not admitted:
+            return self.turn_away(request, "The proxy is serving its limit of %d "
+                                           "connections." % self.max_connections)
+        try:
+            self.threads.start(request, client_address)
+        except BaseException:
+            self.connection_ended()
+            raise
+
+    def process_request_thread(self, request, client_address):
+        try:
+            ThreadingHTTPServer.process_request_thread(self, request, client_address)
+        finally:
+            self.connection_ended()
+
+    def connection_ended(self):
+        with self.counting:
+            self.connections -= 1
+
+    def turn_away(self, sock, message, seconds=0.0):
+        """503 and close, without a thread: what the client sent so far is read
+        first, and for ``seconds`` what it still sends, so that closing does not
+        reset the connection."""
+        try:
+            sock.setblocking(False)
+            with contextlib.suppress(BlockingIOError):
+                sock.recv(65536)
+            sock.send(error_bytes(503, message))
+        except OSError:
+            pass
+        linger(sock, seconds)
+        sock.close()
+
+    def turn_away_waiting(self, seconds):
+        """At the end: a 503 to every connection still waiting to be accepted,
+        which closing the socket would reset; ``seconds`` for all of them to go."""
+        self.socket.setblocking(False)
+        end = time.monotonic() + seconds
+        while True:
+            try:
+                sock, _ = self.socket.accept()
+            except OSError:
+                return
+            self.turn_away(sock, SHUTTING_DOWN, max(0.0, end - time.monotonic()))
+
+    def serve_until_idle(self, timeout):
+        """Goes on serving while requests are in flight, at most ``timeout`` seconds
+        or until ``hurried`` is set (by a second signal); True if none is left.
+        Meanwhile health probes hear that the proxy is not ready, new activations
+        get 503."""
+        self.timeout = 0.05  # how long handle_request() waits for a connection
+        end = time.monotonic() + timeout
+        while self.in_flight and not self.hurried and time.monotonic() < end:
+            self.handle_request()
+        return not self.in_flight
+
+    def finish_connections(self, timeout):
+        """Accepting no more, waits at most ``timeout`` seconds for the busy
+        connections to be answered (a 503 now): a close with a request unread
+        would reset them."""
+        end = time.monotonic() + timeout
+        while self.connections - len(self.resting_connections) and time.monotonic() < end:
+            time.sleep(0.01)
+
+
+def url_host(host):
+    """A host as a URL names it: an IPv6 address in brackets."""
+    return "[%s]" % host if ":" in host and not host.startswith("[") else host
+
+
+# -- Serving, and the shutdown sequence ----------------------------------------
+
+def serve(settings, runner):
+    """Serves until SIGTERM or SIGINT, then lets activations finish; returns the exit status."""
+    logs = Logs()
+    processes = Processes(logs)
+    runner.configure(settings, logs, processes)
+    if settings.platform == "knative":
+        platform = Knative(settings, runner, logs, os.environ)
+    else:
+        platform = OpenWhisk(settings, runner, logs)
+    try:
+        server = ProxyServer(settings, platform.routes(), logs, processes)
+    except OSError as error:
+        raise ConfigError("cannot listen on %s:%s: %s" % (
+            url_host(settings.host), settings.port, error.strerror or error))
+    server.routes.update(health_routes(server))
+
+    def stop(signum, frame):
+        """The first signal ends the serving loop; another one cuts the grace short.
+        Only flags: an exception raised here could be swallowed by whatever code the
+        signal interrupts (a tracer, a finalizer)."""
+        server.hurried = server.stopping
+        server.stopping = True
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    if settings.verbose or sys.stdout.isatty():
+        sys.stderr.write("owproxy %s: serving %s on http://%s:%d\n" % (
+            __version__, settings.action_dir, url_host(server.server_address[0]),
+            server.server_port))
+    try:
+        server.serve_forever(server.poll_interval)
+    except Shutdown:
+        pass
+    runner.stop_installing()
+    if server.in_flight and settings.grace:
+        logs.note("stopping: %d activation(s) in flight get up to %g s to finish (a second "
+                  "signal stops them now)" % (server.in_flight, settings.grace))
+    elif server.in_flight:
+        logs.note("stopping: %d activation(s) in flight are stopped now" % server.in_flight)
+    finished = server.serve_until_idle(settings.grace)
+    runner.close(1.0 if finished else 0.0)
+    processes.kill_all()  # overdue activations
+    server.hurried = False
+    server.serve_until_idle(2.0)  # their answers
+    server.finish_connections(2.0)
+    server.turn_away_waiting(1.0)
+    server.server_close()
+    return 0
+
+
+# ============================================================================
+# 11. Client
+# ============================================================================
+
+# -- invoke --------------------------------------------------------------------
 
 class ClientError(Exception):
     """A client command cannot go on; reported in one line, exit status 2."""
-
-
-def action_init(path, main):
-    """The /init value for an action on disk: an executable, a source file, a zip,
-    a C source file (compiled here), or a directory (zipped here, with its ``exec``
-    or ``__main__.py``, or an ``action.c`` to compile into ``exec``)."""
-    import base64
-    import zipfile
-    if os.path.isdir(path):
-        files = directory_files(path)
-        if "exec" not in files and "__main__.py" not in files and "action.c" in files:
-            files["exec"] = compile_c(os.path.join(path, "action.c"))
-        if "exec" not in files and "__main__.py" not in files:
-            raise ClientError("the directory %s has no exec or __main__.py" % path)
-        return {"code": base64.b64encode(zip_files(files, path)).decode(), "binary": True,
-                "main": main}
-    try:
-        with open(path, "rb") as file:
-            data = file.read()
-    except OSError as error:
-        raise ClientError("cannot read the action %s: %s" % (path, error.strerror))
-    if zipfile.is_zipfile(path):
-        return {"code": base64.b64encode(data).decode(), "binary": True, "main": main}
-    if path.endswith(".c"):
-        data = compile_c(path)
-    try:
-        return {"code": data.decode("utf-8"), "binary": False, "main": main}
-    except UnicodeDecodeError:
-        return {"code": base64.b64encode(zip_files({"exec": data})).decode(), "binary": True,
-                "main": main}
 
 
 def compile_c(source):
@@ -4340,6 +4347,54 @@ def zip_files(files, folder=None):
     return buffer.getvalue()
 
 
+def action_init(path, main):
+    """The /init value for an action on disk: an executable, a source file, a zip,
+    a C source file (compiled here), or a directory (zipped here, with its ``exec``
+    or ``__main__.py``, or an ``action.c`` to compile into ``exec``)."""
+    import base64
+    import zipfile
+    if os.path.isdir(path):
+        files = directory_files(path)
+        if "exec" not in files and "__main__.py" not in files and "action.c" in files:
+            files["exec"] = compile_c(os.path.join(path, "action.c"))
+        if "exec" not in files and "__main__.py" not in files:
+            raise ClientError("the directory %s has no exec or __main__.py" % path)
+        return {"code": base64.b64encode(zip_files(files, path)).decode(), "binary": True,
+                "main": main}
+    try:
+        with open(path, "rb") as file:
+            data = file.read()
+    except OSError as error:
+        raise ClientError("cannot read the action %s: %s" % (path, error.strerror))
+    if zipfile.is_zipfile(path):
+        return {"code": base64.b64encode(data).decode(), "binary": True, "main": main}
+    if path.endswith(".c"):
+        data = compile_c(path)
+    try:
+        return {"code": data.decode("utf-8"), "binary": False, "main": main}
+    except UnicodeDecodeError:
+        return {"code": base64.b64encode(zip_files({"exec": data})).decode(), "binary": True,
+                "main": main}
+
+
+def json_object(path, what):
+    """The JSON object in the file ``path`` (``-``: stdin)."""
+    try:
+        if path == "-":
+            text = sys.stdin.read()
+        else:
+            with open(path, encoding="utf-8") as file:
+                text = file.read()
+        value = json.loads(text)
+    except OSError as error:
+        raise ClientError("cannot read %s: %s" % (what, error.strerror))
+    except ValueError as error:
+        raise ClientError("%s is not JSON: %s" % (what, error))
+    if not isinstance(value, dict):
+        raise ClientError("%s must hold a JSON object, not %s" % (what, json_type(value)))
+    return value
+
+
 def parameters(args):
     """The action's parameters: a JSON file (``-P``, ``-`` for stdin), then a JSON
     object or array, then ``-p KEY VALUE`` pairs (a VALUE that is JSON is taken as
@@ -4362,24 +4417,6 @@ def parameters(args):
             value[key] = json.loads(text)
         except ValueError:
             value[key] = text
-    return value
-
-
-def json_object(path, what):
-    """The JSON object in the file ``path`` (``-``: stdin)."""
-    try:
-        if path == "-":
-            text = sys.stdin.read()
-        else:
-            with open(path, encoding="utf-8") as file:
-                text = file.read()
-        value = json.loads(text)
-    except OSError as error:
-        raise ClientError("cannot read %s: %s" % (what, error.strerror))
-    except ValueError as error:
-        raise ClientError("%s is not JSON: %s" % (what, error))
-    if not isinstance(value, dict):
-        raise ClientError("%s must hold a JSON object, not %s" % (what, json_type(value)))
     return value
 
 
@@ -4470,6 +4507,9 @@ def show(payload):
     sys.stdout.flush()
 
 
+ACTIVATION_STATUS = {0: "success", 1: "application error", 2: "action developer error"}
+
+
 def activation_record(message, name, times, code, payload, logs):
     """What ``wsk activation get`` shows of one run (times in ms since the epoch)."""
     start, end = (int(moment * 1000) for moment in times)
@@ -4482,9 +4522,6 @@ def activation_record(message, name, times, code, payload, logs):
                          "success": code == 0, "result": result},
             "logs": logs, "annotations": [{"key": "path", "value": "guest/" + name}],
             "publish": False}
-
-
-ACTIVATION_STATUS = {0: "success", 1: "application error", 2: "action developer error"}
 
 
 class LogRelay:
@@ -4548,6 +4585,32 @@ class LogRelay:
         with self.changed:
             lines, self.lines = self.lines, []
         return lines
+
+
+def user_names(action, action_dir):
+    """``(the name the local proxy's logs give, the user's)`` for the parts of the
+    action it installed into ``action_dir``, in the order to replace them."""
+    import zipfile
+    if os.path.isdir(action):
+        return [(action_dir + os.sep, os.path.join(action, ""))]
+    if zipfile.is_zipfile(action):
+        return [(action_dir + os.sep, action + ":")]
+    names = [(os.path.join(action_dir, "exec"), action),
+             (os.path.join(action_dir, "__main__.py"), action)]
+    if action.endswith(".py"):  # a Python function's traceback names its file alone
+        names.append(("__main__.py", action))
+    return names
+
+
+def reserved_port():
+    """A socket bound to a free loopback port and not listening: while it is open
+    no other program is given that port, yet the proxy may bind it too (both
+    with SO_REUSEADDR) and listen on it."""
+    import socket
+    probe = socket.socket()
+    probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    probe.bind(("127.0.0.1", 0))
+    return probe
 
 
 class LocalProxy:
@@ -4623,32 +4686,6 @@ class LocalProxy:
         remove_tree(self.folder)
 
 
-def user_names(action, action_dir):
-    """``(the name the local proxy's logs give, the user's)`` for the parts of the
-    action it installed into ``action_dir``, in the order to replace them."""
-    import zipfile
-    if os.path.isdir(action):
-        return [(action_dir + os.sep, os.path.join(action, ""))]
-    if zipfile.is_zipfile(action):
-        return [(action_dir + os.sep, action + ":")]
-    names = [(os.path.join(action_dir, "exec"), action),
-             (os.path.join(action_dir, "__main__.py"), action)]
-    if action.endswith(".py"):  # a Python function's traceback names its file alone
-        names.append(("__main__.py", action))
-    return names
-
-
-def reserved_port():
-    """A socket bound to a free loopback port and not listening: while it is open
-    no other program is given that port, yet the proxy may bind it too (both
-    with SO_REUSEADDR) and listen on it."""
-    import socket
-    probe = socket.socket()
-    probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    probe.bind(("127.0.0.1", 0))
-    return probe
-
-
 def invoke(args):
     """Runs an action the way the invoker would, on a proxy of its own."""
     name = args.name or os.path.splitext(os.path.basename(os.path.normpath(args.action)))[0]
@@ -4685,6 +4722,16 @@ def invoke(args):
         proxy.close()
 
 
+# -- init, run and healthcheck -------------------------------------------------
+
+def remote(args, path, body):
+    """POSTs ``body`` to a running container; the exit status of its answer."""
+    status, payload = post(args.url, path, body, args.timeout + 5)
+    if status == 200:
+        show(payload)
+    return outcome(path, status, payload)
+
+
 def client_init(args):
     return remote(args, "/init", {"value": init_value(args, args.name)})
 
@@ -4693,12 +4740,43 @@ def client_run(args):
     return remote(args, "/run", dict(activation(args.name, args.timeout), value=parameters(args)))
 
 
-def remote(args, path, body):
-    """POSTs ``body`` to a running container; the exit status of its answer."""
-    status, payload = post(args.url, path, body, args.timeout + 5)
-    if status == 200:
-        show(payload)
-    return outcome(path, status, payload)
+def words_of(pid):
+    """The command line ``pid`` was started with; empty if unknown."""
+    try:
+        with open("/proc/%d/cmdline" % pid, "rb") as cmdline:
+            return cmdline.read().decode("utf-8", "replace").split("\0")[:-1]
+    except OSError:
+        return []
+
+
+def proxy_process(pid):
+    """``(pid, the proxy's arguments)`` of the first Python process at ``pid`` or
+    under it; None if there is none."""
+    for candidate in [pid] + descendants(pid):
+        words = words_of(candidate)
+        if candidate != os.getpid() and words and os.path.basename(words[0]).startswith("python"):
+            script = next((at for at, word in enumerate(words) if at and
+                           not word.startswith("-")), len(words))
+            return candidate, words[script + 1:]
+    return None
+
+
+def proxy_address(pid):
+    """``(host to connect to, port, where they came from)``: the proxy's own command
+    line and environment, else this process's (those a container's exec shares)."""
+    found = proxy_process(pid)
+    if found is None:
+        argv, environ = [], os.environ
+        source = "from this environment; no Python process at PID %d or under it" % pid
+    else:
+        found_pid, argv = found
+        entries = environ_of(found_pid).split(b"\0")
+        environ = dict(entry.decode("utf-8", "replace").partition("=")[::2]
+                       for entry in entries if b"=" in entry) or os.environ
+        source = "from PID %d: %s" % (found_pid, " ".join(words_of(found_pid)))
+    settings = given_settings(argv, environ)
+    host = settings.host.strip("[]")
+    return (None if host in ("::", "0.0.0.0") else host), settings.port, source
 
 
 def healthcheck(args):
@@ -4729,44 +4807,7 @@ def healthcheck(args):
     return 1
 
 
-def proxy_address(pid):
-    """``(host to connect to, port, where they came from)``: the proxy's own command
-    line and environment, else this process's (those a container's exec shares)."""
-    found = proxy_process(pid)
-    if found is None:
-        argv, environ = [], os.environ
-        source = "from this environment; no Python process at PID %d or under it" % pid
-    else:
-        found_pid, argv = found
-        entries = environ_of(found_pid).split(b"\0")
-        environ = dict(entry.decode("utf-8", "replace").partition("=")[::2]
-                       for entry in entries if b"=" in entry) or os.environ
-        source = "from PID %d: %s" % (found_pid, " ".join(words_of(found_pid)))
-    settings = given_settings(argv, environ)
-    host = settings.host.strip("[]")
-    return (None if host in ("::", "0.0.0.0") else host), settings.port, source
-
-
-def proxy_process(pid):
-    """``(pid, the proxy's arguments)`` of the first Python process at ``pid`` or
-    under it; None if there is none."""
-    for candidate in [pid] + descendants(pid):
-        words = words_of(candidate)
-        if candidate != os.getpid() and words and os.path.basename(words[0]).startswith("python"):
-            script = next((at for at, word in enumerate(words) if at and
-                           not word.startswith("-")), len(words))
-            return candidate, words[script + 1:]
-    return None
-
-
-def words_of(pid):
-    """The command line ``pid`` was started with; empty if unknown."""
-    try:
-        with open("/proc/%d/cmdline" % pid, "rb") as cmdline:
-            return cmdline.read().decode("utf-8", "replace").split("\0")[:-1]
-    except OSError:
-        return []
-
+# -- The client's command line -------------------------------------------------
 
 def client_parser():
     parser = argument_parser(hints=[("-p/--param", ": write -p KEY VALUE, e.g. -p name Ada")],
@@ -4826,6 +4867,17 @@ def client_parser():
     return parser
 
 
+def action_seconds(text):
+    """A time limit as OpenWhisk allows one: 100 ms at least."""
+    try:
+        seconds = parse_seconds(text)
+    except ValueError:
+        seconds = 0.0
+    if seconds < 0.1:
+        raise ValueError("not a time limit in seconds (0.1 or more)")
+    return seconds
+
+
 def client_args(argv):
     """The parsed command line of a client command, its values checked."""
     for flag, word in zip(argv, argv[1:]):
@@ -4841,31 +4893,80 @@ def client_args(argv):
     return args
 
 
-def action_seconds(text):
-    """A time limit as OpenWhisk allows one: 100 ms at least."""
-    try:
-        seconds = parse_seconds(text)
-    except ValueError:
-        seconds = 0.0
-    if seconds < 0.1:
-        raise ValueError("not a time limit in seconds (0.1 or more)")
-    return seconds
-
-
 CLIENT_COMMANDS = {"invoke": invoke, "init": client_init, "run": client_run,
                    "healthcheck": healthcheck}
 
 
 # ============================================================================
-# 8. CLI
+# 12. CLI
 # ============================================================================
 
+COMPILE_HELP = """
+Unpacks the code on stdin (source, a zip or a tar.gz) and compiles it with the
+image's OW_COMPILER, as /init would, then writes a zip of the result to stdout
+(exit 0; 1 with the cause on stderr).  MAIN is the entry point (default main).
+Deploy the zip: its exec runs as it is, with no compile at the cold start.
+"""
+
+
+def zip_tree(folder, out):
+    """Writes a zip of ``folder`` to the file ``out``, in bounded chunks: files with
+    their modes, folders, and links as links (``extract_zip`` makes them again)."""
+    import stat
+    import zipfile
+    with zipfile.ZipFile(out, "w", zipfile.ZIP_DEFLATED) as archive:
+        for root, folders, files in os.walk(folder):
+            folders.sort()
+            for name in sorted(folders + files):
+                path = os.path.join(root, name)
+                entry = os.path.relpath(path, folder)
+                if os.path.islink(path):
+                    info = zipfile.ZipInfo(entry)
+                    info.external_attr = (stat.S_IFLNK | 0o777) << 16
+                    archive.writestr(info, os.readlink(path))
+                else:
+                    archive.write(path, entry)
+
+
+def compile_command(args, flags=()):
+    """``--compile MAIN`` (the Go proxy's ``-compile MAIN``), at an image's build
+    time: the code on stdin unpacked and compiled as /init would, a zip of the
+    result on stdout, exit status 0; or the cause on stderr, 1.  An /init of that
+    zip compiles nothing again: its ``exec`` runs as it is.  ``flags``, those given
+    before it, are the proxy's settings (an image's ENTRYPOINT may hold some)."""
+    import base64
+    import tempfile
+    usage = "usage: owproxy.py --compile [MAIN] <CODE >ZIP\n"
+    if args[:1] in (["-h"], ["--help"]):
+        sys.stdout.write(usage + COMPILE_HELP)
+        return 0
+    if len(args) > 1 or args[:1] and args[0].startswith("-"):
+        sys.stderr.write("owproxy: " + usage)
+        return 2
+    main = args[0] if args else "main"
+    data = sys.stdin.buffer.read()
+    message = {"code": base64.b64encode(data).decode(), "binary": True, "main": main}
+    if not data.startswith((ZIP_MAGIC, TAR_GZ_MAGIC)):
+        with contextlib.suppress(UnicodeDecodeError):
+            message = {"code": data.decode("utf-8"), "main": main}  # source, as /init takes it
+    # The action directory in a folder of its own, so that the staging beside it goes too.
+    folder = tempfile.mkdtemp(prefix="owproxy-compile-")
+    try:
+        action = os.path.join(folder, "action")
+        os.mkdir(action)
+        runner = ActionRunner()
+        runner.configure(resolve_settings(list(flags) + ["--action-dir", action], os.environ),
+                         Logs(out_fd=2), Processes())  # stdout is the zip's
+        zip_tree(runner.install(message).stage, sys.stdout.buffer)
+        return 0
+    except (InitError, ConfigError, OSError) as error:
+        sys.stderr.write("owproxy: %s\n" % str(error).rstrip("\n"))
+        return 1
+    finally:
+        remove_tree(folder)
+
+
 _runner = None
-
-
-class Shutdown(BaseException):
-    """Leaves the serving loop (a BaseException, so that socketserver's ``except
-    Exception`` lets it through)."""
 
 
 def setRunner(runner):
@@ -4874,60 +4975,12 @@ def setRunner(runner):
     _runner = runner
 
 
-def serve(settings, runner):
-    """Serves until SIGTERM or SIGINT, then lets activations finish; returns the exit status."""
-    logs = Logs()
-    processes = Processes(logs)
-    runner.configure(settings, logs, processes)
-    if settings.platform == "knative":
-        platform = Knative(settings, runner, logs, os.environ)
-    else:
-        platform = OpenWhisk(settings, runner, logs)
-    try:
-        server = ProxyServer(settings, platform.routes(), logs, processes)
-    except OSError as error:
-        raise ConfigError("cannot listen on %s:%s: %s" % (
-            url_host(settings.host), settings.port, error.strerror or error))
-    server.routes.update(health_routes(server))
-
-    def stop(signum, frame):
-        """The first signal ends the serving loop; another one cuts the grace short.
-        Only flags: an exception raised here could be swallowed by whatever code the
-        signal interrupts (a tracer, a finalizer)."""
-        server.hurried = server.stopping
-        server.stopping = True
-
-    signal.signal(signal.SIGTERM, stop)
-    signal.signal(signal.SIGINT, stop)
-    if settings.verbose or sys.stdout.isatty():
-        sys.stderr.write("owproxy %s: serving %s on http://%s:%d\n" % (
-            __version__, settings.action_dir, url_host(server.server_address[0]),
-            server.server_port))
-    try:
-        server.serve_forever(server.poll_interval)
-    except Shutdown:
-        pass
-    runner.stop_installing()
-    if server.in_flight and settings.grace:
-        logs.note("stopping: %d activation(s) in flight get up to %g s to finish (a second "
-                  "signal stops them now)" % (server.in_flight, settings.grace))
-    elif server.in_flight:
-        logs.note("stopping: %d activation(s) in flight are stopped now" % server.in_flight)
-    finished = server.serve_until_idle(settings.grace)
-    runner.close(1.0 if finished else 0.0)
-    processes.kill_all()  # overdue activations
-    server.hurried = False
-    server.serve_until_idle(2.0)  # their answers
-    server.finish_connections(2.0)
-    server.turn_away_waiting(1.0)
-    server.server_close()
-    return 0
-
-
-def main(argv=None):
-    """Runs the proxy, or one of its commands, and exits with its status, so that a
-    runtime's script may end with a bare ``owproxy.main()`` as with upstream's."""
-    sys.exit(run_command(sys.argv[1:] if argv is None else argv))
+def unknown_command(word):
+    import difflib
+    close = difflib.get_close_matches(word, list(CLIENT_COMMANDS), 1)
+    sys.stderr.write("owproxy: %r is not a command; %s (see owproxy.py --help)\n" % (
+        word, "did you mean %s?" % close[0] if close else "the commands are invoke, init, run"))
+    return 2
 
 
 def run_command(argv):
@@ -4958,12 +5011,10 @@ def run_command(argv):
         return 2
 
 
-def unknown_command(word):
-    import difflib
-    close = difflib.get_close_matches(word, list(CLIENT_COMMANDS), 1)
-    sys.stderr.write("owproxy: %r is not a command; %s (see owproxy.py --help)\n" % (
-        word, "did you mean %s?" % close[0] if close else "the commands are invoke, init, run"))
-    return 2
+def main(argv=None):
+    """Runs the proxy, or one of its commands, and exits with its status, so that a
+    runtime's script may end with a bare ``owproxy.main()`` as with upstream's."""
+    sys.exit(run_command(sys.argv[1:] if argv is None else argv))
 
 
 if __name__ == "__main__":
