@@ -18,29 +18,60 @@ functions, it speaks Knative, and with ``--loop`` it stands in for the Go
 ActionLoop proxy of OpenWhisk's runtime images, their compile scripts, launchers
 and settings (``OW_COMPILER`` ...) unchanged.
 
-The file reads top to bottom, after a check that this Python can run it and
-stand-ins for the modules the imports pull in and no request uses (calendar,
-copy, datetime, email.parser, html, ipaddress, locale, mimetypes, random,
-shutil: ``DEFERRED_MODULES``, each loaded where something first uses it):
+The file reads bottom-up: each definition uses only what stands above it.  It
+opens with a check that this Python can run it, stand-ins for the modules the
+imports pull in and no request uses (``DEFERRED_MODULES``: each is loaded where
+something first uses it), and http.server imported without ssl.  Then, each
+title a banner below and each ``--`` line a family under it:
 
-1. Configuration   settings, each a command-line flag and an environment variable
-2. Logs            the action's log streams and the end-of-activation sentinels;
-                   the held-back result line, lines past the limit cut
-3. HTTP layer      errors, routes, requests and their JSON bodies; a strict
-                   request reader; limits (body memory, handler threads,
-                   connections); the server and where it listens; a thin handler
-4. Init            installing code: zip and tar.gz archives, single files,
-                   runtime images' compile scripts, versions (a compiled one in
-                   a folder of its own) swapped atomically for runs, scratch
-                   space; ``--compile``, the same at an image's build time
-5. Execution       processes, killed and reaped with all they start, and their
-                   pump; result lines, answered as the action wrote them; warm
-                   processes (ActionLoop, Python functions, their private
-                   channel); ActionRunner, the subclassable runner
-6. Platforms       the OpenWhisk and Knative routes, health endpoints
-7. Client          ``invoke`` an action locally, its logs relayed live; ``init``
-                   and ``run`` a container; ``healthcheck``, the image's
-8. CLI             ``main()``: the proxy or a command
+ 1. Configuration
+    -- Exact strings and limits    what the invoker, its tests and users know
+    -- Settings                    each a command-line flag and an environment
+                                   variable
+ 2. Logs                           the action's log streams, the sentinels that
+                                   end an activation's, the held-back result line
+ 3. Requests and answers           what a route is given and gives back; HTTP's
+                                   grammar; what parsing a body costs
+ 4. Processes
+    -- Keeping track               every process an action starts, killed and
+                                   reaped with its activation; the subreaper
+    -- The pump                    an action's stdin, stdout and stderr
+    -- Why a process ended         or never started, and what to do about it
+ 5. Installation
+    -- Folders                     the action directory, scratch space, trees
+    -- Versions                    an init's code, swapped atomically for runs
+    -- Archives                    zip and tar.gz, kept inside the action directory
+    -- Compile scripts             a runtime image's, as the Go proxy runs them
+ 6. Runs
+    -- The activation's environment   ``__OW_*``, as OpenWhisk exports them
+    -- An executable run once      its input, logs and last line
+ 7. Warm processes
+    -- Warm processes and their pool   ActionLoop executables, Python functions
+    -- The function worker         a Python function's own process
+ 8. The runner                     ActionRunner, the subclassable runner: what
+                                   an init decides, how a run goes
+ 9. Platforms
+    -- OpenWhisk                   POST /init once, POST /run per activation
+    -- Knative                     dedicated inits, web requests and results
+    -- Health                      /healthz and /readyz
+10. HTTP server
+    -- Reading requests strictly   RFC 9112's heads, bodies and chunks
+    -- Body memory                 what bodies and their parse may take at once
+    -- Connections and threads     their limits, and closes that lose nothing
+    -- The server and its handler  where it listens; a thin handler
+    -- Serving, and the shutdown sequence
+11. Client
+    -- invoke                      an action on disk, run by a proxy of its own
+    -- init, run and healthcheck   talking to a running container
+    -- The client's command line
+12. CLI                            ``main()``: the proxy, ``--compile``, or a
+                                   client command
+
+A ``POST /run`` goes: ProxyServer and ProxyHandler (10) read it within its body
+share, the OpenWhisk route (9) checks it, ActionRunner (8) picks the version
+(5) and runs it once (6: Processes and the Pump, 4) or in a warm process (7),
+the answer is encoded (3) and written by the handler, and the logs end with
+their sentinels (2).
 """
 
 import sys

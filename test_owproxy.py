@@ -6541,3 +6541,81 @@ def test_a_local_proxy_takes_another_port_when_its_own_is_taken(monkeypatch):
             "error": "The action failed to locate a binary. See logs for details."})
     finally:
         proxy.close()
+
+
+# ---------------------------------------------------------------------------
+# The module's layout: its map, and one direction through it
+# ---------------------------------------------------------------------------
+
+def module_map_titles(docstring):
+    """The map's titles, in order: ``N. title`` for a section, ``-- title`` for a
+    family under it (a title ends where two spaces or the line do)."""
+    import re
+    return [("%s. %s" % found[:2]) if found[0] else "-- " + found[2]
+            for found in re.findall(r"^ ?(?:(\d+)\. (\S.*?)|    -- (\S.*?))(?:  |$)",
+                                    docstring, re.MULTILINE)]
+
+
+def test_the_module_map_names_every_banner_in_order():
+    import ast
+    import re
+    source = (HERE / "owproxy.py").read_text()
+    banners = ["%s. %s" % found[:2] if found[0] else "-- " + found[2]
+               for found in re.findall(r"^# (?:(\d+)\. (.+)|-- (.+?) -+)$", source, re.MULTILINE)]
+    mapped = module_map_titles(ast.get_docstring(ast.parse(source)))
+    assert len(banners) > 20 and mapped == banners
+
+
+def test_the_module_map_reader_sees_a_missing_family():
+    doc = " 1. Configuration\n    -- Settings    each a flag\n 2. Logs        streams\n"
+    assert module_map_titles(doc) == ["1. Configuration", "-- Settings", "2. Logs"]
+    assert module_map_titles(doc.replace("    -- Settings    each a flag\n", "")) != [
+        "1. Configuration", "-- Settings", "2. Logs"]
+
+
+def top_level_statements(source):
+    """Each top-level statement of ``source``: the names it defines, and the
+    module's names it uses, in its own code or in any function or class in it
+    (a name a function binds for itself is its own, not the module's)."""
+    import ast
+    import symtable
+    import textwrap
+    lines = source.splitlines(keepends=True)
+    statements = []
+    for node in ast.parse(source).body:
+        first = min([node.lineno] + [d.lineno for d in getattr(node, "decorator_list", [])])
+        table = symtable.symtable(textwrap.dedent("".join(lines[first - 1:node.end_lineno])),
+                                  "owproxy.py", "exec")
+        defined = {symbol.get_name() for symbol in table.get_symbols()
+                   if symbol.is_assigned() or symbol.is_imported() or symbol.is_namespace()}
+        used = {symbol.get_name() for symbol in table.get_symbols() if symbol.is_referenced()}
+        scopes = list(table.get_children())
+        while scopes:
+            scope = scopes.pop()
+            scopes.extend(scope.get_children())
+            used.update(symbol.get_name() for symbol in scope.get_symbols()
+                        if symbol.is_referenced() and symbol.is_global())
+        statements.append((node.lineno, defined, used))
+    return statements
+
+
+def forward_references(source):
+    """(line, name) for each use of a module name that is first defined further down."""
+    statements = top_level_statements(source)
+    first_defined = {}
+    for index, (_, defined, _) in enumerate(statements):
+        for name in defined:
+            first_defined.setdefault(name, index)
+    return sorted((line, name) for index, (line, _, used) in enumerate(statements)
+                  for name in used if first_defined.get(name, index) > index)
+
+
+def test_no_definition_in_the_module_uses_one_further_down():
+    assert forward_references((HERE / "owproxy.py").read_text()) == []
+
+
+def test_a_forward_reference_is_found_in_a_method_and_not_in_a_local_name():
+    source = ("class A:\n    def m(self):\n        return later()\n\n\n"
+              "def f():\n    later = 1\n    return later\n\n\n"
+              "def later():\n    return A\n")
+    assert forward_references(source) == [(1, "later")]
