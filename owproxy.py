@@ -815,7 +815,15 @@ PARSE_COST = {"init": 6, "run": 12}  # per body byte: an init decodes, a run re-
 
 
 class HTTPError(Exception):
-    """An answer other than success, raised from anywhere in a request."""
+    """An answer other than success, for what is wrong with the request.
+
+    Which layer sets a status: what is wrong with a request (its head, its body,
+    its JSON, its fields) is an HTTPError raised where it is found, and so is a
+    result too deep to encode; what the action did (its result, its exit, its
+    deadline, its init) is a ``(status, payload)`` returned by the code that ran
+    it, with the exact message the invoker knows, never raised.  Installation
+    raises InitError, which the runner turns into its answer.  The handler turns
+    an HTTPError into its answer, and anything else a route raises into a 500."""
 
     def __init__(self, status, message, close=False):
         Exception.__init__(self, message)
@@ -858,10 +866,12 @@ def strict_json(text):
 
 
 class Request:
-    """What a handler sees of a request."""
+    """What a handler sees of a request.  ``init_only``: the handler installed code
+    and ran nothing (a Knative request with an init and no activation)."""
 
     def __init__(self, method, query, headers, body):
         self.method, self.query, self.headers, self.body = method, query, headers, body
+        self.init_only = False
 
     def json(self):
         """The body as JSON; an empty body or ``null`` is an empty object.  NaN,
@@ -3108,10 +3118,17 @@ class OpenWhisk:
     def routes(self):
         return {
             "/init": Route(self.init, parse_cost=PARSE_COST["init"],
-                           sentinels=lambda status, request: status not in (200, 403, 503)),
+                           sentinels=lambda status, request: self.ends_logs("/init", status)),
             "/run": Route(self.run, lock=self.serial, parse_cost=PARSE_COST["run"],
-                          sentinels=lambda status, request: True),
+                          sentinels=lambda status, request: self.ends_logs("/run", status)),
         }
+
+    @staticmethod
+    def ends_logs(path, status):
+        """Whether the answer ends the logs with sentinels, which the invoker reads
+        up to: after every /run, and after an /init that tried and failed (not a
+        refused second one, nor one turned away at shutdown)."""
+        return path == "/run" or status not in (200, 403, 503)
 
     def init(self, request):
         if self.sealed():
@@ -3325,7 +3342,7 @@ class Knative(OpenWhisk):
     def sentinels(status, request):
         """After every answer that ran the action or failed to initialise it, as
         /run and /init: not after a 403, nor after a request that only initialised."""
-        return status != 403 and not getattr(request, "init_only", False)
+        return status != 403 and not getattr(request, "init_only", False)  # or an HTTPError
 
     def envelope(self, request):
         """The body as ``{init, activation, value}``, and whether the request was a
@@ -4699,7 +4716,7 @@ class LocalProxy:
     def post(self, path, payload, timeout):
         """POSTs to the local proxy; returns its answer once the logs it closed are shown."""
         status, answer = post(self.url, path, payload, timeout)
-        if path == "/run" or status not in (200, 403):  # the answers that write sentinels
+        if OpenWhisk.ends_logs(path, status):
             self.activations += 1
             self.relay.wait_for_sentinels(self.activations)
         return status, answer
