@@ -102,6 +102,18 @@ def module_exists(name):
         return False
 
 
+def own_line(text):
+    """A message of the proxy's own as each one reaches stderr, in the action's
+    logs or from a command: ``owproxy: ...``, one line."""
+    return "owproxy: %s\n" % text.rstrip("\n")
+
+
+def tell(text):
+    """A message of the proxy's own on this process's stderr: a command's, the
+    function worker's, or one from before the logs exist."""
+    sys.stderr.write(own_line(text))
+
+
 def unusable_python(missing=None):
     """Exits with one line that says what to install: on an old Python, or with
     the name of a module whose import failed, the standard modules it lacks."""
@@ -112,7 +124,7 @@ def unusable_python(missing=None):
         problem = ("needs the standard modules %s, which %s lacks: install the whole Python "
                    "(on Debian and Ubuntu the package python3, not python3-minimal)"
                    % (", ".join(lacking or [missing]), sys.executable or "this Python"))
-    sys.stderr.write("owproxy: %s\n" % problem)
+    tell(problem)
     sys.exit(2)
 
 
@@ -494,7 +506,7 @@ def argument_parser(hints=(), **options):
             if message.startswith("argument "):
                 message = message[len("argument "):]
             message += "".join(advice for flag, advice in hints if message.startswith(flag))
-            self.exit(2, "owproxy: %s (see %s --help)\n" % (message, self.prog))
+            self.exit(2, own_line("%s (see %s --help)" % (message, self.prog)))
 
     return Parser(formatter_class=argparse.RawDescriptionHelpFormatter, **options)
 
@@ -605,7 +617,7 @@ class Logs:
 
     def note(self, text):
         """A line of the proxy's own on stderr, for the user to read in the logs."""
-        self.err(("owproxy: %s\n" % text).encode("utf-8", "replace"))
+        self.err(own_line(text).encode("utf-8", "replace"))
 
     def sentinels(self):
         flush_python_streams()
@@ -2524,10 +2536,6 @@ class WorkerChannel:
             data = data[os.write(self.result_fd, data):]
 
 
-def worker_note(text):
-    sys.stderr.write("owproxy: %s\n" % text)
-
-
 def describe(error):
     """An exception as its type and message, as the last line of a traceback says it."""
     import traceback
@@ -2574,11 +2582,11 @@ def load_function(path, name):
         spec.loader.exec_module(module)
     except BaseException as error:
         print_user_traceback(error)
-        worker_note("%s failed to load: %s" % (shown, describe(error)))
+        tell("%s failed to load: %s" % (shown, describe(error)))
         sys.exit(1)
     function = getattr(module, name, None)
     if not callable(function):
-        worker_note("%s defines no function %r" % (shown, name))
+        tell("%s defines no function %r" % (shown, name))
         sys.exit(1)
     return function
 
@@ -2588,7 +2596,7 @@ def refused(error, shown, explain, why):
     it (or its head) and why."""
     if explain:
         print(shown)
-        worker_note(why)
+        tell(why)
     return 502, json.dumps({"error": error})
 
 
@@ -4541,10 +4549,10 @@ def outcome(what, status, payload):
     if status != 200:
         error = payload.get("error", payload) if isinstance(payload, dict) else payload
         hint = " (%s)" % REINIT_HINT if (what, status) == ("/init", 403) else ""
-        sys.stderr.write("owproxy: %s answered %d: %s%s\n" % (what, status, error, hint))
+        tell("%s answered %d: %s%s" % (what, status, error, hint))
         return 2
     if isinstance(payload, dict) and "error" in payload:
-        sys.stderr.write("owproxy: %s answered an application error: %s\n"
+        tell("%s answered an application error: %s"
                          % (what, payload["error"]))
         return 1
     return 0
@@ -4750,7 +4758,7 @@ def invoke(args):
             started = time.time()
             status, payload = proxy.post("/run", message, args.timeout + 5)
             times = started, time.time()
-            sys.stderr.write("owproxy: run%s took %.1f ms\n" % (
+            tell("run%s took %.1f ms" % (
                 " %d" % number if args.repeat > 1 else "", (times[1] - times[0]) * 1000))
             code = outcome("/run", status, payload)
             worst = max(worst, code)
@@ -4764,7 +4772,7 @@ def invoke(args):
         return worst
     except KeyboardInterrupt:
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not cut this short
-        sys.stderr.write("owproxy: interrupted; stopping the action\n")
+        tell("interrupted; stopping the action")
         return 130
     finally:
         proxy.close()
@@ -4836,7 +4844,7 @@ def healthcheck(args):
     try:
         host, port, source = proxy_address(args.pid)
     except ConfigError as error:
-        sys.stderr.write("owproxy: healthcheck: %s\n" % error)
+        tell("healthcheck: %s" % error)
         return 1
     where = "%s:%d" % (url_host(host or "localhost"), port)
     try:
@@ -4850,7 +4858,7 @@ def healthcheck(args):
         return 0
     if status is not None:
         reason = "answered %s" % (status[0].decode("ascii", "replace") if status else "nothing")
-    sys.stderr.write("owproxy: healthcheck: GET %s on %s (the port %s): %s\n"
+    tell("healthcheck: GET %s on %s (the port %s): %s"
                      % (LIVENESS_PATH, where, source, reason))
     return 1
 
@@ -4989,7 +4997,7 @@ def compile_command(args, flags=()):
         sys.stdout.write(usage + COMPILE_HELP)
         return 0
     if len(args) > 1 or args[:1] and args[0].startswith("-"):
-        sys.stderr.write("owproxy: " + usage)
+        tell(usage)
         return 2
     main = args[0] if args else "main"
     data = sys.stdin.buffer.read()
@@ -5008,7 +5016,7 @@ def compile_command(args, flags=()):
         zip_tree(runner.install(message).stage, sys.stdout.buffer)
         return 0
     except (InitError, ConfigError, OSError) as error:
-        sys.stderr.write("owproxy: %s\n" % str(error).rstrip("\n"))
+        tell(str(error))
         return 1
     finally:
         remove_tree(folder)
@@ -5026,7 +5034,7 @@ def setRunner(runner):
 def unknown_command(word):
     import difflib
     close = difflib.get_close_matches(word, list(CLIENT_COMMANDS), 1)
-    sys.stderr.write("owproxy: %r is not a command; %s (see owproxy.py --help)\n" % (
+    tell("%r is not a command; %s (see owproxy.py --help)" % (
         word, "did you mean %s?" % close[0] if close else "the commands are invoke, init, run"))
     return 2
 
@@ -5044,10 +5052,10 @@ def run_command(argv):
             args = client_args(argv)
             return CLIENT_COMMANDS[args.command](args)
         except (ClientError, ConfigError, InitError) as error:
-            sys.stderr.write("owproxy: %s\n" % error)
+            tell(str(error))
             return 2
         except KeyboardInterrupt:
-            sys.stderr.write("owproxy: interrupted\n")
+            tell("interrupted")
             return 130
     if argv[:1] and not argv[0].startswith("-"):
         return unknown_command(argv[0])
@@ -5055,7 +5063,7 @@ def run_command(argv):
         settings = resolve_settings(argv, os.environ)
         return serve(settings, _runner or ActionRunner())
     except ConfigError as error:
-        sys.stderr.write("owproxy: %s\n" % error)
+        tell(str(error))
         return 2
 
 
