@@ -2037,6 +2037,32 @@ def is_jar(data):
         return False
 
 
+def zip_folder(out, folder=None, keep_links=True, executables=()):
+    """Writes a zip to the file ``out``, in bounded chunks: what is in ``folder``
+    (its files with their modes, its folders, and its links as links, which
+    ``extract_zip`` makes again, or, without ``keep_links``, as what they point
+    to), then each ``(name, bytes)`` of ``executables``."""
+    import stat
+    import zipfile
+    with zipfile.ZipFile(out, "w", zipfile.ZIP_DEFLATED) as archive:
+        for root, folders, files in os.walk(folder) if folder else ():
+            folders.sort()
+            for name in sorted(folders + files):
+                path = os.path.join(root, name)
+                entry = os.path.relpath(path, folder)
+                if keep_links and os.path.islink(path):
+                    info = zipfile.ZipInfo(entry)
+                    info.external_attr = (stat.S_IFLNK | 0o777) << 16
+                    archive.writestr(info, os.readlink(path))
+                else:
+                    archive.write(path, entry)
+        for name, data in executables:
+            info = zipfile.ZipInfo(name)
+            info.external_attr = (stat.S_IFREG | 0o755) << 16
+            info.compress_type = zipfile.ZIP_DEFLATED
+            archive.writestr(info, data)
+
+
 # -- Compile scripts -----------------------------------------------------------
 
 def runnable(path):
@@ -3990,14 +4016,14 @@ class ProxyHandler(BaseHTTPRequestHandler):
             self.server.working(+1)
             try:
                 with self.server.bodies.share(route.parse_cost) as share:
-                    self.serve(route, query, share)
+                    self.respond(route, query, share)
             finally:
                 self.server.working(-1)
 
     def shutting_down(self, route):
         return self.server.stopping and not route.quiet
 
-    def serve(self, route, query, share):
+    def respond(self, route, query, share):
         """Reads the body, then runs the handler under the route's lock: a slow
         upload holds up nobody.  What parsing the body will take is reserved first."""
         try:
@@ -4009,7 +4035,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
         with route.lock:
             late = self.shutting_down(route)  # it began while this request waited
             if not late:
-                status, body, headers = self.outcome(route, request)
+                status, body, headers = self.route_answer(route, request)
                 if route.sentinels(status, request):
                     self.server.logs.sentinels()
         if late:
@@ -4018,16 +4044,16 @@ class ProxyHandler(BaseHTTPRequestHandler):
             given = {name.lower() for name, _ in headers}
             headers = headers + [(name, value) for name, value in route.headers
                                  if name.lower() not in given]
-        self.answer(status, body, headers)
+        self.send_answer(status, body, headers)
 
     def preflight(self, route):
         """A CORS preflight, answered with the route's headers at once.  Its body,
         which means nothing, is never read into memory: the connection closes, and
         what the client still sends is dropped as it comes."""
         self.close_connection = True
-        self.answer(200, b"", route.headers)
+        self.send_answer(200, b"", route.headers)
 
-    def outcome(self, route, request):
+    def route_answer(self, route, request):
         """The encoded answer to a request: whatever goes wrong on the way, even in
         a runner's hooks, is an error answer, so sentinels and answer always follow."""
         try:
@@ -4060,7 +4086,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
 
     # -- answers ---------------------------------------------------------------
 
-    def answer(self, status, body, headers):
+    def send_answer(self, status, body, headers):
         if self.request_version == "HTTP/0.9":  # http.server would send the body alone
             self.request_version = self.protocol_version
         if status in (204, 304):
@@ -4086,7 +4112,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
         """An answer to a request whose body is left unread, so the connection must close."""
         self.close_connection = True
         status, body, json_headers = encode_answer(status, {"error": message})
-        self.answer(status, body, json_headers + list(headers))
+        self.send_answer(status, body, json_headers + list(headers))
 
     def finish(self):
         BaseHTTPRequestHandler.finish(self)
@@ -4373,49 +4399,27 @@ def compile_c(source):
             return file.read()
 
 
-def directory_files(folder):
-    """``{relative name: bytes}`` of every file below ``folder``."""
-    files = {}
-    for root, _, names in os.walk(folder):
-        for name in names:
-            path = os.path.join(root, name)
-            try:
-                with open(path, "rb") as file:
-                    files[os.path.relpath(path, folder)] = file.read()
-            except OSError as error:
-                raise ClientError("cannot read %s: %s" % (path, error.strerror))
-    return files
-
-
-def zip_files(files, folder=None):
-    """A zip of ``{name: bytes}``, each with the mode it has in ``folder`` (exec: 0755)."""
-    import io
-    import zipfile
-    buffer = io.BytesIO()
-    with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as archive:
-        for name, data in sorted(files.items()):
-            info = zipfile.ZipInfo(name)
-            path = os.path.join(folder, name) if folder else None
-            mode = os.stat(path).st_mode if path and os.path.exists(path) else 0o100755
-            info.external_attr = (mode & 0xFFFF) << 16
-            info.compress_type = zipfile.ZIP_DEFLATED
-            archive.writestr(info, data)
-    return buffer.getvalue()
-
-
 def action_init(path, main):
     """The /init value for an action on disk: an executable, a source file, a zip,
     a C source file (compiled here), or a directory (zipped here, with its ``exec``
     or ``__main__.py``, or an ``action.c`` to compile into ``exec``)."""
     import base64
+    import io
     import zipfile
+    zipped = io.BytesIO()
     if os.path.isdir(path):
-        files = directory_files(path)
-        if "exec" not in files and "__main__.py" not in files and "action.c" in files:
-            files["exec"] = compile_c(os.path.join(path, "action.c"))
-        if "exec" not in files and "__main__.py" not in files:
+        entry = next((name for name in ("exec", "__main__.py")
+                      if os.path.isfile(os.path.join(path, name))), None)
+        if entry is None and os.path.isfile(os.path.join(path, "action.c")):
+            entry = ("exec", compile_c(os.path.join(path, "action.c")))
+        if entry is None:
             raise ClientError("the directory %s has no exec or __main__.py" % path)
-        return {"code": base64.b64encode(zip_files(files, path)).decode(), "binary": True,
+        try:  # links as what they point to, as zip -r writes them
+            zip_folder(zipped, path, keep_links=False,
+                       executables=[entry] if isinstance(entry, tuple) else [])
+        except OSError as error:
+            raise ClientError("cannot read %s: %s" % (error.filename, error.strerror))
+        return {"code": base64.b64encode(zipped.getvalue()).decode(), "binary": True,
                 "main": main}
     try:
         with open(path, "rb") as file:
@@ -4429,7 +4433,8 @@ def action_init(path, main):
     try:
         return {"code": data.decode("utf-8"), "binary": False, "main": main}
     except UnicodeDecodeError:
-        return {"code": base64.b64encode(zip_files({"exec": data})).decode(), "binary": True,
+        zip_folder(zipped, executables=[("exec", data)])
+        return {"code": base64.b64encode(zipped.getvalue()).decode(), "binary": True,
                 "main": main}
 
 
@@ -4513,7 +4518,7 @@ def activation(name, timeout):
             "deadline": str(int((time.time() + timeout) * 1000))}
 
 
-def post(url, path, payload, timeout):
+def post_json(url, path, payload, timeout):
     """POSTs JSON to a proxy; returns ``(status, decoded JSON or text)``."""
     import http.client
     from urllib.parse import urlsplit
@@ -4543,7 +4548,7 @@ def post(url, path, payload, timeout):
         return reply.status, body
 
 
-def outcome(what, status, payload):
+def exit_status(what, status, payload):
     """Says on stderr what went wrong; returns the exit status: 0 success, 1
     application error, 2 developer error (also an activation's statusCode)."""
     if status != 200:
@@ -4723,7 +4728,7 @@ class LocalProxy:
 
     def post(self, path, payload, timeout):
         """POSTs to the local proxy; returns its answer once the logs it closed are shown."""
-        status, answer = post(self.url, path, payload, timeout)
+        status, answer = post_json(self.url, path, payload, timeout)
         if OpenWhisk.ends_logs(path, status):
             self.activations += 1
             self.relay.wait_for_sentinels(self.activations)
@@ -4751,7 +4756,7 @@ def invoke(args):
     try:
         status, payload = proxy.post("/init", {"value": init}, args.timeout + 5)
         if status != 200:
-            return outcome("/init", status, payload)
+            return exit_status("/init", status, payload)
         worst = 0
         for number in range(1, args.repeat + 1):
             message = dict(activation(name, args.timeout), value=value)
@@ -4760,7 +4765,7 @@ def invoke(args):
             times = started, time.time()
             tell("run%s took %.1f ms" % (
                 " %d" % number if args.repeat > 1 else "", (times[1] - times[0]) * 1000))
-            code = outcome("/run", status, payload)
+            code = exit_status("/run", status, payload)
             worst = max(worst, code)
             if number == args.repeat or code == 2:
                 break
@@ -4782,10 +4787,10 @@ def invoke(args):
 
 def remote(args, path, body):
     """POSTs ``body`` to a running container; the exit status of its answer."""
-    status, payload = post(args.url, path, body, args.timeout + 5)
+    status, payload = post_json(args.url, path, body, args.timeout + 5)
     if status == 200:
         show(payload)
-    return outcome(path, status, payload)
+    return exit_status(path, status, payload)
 
 
 def client_init(args):
@@ -4965,25 +4970,6 @@ Deploy the zip: its exec runs as it is, with no compile at the cold start.
 """
 
 
-def zip_tree(folder, out):
-    """Writes a zip of ``folder`` to the file ``out``, in bounded chunks: files with
-    their modes, folders, and links as links (``extract_zip`` makes them again)."""
-    import stat
-    import zipfile
-    with zipfile.ZipFile(out, "w", zipfile.ZIP_DEFLATED) as archive:
-        for root, folders, files in os.walk(folder):
-            folders.sort()
-            for name in sorted(folders + files):
-                path = os.path.join(root, name)
-                entry = os.path.relpath(path, folder)
-                if os.path.islink(path):
-                    info = zipfile.ZipInfo(entry)
-                    info.external_attr = (stat.S_IFLNK | 0o777) << 16
-                    archive.writestr(info, os.readlink(path))
-                else:
-                    archive.write(path, entry)
-
-
 def compile_command(args, flags=()):
     """``--compile MAIN`` (the Go proxy's ``-compile MAIN``), at an image's build
     time: the code on stdin unpacked and compiled as /init would, a zip of the
@@ -5013,7 +4999,7 @@ def compile_command(args, flags=()):
         runner = ActionRunner()
         runner.configure(resolve_settings(list(flags) + ["--action-dir", action], os.environ),
                          Logs(out_fd=2), Processes())  # stdout is the zip's
-        zip_tree(runner.install(message).stage, sys.stdout.buffer)
+        zip_folder(sys.stdout.buffer, runner.install(message).stage)
         return 0
     except (InitError, ConfigError, OSError) as error:
         tell(str(error))
