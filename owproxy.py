@@ -4870,8 +4870,12 @@ def healthcheck(args):
 
 # -- The client's command line -------------------------------------------------
 
+# What -p takes, for an error about -p (a KEY=VALUE, as curl -d or docker -e take it).
+PARAM_HINT = "write -p KEY VALUE, e.g. -p {} {}"
+
+
 def client_parser():
-    parser = argument_parser(hints=[("-p/--param", ": write -p KEY VALUE, e.g. -p name Ada")],
+    parser = argument_parser(hints=[("-p/--param", ": " + PARAM_HINT.format("name", "Ada"))],
                              prog="owproxy.py", description=(
         "Try an action locally (invoke), or talk to a running action container (init, run). "
         "Exit status: 0 success, 1 application error, 2 developer error, 130 interrupted."))
@@ -4942,10 +4946,8 @@ def action_seconds(text):
 def client_args(argv):
     """The parsed command line of a client command, its values checked."""
     for flag, word in zip(argv, argv[1:]):
-        if flag in ("-p", "--param") and "=" in word:  # as curl -d or docker -e would have it
-            name, _, given = word.partition("=")
-            raise ClientError("%s %s: write -p KEY VALUE, e.g. -p %s %s" % (flag, word, name,
-                                                                          given))
+        if flag in ("-p", "--param") and "=" in word:
+            raise ClientError("%s %s: %s" % (flag, word, PARAM_HINT.format(*word.split("=", 1))))
     args = client_parser().parse_args(argv)
     args.timeout = flag_value("--timeout", args.timeout, parse_seconds
                               if args.command == "healthcheck" else action_seconds)
