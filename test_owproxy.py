@@ -3165,6 +3165,21 @@ def test_run_against_a_port_that_answers_garbage_is_a_one_line_error():
     assert result.stderr.startswith("owproxy: cannot reach %s" % url)
 
 
+def test_invoke_a_directory_sends_what_its_links_point_to(tmp_path):
+    """As zip -r does: a link to a file outside the directory is sent as that file
+    (a link kept as a link would point outside the action directory)."""
+    outside = tmp_path / "shared.txt"
+    outside.write_text("from outside")
+    folder = tmp_path / "action"
+    folder.mkdir()
+    (folder / "exec").write_text(bash('printf \'{"text": "%s"}\\n\' "$(cat data.txt)"'))
+    (folder / "exec").chmod(0o755)
+    (folder / "data.txt").symlink_to(outside)
+    result = cli("invoke", folder)
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout) == {"text": "from outside"}
+
+
 def test_invoke_a_directory_with_a_broken_link_is_a_one_line_error(tmp_path):
     folder = tmp_path / "action"
     folder.mkdir()
