@@ -3178,6 +3178,10 @@ def test_invoke_a_directory_sends_what_its_links_point_to(tmp_path):
     result = cli("invoke", folder)
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout) == {"text": "from outside"}
+    sent = owproxy.action_init(str(folder), "main")
+    with zipfile.ZipFile(io.BytesIO(base64.b64decode(sent["code"]))) as archive:
+        entry = archive.getinfo("data.txt")
+        assert stat.S_ISREG(entry.external_attr >> 16) and archive.read(entry) == b"from outside"
 
 
 def test_invoke_a_directory_with_a_broken_link_is_a_one_line_error(tmp_path):
