@@ -3039,7 +3039,8 @@ def test_make_run_serves_the_demo_action_and_the_readme_curl_lines_work(tmp_path
         assert proxy.wait_ready()
         response = proxy.run({"name": "Dee"})
         assert (response.status, response.json) == (200, {"greeting": "Hello, Dee!"})
-        curls = readme_curls("The two commands") + readme_curls("Actions")
+        curls = (readme_curls("The two commands") + readme_curls("Your own image")
+                 + readme_curls("Actions"))
         assert len([expected for _, expected in curls if expected]) >= 4
         for (command, expected), output in zip(curls, run_curls(curls, port)):
             if expected is not None:
@@ -3652,6 +3653,19 @@ def main(args):
         raise ValueError("boom")
     return {"ok": "function"}
 """
+
+
+def test_the_readme_dockerfile_is_the_projects_with_an_action_in_place_of_the_stub():
+    readme = (HERE / "README.md").read_text()
+    copied = readme.split("\n## Your own image\n", 1)[1].split("```dockerfile\n", 1)[1]
+    project = (HERE / "Dockerfile").read_text()
+    project = ("FROM" + project.split("\nFROM", 1)[1]).splitlines()
+    stub = [number for number, line in enumerate(project) if "stub" in line]
+    assert len(stub) == 2 and stub[1] == stub[0] + 1, project  # its comment and its RUN
+    action = ["# Your action: an executable called exec (or a __main__.py with a main(args)).",
+              "COPY my-action /action/exec"]
+    assert copied.split("```", 1)[0].splitlines() == (
+        project[:stub[0]] + action + project[stub[1] + 1:])
 
 
 def test_the_images_start_from_bytecode_compiled_at_build_time_without_site(proxies, tmp_path):
