@@ -80,16 +80,23 @@ class Response:
 
 
 class Proxy:
-    """One proxy process, its action directory, and its two log streams.  A
-    ``command(port, action_dir)`` gives another command line to start it with,
-    and the extra environment for it."""
+    """One proxy process, its action directory, and its two log streams.
+
+    It listens where ``host_args`` say (by default ``--host 127.0.0.1``; ``[]`` for
+    the proxy's default), on a free port given by ``--port`` or, with ``port_env``,
+    by those environment variables; it is ready once ``address`` accepts.  A
+    ``command(port, action_dir)`` gives another command line to start it with, and
+    the extra environment for it."""
 
     def __init__(self, root, args=(), env=None, action_dir=None, start=True, preexec_fn=None,
-                 command=None):
+                 command=None, host_args=None, port_env=None, address="127.0.0.1"):
         self.command = command or self.command
         self.root = Path(root)
+        self.root.mkdir(parents=True, exist_ok=True)
         self.action_dir = Path(action_dir) if action_dir else self.root / "action"
         self.action_dir.mkdir(parents=True, exist_ok=True)
+        self.host_args = ["--host", "127.0.0.1"] if host_args is None else list(host_args)
+        self.port_env, self.address = port_env, address
         self.args, self.preexec_fn = list(args), preexec_fn
         self.env = proxy_env(env, other_user=preexec_fn is not None)
         self.out_path, self.err_path = self.root / "proxy.out", self.root / "proxy.err"
@@ -99,8 +106,11 @@ class Proxy:
 
     def command(self, port, action_dir):
         """The command line that starts this proxy on ``port``, and its extra environment."""
-        return proxy_command("--host", "127.0.0.1", "--port", str(port),
-                             "--action-dir", action_dir), {}
+        if self.port_env:
+            return (proxy_command(*self.host_args + ["--action-dir", action_dir]),
+                    {name: str(port) for name in self.port_env})
+        return proxy_command(*self.host_args + ["--port", str(port), "--action-dir",
+                                                action_dir]), {}
 
     def start(self):
         for _ in range(5):
@@ -126,14 +136,14 @@ class Proxy:
             if self.process.poll() is not None:
                 return False
             try:
-                socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
+                socket.create_connection((self.address, self.port), timeout=1).close()
                 return True
             except OSError:
                 time.sleep(0.01)
         raise AssertionError("proxy not listening after %ss" % timeout)
 
     def request(self, method, path, body=None, headers=None, connection=None, timeout=60):
-        conn = connection or http.client.HTTPConnection("127.0.0.1", self.port, timeout=timeout)
+        conn = connection or http.client.HTTPConnection(self.address, self.port, timeout=timeout)
         if isinstance(body, (dict, list)) or body is None and method == "POST":
             body = json.dumps(body if body is not None else {}).encode()
         elif isinstance(body, str):
@@ -172,19 +182,29 @@ class Proxy:
         return self.process.wait(timeout)
 
 
-@pytest.fixture
-def proxies(tmp_path):
+@contextlib.contextmanager
+def started_proxies(root):
+    """``start(*args, env=None, **options)``: a Proxy in a folder of ``root`` (the
+    one way the suite starts a serving proxy); each is stopped at the end."""
     started = []
 
     def start(*args, env=None, **kwargs):
-        proxy = Proxy(tmp_path / ("p%d" % len(started)), args, env, **kwargs)
+        proxy = Proxy(Path(root) / ("p%d" % len(started)), args, env, **kwargs)
         started.append(proxy)
         return proxy
 
-    yield start
-    for proxy in started:
-        if proxy.process and proxy.process.poll() is None:
-            proxy.stop()
+    try:
+        yield start
+    finally:
+        for proxy in started:
+            if proxy.process and proxy.process.poll() is None:
+                proxy.stop()
+
+
+@pytest.fixture
+def proxies(tmp_path):
+    with started_proxies(tmp_path) as start:
+        yield start
 
 
 @pytest.fixture
@@ -547,48 +567,6 @@ def answers(address, port):
         connection.close()
 
 
-class ListeningProxy(Proxy):
-    """A proxy started with ``--host`` arguments of its own (none: the default),
-    the port from ``port_env`` when given, ready once ``address`` accepts."""
-
-    def __init__(self, root, host_args, address, port_env=None, **kwargs):
-        self.host_args, self.address, self.port_env = host_args, address, port_env
-        Path(root).mkdir(parents=True, exist_ok=True)
-        Proxy.__init__(self, root, **kwargs)
-
-    def command(self, port, action_dir):
-        if self.port_env:
-            return (proxy_command(*self.host_args + ["--action-dir", action_dir]),
-                    {name: str(port) for name in self.port_env})
-        return proxy_command(*self.host_args + ["--port", str(port), "--action-dir",
-                                                action_dir]), {}
-
-    def wait_ready(self, timeout=20):
-        end = time.time() + timeout
-        while time.time() < end and self.process.poll() is None:
-            try:
-                socket.create_connection((self.address, self.port), timeout=1).close()
-                return True
-            except OSError:
-                time.sleep(0.01)
-        return False
-
-
-@pytest.fixture
-def listening(tmp_path):
-    started = []
-
-    def start(host_args, address, **kwargs):
-        proxy = ListeningProxy(tmp_path / ("l%d" % len(started)), host_args, address, **kwargs)
-        started.append(proxy)
-        return proxy
-
-    yield start
-    for proxy in started:
-        if proxy.process.poll() is None:
-            proxy.stop()
-
-
 def dockerfile_lines(path):
     """A Dockerfile's instructions, continuation lines joined."""
     return path.read_text().replace("\\\n", " ").splitlines()
@@ -794,17 +772,16 @@ def test_port_wins_over_flask_proxy_port(proxies):
         check_a_run_still_works(proxy)
 
 
-def test_the_port_comes_from_port_alone(listening):
-    proxy = listening(["--host", "127.0.0.1"], "127.0.0.1", port_env=["PORT"])
+def test_the_port_comes_from_port_alone(proxies):
+    proxy = proxies(port_env=["PORT"])
     assert answers("127.0.0.1", proxy.port)
 
 
-def test_flask_proxy_port_wins_over_port(listening):
+def test_flask_proxy_port_wins_over_port(proxies):
     with socket.socket() as taken:  # were PORT used, the proxy could not start
         taken.bind(("127.0.0.1", 0))
         taken.listen(1)
-        proxy = listening(["--host", "127.0.0.1"], "127.0.0.1", port_env=["FLASK_PROXY_PORT"],
-                          env={"PORT": str(taken.getsockname()[1])})
+        proxy = proxies(port_env=["FLASK_PROXY_PORT"], env={"PORT": str(taken.getsockname()[1])})
         assert answers("127.0.0.1", proxy.port)
 
 
@@ -1564,7 +1541,7 @@ DEEP = "d/" * 1200
 
 @pytest.mark.skipif(not oldest_python(), reason="no Python 3.8 on this machine")
 def test_a_failed_init_with_a_folder_1200_deep_leaves_the_baked_action_on_python_3_8(
-        proxies, tmp_path):
+        proxies):
     python = oldest_python()
     proxy = proxies("--allow-reinit", command=lambda port, action_dir: ([
         python, OWPROXY, "--host", "127.0.0.1", "--port", str(port),
@@ -1602,7 +1579,7 @@ def proxy_uid():
 
 @pytest.mark.parametrize("kind", sorted(BAKED))
 def test_a_read_only_action_dir_serves_its_baked_action_as_a_non_root_user(
-        proxies, public_dir, tmp_path, kind):
+        proxies, public_dir, kind):
     """Root owns the directory, mode 555; the proxy runs as nobody (or, not being
     root, as this user, who cannot write there either)."""
     files, args = BAKED[kind]
@@ -1612,7 +1589,6 @@ def test_a_read_only_action_dir_serves_its_baked_action_as_a_non_root_user(
         (read_only / name).write_text(text)
         (read_only / name).chmod(0o755)
     read_only.chmod(0o555)
-    (tmp_path / "p0").mkdir()
     proxy = proxies(*args, action_dir=read_only, preexec_fn=as_nobody())
     code = {"exec": ECHO_BASH, "function": "def main(args):\n    return {}\n",
             "loop": LOOP_ACTION}[kind]
@@ -1637,11 +1613,10 @@ def test_a_read_only_action_dir_serves_its_baked_action_as_a_non_root_user(
     assert proxy.stop() == 0
 
 
-def test_a_zip_into_a_read_only_action_dir_is_refused_alike(proxies, public_dir, tmp_path):
+def test_a_zip_into_a_read_only_action_dir_is_refused_alike(proxies, public_dir):
     read_only = public_dir / "action"
     read_only.mkdir()
     read_only.chmod(0o555)
-    (tmp_path / "p0").mkdir()
     proxy = proxies(action_dir=read_only, preexec_fn=as_nobody())
     response = proxy.init_zip({"exec": ECHO_RESULT})
     assert (response.status, response.json) == (502, INIT_FAILED)
@@ -1660,7 +1635,6 @@ def test_an_action_dir_on_a_read_only_mount_is_called_read_only(proxies, tmp_pat
         print("note: cannot mount a read-only tmpfs here (needs root); not checked")
         pytest.skip("cannot mount a read-only filesystem here")
     try:
-        (tmp_path / "p0").mkdir()
         proxy = proxies(action_dir=mount)
         response = proxy.init(ECHO_BASH)
         assert (response.status, response.json) == (502, INIT_FAILED)
@@ -4251,10 +4225,10 @@ ECHO_ARGUMENT = "#!/bin/sh\nprintf '%s\\n' \"$1\"\n"
 @pytest.fixture(scope="module")
 def strict_proxy(tmp_path_factory):
     """One proxy for the many framing cases: its action echoes its argument."""
-    proxy = Proxy(tmp_path_factory.mktemp("strict"), ["--max-body", "100000"])
-    assert proxy.init(ECHO_ARGUMENT).status == 200
-    yield proxy
-    proxy.stop()
+    with started_proxies(tmp_path_factory.mktemp("strict")) as start:
+        proxy = start("--max-body", "100000")
+        assert proxy.init(ECHO_ARGUMENT).status == 200
+        yield proxy
 
 
 @pytest.mark.parametrize("case", sorted(SMUGGLING))
@@ -4881,8 +4855,8 @@ def test_the_connection_cap_stays_within_the_descriptor_limit(proxies):
     assert wait_for(lambda: proxy.run(timeout=10).json == {"ok": "run"})
 
 
-def test_the_default_host_takes_ipv4_and_ipv6_clients_on_one_port(listening):
-    proxy = listening([], "127.0.0.1", args=["--verbose"])
+def test_the_default_host_takes_ipv4_and_ipv6_clients_on_one_port(proxies):
+    proxy = proxies("--verbose", host_args=[])
     assert answers("127.0.0.1", proxy.port)
     if IPV6:  # dual-stack: the same socket answers ::1
         assert answers("::1", proxy.port)
@@ -4900,8 +4874,8 @@ needs_ipv6 = pytest.mark.skipif(not IPV6, reason="this machine has no IPv6 loopb
 
 @needs_ipv6
 @pytest.mark.parametrize("host", ["::1", "[::1]"])
-def test_an_ipv6_host_with_or_without_brackets_listens_on_ipv6_only(listening, host):
-    proxy = listening(["--host", host, "--verbose"], "::1")
+def test_an_ipv6_host_with_or_without_brackets_listens_on_ipv6_only(proxies, host):
+    proxy = proxies(host_args=["--host", host, "--verbose"], address="::1")
     assert answers("::1", proxy.port)
     assert not answers("127.0.0.1", proxy.port)
     connection = http.client.HTTPConnection("::1", proxy.port, timeout=30)
@@ -4911,17 +4885,17 @@ def test_an_ipv6_host_with_or_without_brackets_listens_on_ipv6_only(listening, h
     assert wait_for(lambda: "\n::1 - - [" in proxy.logs()[1], 30), proxy.logs()
 
 
-def test_an_ipv4_host_listens_on_ipv4_only(listening):
-    proxy = listening(["--host", "127.0.0.1"], "127.0.0.1")
+def test_an_ipv4_host_listens_on_ipv4_only(proxies):
+    proxy = proxies()
     assert answers("127.0.0.1", proxy.port)
     if IPV6:
         assert not answers("::1", proxy.port)
 
 
-def test_a_host_name_listens_where_the_name_resolves(listening):
+def test_a_host_name_listens_where_the_name_resolves(proxies):
     family, _, _, _, address = socket.getaddrinfo("localhost", None, 0, socket.SOCK_STREAM, 0,
                                                   socket.AI_PASSIVE)[0]
-    proxy = listening(["--host", "localhost"], address[0])
+    proxy = proxies(host_args=["--host", "localhost"], address=address[0])
     assert answers(address[0], proxy.port)
     other = "::1" if family == socket.AF_INET else "127.0.0.1"
     if IPV6:
@@ -5712,14 +5686,14 @@ HOSTS = [([], "127.0.0.1"), (["--host", "127.0.0.1"], "127.0.0.1")] + (
 @pytest.mark.parametrize("port_env", ["FLASK_PROXY_PORT", "PORT", None])
 @pytest.mark.parametrize("host_args, address", HOSTS)
 def test_every_health_check_follows_the_port_and_host_the_proxy_was_given(
-        listening, port_env, host_args, address):
+        proxies, port_env, host_args, address):
     """Read from the proxy's own command line and environment (PID 1's in a
     container): a --port in an image's CMD counts, and the check's own environment
     need not hold the port."""
     commands = healthchecks()
     assert sorted(commands) == ["Dockerfile", "README.md", "examples/c/Dockerfile",
                                 "examples/docker-compose.yml"]
-    proxy = listening(host_args, address, port_env=port_env and [port_env])
+    proxy = proxies(host_args=host_args, address=address, port_env=port_env and [port_env])
     assert proxy.port != 8080
     pid = ["--pid", str(proxy.process.pid)]
     assert {code for code, err in run_healthchecks({}, *pid).values()} == {0}
@@ -5918,7 +5892,7 @@ def check_hardened(pod, container):
     return mounts
 
 
-def test_the_knative_service_runs_a_dedicated_function_by_the_knative_contract(listening):
+def test_the_knative_service_runs_a_dedicated_function_by_the_knative_contract(proxies):
     (service,) = yaml_documents((EXAMPLES / "knative" / "service.yaml").read_text())
     assert (service["apiVersion"], service["kind"]) == ("serving.knative.dev/v1", "Service")
     pod = service["spec"]["template"]["spec"]
@@ -5933,7 +5907,7 @@ def test_the_knative_service_runs_a_dedicated_function_by_the_knative_contract(l
     assert not {"FLASK_PROXY_PORT", "PORT"} & set(env)  # Knative's PORT must be the one read
     assert "/action" in check_hardened(pod, container)  # the dedicated code is written there
     # The container as Knative starts it: its env, PORT set by Knative.
-    proxy = listening([], "127.0.0.1", port_env=["PORT"], env=env)
+    proxy = proxies(host_args=[], port_env=["PORT"], env=env)
     for path in (owproxy.LIVENESS_PATH, owproxy.READINESS_PATH):
         assert proxy.request("GET", path).status == 200
     response = proxy.request("GET", "/?name=Ada")
@@ -5941,7 +5915,7 @@ def test_the_knative_service_runs_a_dedicated_function_by_the_knative_contract(l
 
 
 def test_the_kubernetes_deployment_serves_a_baked_action_read_only_behind_a_service(
-        listening, public_dir, tmp_path):
+        proxies, public_dir):
     deployment, service = yaml_documents(
         (EXAMPLES / "kubernetes" / "deployment.yaml").read_text())
     assert (deployment["kind"], service["kind"]) == ("Deployment", "Service")
@@ -5967,8 +5941,8 @@ def test_the_kubernetes_deployment_serves_a_baked_action_read_only_behind_a_serv
     baked.chmod(0o555)
     env = dict(env, OWPROXY_ACTION_DIR=str(baked))
     del env["FLASK_PROXY_PORT"]  # a free port's instead
-    proxy = listening([], "127.0.0.1", port_env=["FLASK_PROXY_PORT"], env=env,
-                      action_dir=baked, preexec_fn=as_nobody())
+    proxy = proxies(host_args=[], port_env=["FLASK_PROXY_PORT"], env=env, action_dir=baked,
+                    preexec_fn=as_nobody())
     assert proxy.init().status == 200
     check_a_run_still_works(proxy)
 
@@ -6040,12 +6014,11 @@ def test_a_bare_start_without_an_action_dir_says_what_to_do_next(tmp_path):
         2, "owproxy: the action directory /action does not exist" + NEXT_STEPS)
 
 
-def test_the_proxy_works_as_an_unprivileged_user(proxies, public_dir, tmp_path):
+def test_the_proxy_works_as_an_unprivileged_user(proxies, public_dir):
     action_dir = public_dir / "action"
     action_dir.mkdir()
     if os.geteuid() == 0:
         os.chown(str(action_dir), NOBODY, NOBODY)
-    (tmp_path / "p0").mkdir()  # the fixture's log folder; Proxy makes only the action dir
     proxy = proxies(action_dir=action_dir, preexec_fn=as_nobody())
     code = python_script("""
 import json, os
