@@ -86,11 +86,14 @@ class Proxy:
     the proxy's default), on a free port given by ``--port`` or, with ``port_env``,
     by those environment variables; it is ready once ``address`` accepts.  A
     ``command(port, action_dir)`` gives another command line to start it with, and
-    the extra environment for it."""
+    the extra environment for it; ``cwd`` where it starts, ``own_session`` whether
+    in a session of its own (stopped as a whole: ``make run``)."""
 
     def __init__(self, root, args=(), env=None, action_dir=None, start=True, preexec_fn=None,
-                 command=None, host_args=None, port_env=None, address="127.0.0.1"):
+                 command=None, host_args=None, port_env=None, address="127.0.0.1", cwd=None,
+                 own_session=False):
         self.command = command or self.command
+        self.cwd, self.own_session = cwd, own_session
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
         self.action_dir = Path(action_dir) if action_dir else self.root / "action"
@@ -122,7 +125,8 @@ class Proxy:
                 with open(self.out_path, "wb") as out, open(self.err_path, "wb") as err:
                     self.process = subprocess.Popen(argv + self.args, stdout=out, stderr=err,
                                                     env=dict(self.env, **extra),
-                                                    preexec_fn=self.preexec_fn)
+                                                    preexec_fn=self.preexec_fn, cwd=self.cwd,
+                                                    start_new_session=self.own_session)
                 ready = self.wait_ready()
             if ready:
                 return self
@@ -178,7 +182,10 @@ class Proxy:
 
     def stop(self, sig=signal.SIGTERM, timeout=30):
         if self.process.poll() is None:
-            self.process.send_signal(sig)
+            if self.own_session:
+                os.killpg(self.process.pid, sig)
+            else:
+                self.process.send_signal(sig)
         return self.process.wait(timeout)
 
 
@@ -5683,28 +5690,18 @@ def run_curls(curls, port):
     return outputs
 
 
-def test_make_run_serves_the_demo_action_and_the_readme_curl_lines_work(tmp_path):
-    port = free_port()
+def test_make_run_serves_the_demo_action_and_the_readme_curl_lines_work(proxies, tmp_path):
     shutil.copytree(HERE, tmp_path / "repo", ignore=shutil.ignore_patterns(
         ".venv", ".git", "__pycache__", ".coverage*"))
-    server = subprocess.Popen(["make", "-s", "run", "PORT=%d" % port, "PYTHON=%s" % PYTHON],
-                              cwd=tmp_path / "repo", stdout=subprocess.DEVNULL,
-                              stderr=subprocess.DEVNULL, start_new_session=True,
-                              env=proxy_env())
-    try:
-        proxy = Proxy.__new__(Proxy)
-        proxy.port, proxy.process = port, server
-        assert proxy.wait_ready()
-        response = proxy.run({"name": "Dee"})
-        assert (response.status, response.json) == (200, {"greeting": "Hello, Dee!"})
-        curls = readme_curls("The two commands") + readme_curls("Actions")
-        assert len([expected for _, expected in curls if expected]) >= 4
-        for (command, expected), output in zip(curls, run_curls(curls, port)):
-            if expected is not None:
-                assert json.loads(output) == json.loads(expected), command
-    finally:
-        os.killpg(server.pid, signal.SIGTERM)
-        server.wait(30)
+    proxy = proxies(cwd=tmp_path / "repo", own_session=True, command=lambda port, action_dir: (
+        ["make", "-s", "run", "PORT=%d" % port, "PYTHON=%s" % PYTHON], {}))
+    response = proxy.run({"name": "Dee"})
+    assert (response.status, response.json) == (200, {"greeting": "Hello, Dee!"})
+    curls = readme_curls("The two commands") + readme_curls("Actions")
+    assert len([expected for _, expected in curls if expected]) >= 4
+    for (command, expected), output in zip(curls, run_curls(curls, proxy.port)):
+        if expected is not None:
+            assert json.loads(output) == json.loads(expected), command
 
 
 def test_a_second_make_run_fails_on_the_port_before_it_touches_the_demo_action(tmp_path):
