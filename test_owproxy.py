@@ -214,6 +214,14 @@ def proxies(tmp_path):
         yield start
 
 
+@pytest.fixture(scope="module")
+def shared_proxies(tmp_path_factory):
+    """For a proxy the tests of a fixture share: their requests must leave it as it
+    was, and they must not count its log lines, which the others add to."""
+    with started_proxies(tmp_path_factory.mktemp("shared")) as start:
+        yield start
+
+
 @pytest.fixture
 def proxy(proxies):
     return proxies()
@@ -1150,8 +1158,8 @@ echo '{"ok": true}'
 """)).status == 200
         for _ in range(3):
             assert proxy.run().json == {"ok": True}
-        time.sleep(0.5)
-        assert wait_for(lambda: "Z" not in children(pid_1).values()), children(pid_1)
+        # The leaders' parent is now PID 1: once they end, nothing of them may be left.
+        assert wait_for(lambda: not children(pid_1)), children(pid_1)
     finally:
         os.kill(pid_1, signal.SIGTERM)
     assert proxy.process.wait(10) == 0
@@ -3616,9 +3624,10 @@ def test_a_dedicated_raw_container_passes_its_first_request_as_it_is(proxies):
                     "__ow_method": "post", "__ow_path": "", "__ow_user": ""}
 
 
-@pytest.fixture
-def web_proxy(proxies):
-    proxy = knative(proxies)
+@pytest.fixture(scope="module")
+def web_proxy(shared_proxies):
+    """The Knative action, initialised: its tests send requests and read answers."""
+    proxy = knative(shared_proxies)
     assert proxy.post("/", {"init": {"code": KNATIVE_ACTION}}).status == 200
     return proxy
 
@@ -3666,9 +3675,8 @@ WEB_CASES = [
 
 
 @pytest.mark.parametrize("web, status, content_type, body", WEB_CASES)
-def test_knative_web_results_become_http_responses(proxies, web, status, content_type, body):
-    proxy = knative(proxies)
-    response = proxy.post("/", {"init": {"code": KNATIVE_ACTION}, "value": {"web": web}})
+def test_knative_web_results_become_http_responses(web_proxy, web, status, content_type, body):
+    response = web_proxy.post("/", {"init": {"code": KNATIVE_ACTION}, "value": {"web": web}})
     assert (response.status, response.body) == (status, body)
     assert response.headers.get("Content-Type") == content_type
     assert response.headers["Access-Control-Allow-Origin"] == "*"
@@ -3680,9 +3688,8 @@ def test_knative_web_results_become_http_responses(proxies, web, status, content
 
 @pytest.mark.parametrize("web", [{"statusCode": "teapot"}, {"statusCode": 200, "headers": []},
                                  {"headers": {"content-type": "image/png"}, "body": "%%%"}])
-def test_invalid_web_results_are_502(proxies, web):
-    proxy = knative(proxies)
-    response = proxy.post("/", {"init": {"code": KNATIVE_ACTION}, "value": {"web": web}})
+def test_invalid_web_results_are_502(web_proxy, web):
+    response = web_proxy.post("/", {"init": {"code": KNATIVE_ACTION}, "value": {"web": web}})
     assert response.status == 502 and "web response" in response.json["error"]
 
 
@@ -3763,10 +3770,9 @@ def test_a_304_sends_no_body(web_proxy):
     assert values_of(pairs, "Content-Length") == ["0"]
 
 
-def test_knative_keeps_cors_headers_the_action_sets(proxies):
-    proxy = knative(proxies)
+def test_knative_keeps_cors_headers_the_action_sets(web_proxy):
     web = {"headers": {"Access-Control-Allow-Origin": "https://example.org"}, "body": "x"}
-    response = proxy.post("/", {"init": {"code": KNATIVE_ACTION}, "value": {"web": web}})
+    response = web_proxy.post("/", {"init": {"code": KNATIVE_ACTION}, "value": {"web": web}})
     assert response.headers["Access-Control-Allow-Origin"] == "https://example.org"
 
 
@@ -3880,7 +3886,7 @@ def test_an_empty_http_methods_means_post(proxies):
 def test_health_endpoints_answer_while_an_action_runs_and_stay_out_of_the_logs(proxies,
                                                                             platform):
     proxy = proxies("--verbose", env={"__OW_RUNTIME_PLATFORM": platform})
-    code = bash("sleep 2\necho '{}'")
+    code = bash("touch started\nwhile [ ! -e release ]; do sleep 0.02; done\necho '{}'")
     if platform == "knative":
         assert proxy.post("/", {"init": {"code": code}}).status == 200
         running = threading.Thread(target=proxy.post, args=("/", {"value": {}}))
@@ -3888,13 +3894,13 @@ def test_health_endpoints_answer_while_an_action_runs_and_stay_out_of_the_logs(p
         assert proxy.init(code).status == 200
         running = threading.Thread(target=proxy.run)
     running.start()
-    time.sleep(0.3)
+    assert wait_for(lambda: (proxy.action_dir / "started").exists())
     before = proxy.logs()
-    started = time.time()
-    live = proxy.request("GET", "/healthz")
-    ready = proxy.request("GET", "/readyz")
-    head = proxy.request("HEAD", "/readyz")
-    assert time.time() - started < 1.5  # answered while the action still sleeps
+    live = proxy.request("GET", "/healthz", timeout=10)  # answered while the action waits
+    ready = proxy.request("GET", "/readyz", timeout=10)
+    head = proxy.request("HEAD", "/readyz", timeout=10)
+    assert not (proxy.action_dir / "release").exists()
+    (proxy.action_dir / "release").write_text("")
     assert (live.status, live.json) == (200, {"status": "ok"})
     assert (ready.status, ready.json) == (200, {"ready": True})
     assert (head.status, head.body) == (200, b"")
@@ -3904,17 +3910,20 @@ def test_health_endpoints_answer_while_an_action_runs_and_stay_out_of_the_logs(p
 
 def test_readiness_fails_once_shutdown_has_begun(proxies):
     proxy = proxies()
-    assert proxy.init(bash("touch started\nsleep 2\necho '{\"done\": true}'")).status == 200
+    assert proxy.init(bash("touch started\nwhile [ ! -e release ]; do sleep 0.02; done\n"
+                           "echo '{\"done\": true}'")).status == 200
     assert proxy.request("GET", "/readyz").status == 200
     run = in_thread(proxy.run, timeout=30)
     assert wait_for(lambda: (proxy.action_dir / "started").exists())
     proxy.process.send_signal(signal.SIGTERM)
-    time.sleep(0.3)
-    ready = proxy.request("GET", "/readyz")  # a new connection: still answered
+    # Each a new connection: still answered.
+    assert wait_for(lambda: proxy.request("GET", "/readyz").status == 503)
+    ready = proxy.request("GET", "/readyz")
     assert (ready.status, ready.json) == (503, {"ready": False, "reason": "shutting down"})
     assert proxy.request("GET", "/healthz").status == 200
     refused = proxy.run()
     assert (refused.status, refused.json) == (503, {"error": "The proxy is shutting down."})
+    (proxy.action_dir / "release").write_text("")
     assert run().json == {"done": True}
     assert proxy.process.wait(30) == 0
 
@@ -4485,22 +4494,20 @@ def test_a_body_that_could_never_fit_is_413_at_once_saying_why(proxies):
 def test_a_body_declared_over_the_limit_is_refused_without_waiting_for_the_budget(proxies):
     proxy = proxies("--concurrent", "--max-header", "1K", "--max-body", "10K",
                     "--body-memory", "200K")  # a 9 KB body with its parse fits, two do not
-    assert proxy.init(bash("sleep 2\ntouch finished\necho '{\"slow\": true}'")).status == 200
-    slow = {}
-    runner = threading.Thread(target=lambda: slow.update(
-        answer=proxy.run({"pad": "x" * 9000}, timeout=30)))
-    runner.start()
-    time.sleep(0.5)  # its 9 KB body holds the budget until it is answered
+    assert proxy.init(bash("touch started\nwhile [ ! -e release ]; do sleep 0.02; done\n"
+                           "echo '{\"slow\": true}'")).status == 200
+    slow = in_thread(proxy.run, {"pad": "x" * 9000}, timeout=30)
+    # Its 9 KB body holds the budget until it is answered, which waits for the release.
+    assert wait_for(lambda: (proxy.action_dir / "started").exists())
     client = RawClient(proxy)
     try:
         client.send(head("POST", "/run", "Content-Length: 20000"))
-        response = client.response()
+        response = client.response()  # did it wait for the activation: a timeout
     finally:
         client.close()
     assert response.status == 413
-    assert not (proxy.action_dir / "finished").exists(), "the 413 waited for the activation"
-    runner.join(30)
-    assert slow["answer"].json == {"slow": True}
+    (proxy.action_dir / "release").write_text("")
+    assert slow().json == {"slow": True}
 
 
 def server_rx_queue(port, client_port):
