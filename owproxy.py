@@ -306,6 +306,9 @@ SHUTTING_DOWN = "The proxy is shutting down."
 INTERNAL_ERROR = "Internal error. {}"
 
 MIB = 1024 * 1024
+# Bytes read from a pipe or /proc at a time: what a pipe holds by default, and
+# small enough that the bytes object read is no mmap of its own.
+READ_SIZE = 65536
 DEFAULT_MAX_RESULT = 16 * MIB
 LINE_HEAD = 1024  # bytes of an overlong line that the logs show
 HTTP_METHODS = ("GET", "POST", "PUT", "DELETE", "PATCH", "HEAD", "OPTIONS")
@@ -970,9 +973,9 @@ def proc_file(path):
     makes nine: an activation's cleanup reads a few."""
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     try:
-        chunks = [os.read(fd, 65536)]
+        chunks = [os.read(fd, READ_SIZE)]
         while chunks[-1]:
-            chunks.append(os.read(fd, 65536))
+            chunks.append(os.read(fd, READ_SIZE))
     finally:
         os.close(fd)
     return b"".join(chunks)
@@ -1072,6 +1075,17 @@ def kill_group(process):
         pass  # the group is already gone
 
 
+class ActionProcess(subprocess.Popen):
+    """An action's process, in a session (and process group) of its own, its pipes
+    to the proxy, and its ``marker`` in its environment, which all it starts inherit."""
+
+    def __init__(self, argv, marker, env, **options):
+        self.marker = marker
+        subprocess.Popen.__init__(self, argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, start_new_session=True,
+                                  env=dict(env, **{ACTIVATION_MARKER: marker}), **options)
+
+
 class Processes:
     """Every action process, and everything it starts, until it is killed and reaped.
 
@@ -1102,8 +1116,7 @@ class Processes:
         self.reaped_at = 0.0
 
     def spawn(self, argv, env, cwd, **options):
-        """Starts an action process in a session (and process group) of its own, its
-        pipes to the proxy, its marker in its environment.  Concurrent activations
+        """Starts an ActionProcess with a marker of its own.  Concurrent activations
         spawn side by side, not one after the other (a spawn waits for the exec)."""
         with self.lock:
             if self.subreaper is None:
@@ -1113,11 +1126,7 @@ class Processes:
             marker = "%d-%d" % (os.getpid(), self.spawned)
         process = None
         try:
-            process = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                       stderr=subprocess.PIPE, cwd=cwd,
-                                       env=dict(env, **{ACTIVATION_MARKER: marker}),
-                                       start_new_session=True, **options)
-            process.marker = marker
+            process = ActionProcess(argv, marker, env, cwd=cwd, **options)
         finally:
             with self.lock:
                 self.spawning -= 1
@@ -1286,7 +1295,7 @@ class Pump:
 
     poll_interval = 0.05  # how often to look for the exit where pidfds are missing
     longest_wait = 3600.0  # selectors overflow on far-future deadlines
-    chunk = 65536  # bytes moved at a time: what a pipe holds by default
+    chunk = READ_SIZE  # bytes moved at a time, more once a pipe is made larger
     widest = MIB  # what an unprivileged process may make a pipe hold (pipe-max-size)
 
     def __init__(self, process, stdout, stderr, results=None, result_pipe=None):
@@ -2539,8 +2548,8 @@ class WorkerChannel:
         pending = bytearray()
         while True:
             select.select([self.request_fd], [], [])
-            try:  # 64 KiB: a larger bytes object would be an mmap and its page faults per read
-                chunk = os.read(self.request_fd, 65536)
+            try:
+                chunk = os.read(self.request_fd, READ_SIZE)
             except BlockingIOError:
                 continue  # the action's code read it first, or nothing came yet
             if not chunk:
@@ -4609,7 +4618,7 @@ class LogRelay:
                               LineForwarder(functools.partial(self.show, stream)))
         while selector.get_map():
             for key, _ in selector.select():
-                chunk = os.read(key.fd, Pump.chunk)
+                chunk = os.read(key.fd, READ_SIZE)
                 if chunk:
                     key.data.feed(chunk)
                 else:
