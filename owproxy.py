@@ -42,6 +42,7 @@ title a banner below and each ``--`` line a family under it:
     -- Versions                    an init's code, swapped atomically for runs
     -- Archives                    zip and tar.gz, kept inside the action directory
     -- Compile scripts             a runtime image's, as the Go proxy runs them
+    -- An init's code              staged or compiled, checked, and of which kind
  6. Runs
     -- The activation's environment   ``__OW_*``, as OpenWhisk exports them
     -- An executable run once      its input, logs and last line
@@ -878,6 +879,11 @@ def strict_json(text):
     """JSON as every action's parser takes it: NaN, Infinity and numbers too large
     for a float, which Python's json would accept, are refused (ValueError)."""
     return json.loads(text, parse_constant=reject_constant, parse_float=finite_float)
+
+
+def json_type(value):
+    return {dict: "an object", list: "an array", str: "a string", bool: "a boolean",
+            type(None): "null"}.get(type(value), "a number")
 
 
 class Request:
@@ -2116,6 +2122,24 @@ def compile_action(compiler, main, src, bin, env, timeout, cancelled=None):
         raise InitError("exit status %d" % process.returncode)
 
 
+# -- An init's code ------------------------------------------------------------
+
+def looks_like_python(code):
+    """Source that is not an executable (no ``#!``, not ELF) and is Python: it
+    parses, or a line starts as Python does (so a syntax error is reported as one
+    at init rather than as "Exec format error" at every run)."""
+    import ast
+    import re
+    if not code.strip() or code.startswith(("#!", "\x7fELF")):
+        return False
+    try:
+        ast.parse(code)
+        return True
+    except (SyntaxError, ValueError):
+        return re.search(r"^(async\s+def|def|class|import|from\s+\S+\s+import)\s", code,
+                         re.MULTILINE) is not None
+
+
 # ============================================================================
 # 6. Runs
 # ============================================================================
@@ -2163,11 +2187,6 @@ class ActivationEnv(dict):
     def __init__(self, base, fields):
         dict.__init__(self, base)
         self.fields = fields
-
-
-def json_type(value):
-    return {dict: "an object", list: "an array", str: "a string", bool: "a boolean",
-            type(None): "null"}.get(type(value), "a number")
 
 
 # -- An executable run once ----------------------------------------------------
@@ -2512,22 +2531,6 @@ class WarmPool:
 
 
 # -- The function worker -------------------------------------------------------
-
-def looks_like_python(code):
-    """Source that is not an executable (no ``#!``, not ELF) and is Python: it
-    parses, or a line starts as Python does (so a syntax error is reported as one
-    at init rather than as "Exec format error" at every run)."""
-    import ast
-    import re
-    if not code.strip() or code.startswith(("#!", "\x7fELF")):
-        return False
-    try:
-        ast.parse(code)
-        return True
-    except (SyntaxError, ValueError):
-        return re.search(r"^(async\s+def|def|class|import|from\s+\S+\s+import)\s", code,
-                         re.MULTILINE) is not None
-
 
 class WorkerChannel:
     """The function worker's two protocol descriptors, moved out of the action's way."""
