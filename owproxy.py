@@ -42,6 +42,7 @@ title a banner below and each ``--`` line a family under it:
     -- Versions                    an init's code, swapped atomically for runs
     -- Archives                    zip and tar.gz, kept inside the action directory
     -- Compile scripts             a runtime image's, as the Go proxy runs them
+    -- An init's code              staged or compiled, checked, and of which kind
  6. Runs
     -- The activation's environment   ``__OW_*``, as OpenWhisk exports them
     -- An executable run once      its input, logs and last line
@@ -880,6 +881,11 @@ def strict_json(text):
     return json.loads(text, parse_constant=reject_constant, parse_float=finite_float)
 
 
+def json_type(value):
+    return {dict: "an object", list: "an array", str: "a string", bool: "a boolean",
+            type(None): "null"}.get(type(value), "a number")
+
+
 class Request:
     """What a handler sees of a request.  ``init_only``: the handler installed code
     and ran nothing (a Knative request with an init and no activation)."""
@@ -1338,8 +1344,8 @@ class Pump:
         if self.close_stdin:
             self.process.stdin.close()
 
-    def serve(self, deadline, finished=lambda: False):
-        """Serves the pipes until ``finished()``; returns "finished", "exited" or "deadline".
+    def until(self, deadline, finished=lambda: False):
+        """Pumps the pipes until ``finished()``; returns "finished", "exited" or "deadline".
         A process that exits right after its result has still finished."""
         while not finished():
             remaining = None if deadline is None else deadline - time.monotonic()
@@ -1496,8 +1502,8 @@ class InitCancelled(InitError):
         InitError.__init__(self, SHUTTING_DOWN)
 
 
-def check_stopping(stopping):
-    if stopping is not None and stopping.is_set():
+def check_cancelled(cancelled):
+    if cancelled is not None and cancelled.is_set():
         raise InitCancelled()
 
 
@@ -1904,12 +1910,12 @@ def make_links(dest, names, links):
             raise InitError("cannot create the link %r: %s" % ("/".join(parts), error))
 
 
-def extract_entries(entries, dest, extract, stopping=None):
+def extract_entries(entries, dest, extract, cancelled=None):
     """Extracts (name, entry) pairs into ``dest`` with ``extract(entry, path)``, which
     returns a link's target instead of making the link: links come last."""
     names, links = [], []
     for name, entry in entries:
-        check_stopping(stopping)
+        check_cancelled(cancelled)
         parts = archive_path(name)
         if not parts:
             continue  # the archive's own folder, "./"
@@ -1920,7 +1926,7 @@ def extract_entries(entries, dest, extract, stopping=None):
     make_links(dest, names, links)
 
 
-def extract_zip(data, dest, max_total, stopping=None):
+def extract_zip(data, dest, max_total, cancelled=None):
     """Extracts a zip archive into the empty directory ``dest``.
 
     Nothing is written outside ``dest``: absolute and ``..`` names are refused,
@@ -1946,7 +1952,7 @@ def extract_zip(data, dest, max_total, stopping=None):
             raise InitError("the archive expands to %d bytes, more than the limit of %d"
                             % (total, max_total))
         extract_entries(((member.filename, member) for member in members), dest,
-                        functools.partial(extract_member, archive), stopping)
+                        functools.partial(extract_member, archive), cancelled)
 
 
 def counted(archive, max_total):
@@ -1984,7 +1990,7 @@ def extract_tar_member(archive, member, path):
     return None
 
 
-def extract_tar(data, dest, max_total, stopping=None):
+def extract_tar(data, dest, max_total, cancelled=None):
     """Extracts a tar.gz archive into the empty directory ``dest`` under the rules
     of ``extract_zip``.  gzip declares no sizes, so they are counted as the
     archive streams by, and extended headers (long names) are bounded too."""
@@ -2013,20 +2019,20 @@ def extract_tar(data, dest, max_total, stopping=None):
         with tarfile.open(fileobj=io.BytesIO(data), mode="r|gz", tarinfo=Header) as archive:
             archive.global_sizes = 0  # of the global headers so far, which tarfile keeps
             extract_entries(counted(archive, max_total), dest,
-                            functools.partial(extract_tar_member, archive), stopping)
+                            functools.partial(extract_tar_member, archive), cancelled)
     except (tarfile.TarError, EOFError, OSError, zlib.error, TypeError, ValueError) as error:
         raise InitError("the code is not a tar.gz archive (%s)" % error)
 
 
-def unpack(data, dest, max_total, name, stopping=None):
+def unpack(data, dest, max_total, name, cancelled=None):
     """Installs ``binary`` code into the empty directory ``dest``: a zip, a tar.gz,
     or anything else as the executable ``name`` itself (a script or a binary).
-    An archive stops at its next entry once ``stopping`` is set."""
+    An archive stops at its next entry once ``cancelled`` is set."""
     import io
     if data.startswith(ZIP_MAGIC):
-        extract_zip(data, dest, max_total, stopping)
+        extract_zip(data, dest, max_total, cancelled)
     elif data.startswith(TAR_GZ_MAGIC):
-        extract_tar(data, dest, max_total, stopping)
+        extract_tar(data, dest, max_total, cancelled)
     elif name.startswith(os.pardir):  # a runner whose binary lies outside its archive's folder
         raise InitError("the code is neither a zip nor a tar.gz archive")
     else:
@@ -2086,10 +2092,10 @@ def runnable(path):
 COMPILE_POLL = 0.05  # seconds between two looks, during a compile, for a shutdown
 
 
-def compile_action(compiler, main, src, bin, env, timeout, stopping=None):
+def compile_action(compiler, main, src, bin, env, timeout, cancelled=None):
     """Runs a runtime image's compile script as the Go proxy does, ``COMPILER MAIN SRC
     BIN``: whatever it prints, even with exit status 0, is why it failed.  It is
-    killed, with its process group, at the timeout or once ``stopping`` is set."""
+    killed, with its process group, at the timeout or once ``cancelled`` is set."""
     try:
         process = subprocess.Popen([compiler, main, src, bin], env=env,
                                    stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
@@ -2103,7 +2109,7 @@ def compile_action(compiler, main, src, bin, env, timeout, stopping=None):
                 output = process.communicate(timeout=min(COMPILE_POLL, timeout))[0]
                 break
             except subprocess.TimeoutExpired:
-                check_stopping(stopping)
+                check_cancelled(cancelled)
                 if time.monotonic() > end:
                     raise InitError("the compiler did not finish within %g seconds" % timeout)
     finally:
@@ -2114,6 +2120,24 @@ def compile_action(compiler, main, src, bin, env, timeout, stopping=None):
         raise InitError(output.decode("utf-8", "replace"))
     if process.returncode:
         raise InitError("exit status %d" % process.returncode)
+
+
+# -- An init's code ------------------------------------------------------------
+
+def looks_like_python(code):
+    """Source that is not an executable (no ``#!``, not ELF) and is Python: it
+    parses, or a line starts as Python does (so a syntax error is reported as one
+    at init rather than as "Exec format error" at every run)."""
+    import ast
+    import re
+    if not code.strip() or code.startswith(("#!", "\x7fELF")):
+        return False
+    try:
+        ast.parse(code)
+        return True
+    except (SyntaxError, ValueError):
+        return re.search(r"^(async\s+def|def|class|import|from\s+\S+\s+import)\s", code,
+                         re.MULTILINE) is not None
 
 
 # ============================================================================
@@ -2163,11 +2187,6 @@ class ActivationEnv(dict):
     def __init__(self, base, fields):
         dict.__init__(self, base)
         self.fields = fields
-
-
-def json_type(value):
-    return {dict: "an object", list: "an array", str: "a string", bool: "a boolean",
-            type(None): "null"}.get(type(value), "a number")
 
 
 # -- An executable run once ----------------------------------------------------
@@ -2241,7 +2260,7 @@ def run_once(argv, data, env, cwd, logs, processes, limit):
     pump = Pump(process, stdout, stderr)
     try:
         pump.send(data, close=True)
-        ending = pump.serve(deadline_of(env))
+        ending = pump.until(deadline_of(env))
         processes.end(process)
         pump.drain()
         returncode = process.wait()
@@ -2311,7 +2330,7 @@ class WarmProcess:
         """Waits for the ack line, ``{"ok": true}``, or, without one, until the
         process is up and waiting (``settled``)."""
         if wait_for_ack:
-            ending = self.pump.serve(None, lambda: self.results.lines)
+            ending = self.pump.until(None, lambda: self.results.lines)
             ack = parse_result(self.results.lines.pop(0)) if ending == "finished" else None
             ack = ack and ack.value
             if ending == "finished" and not (isinstance(ack, dict) and ack.get("ok") is True):
@@ -2330,7 +2349,7 @@ class WarmProcess:
         start window ends; returns "exited" or "deadline"."""
         end = time.monotonic() + self.start_window
         while True:
-            ending = self.pump.serve(min(end, time.monotonic() + self.start_look_interval))
+            ending = self.pump.until(min(end, time.monotonic() + self.start_look_interval))
             if ending == "exited" or time.monotonic() >= end or asleep(self.process.pid):
                 return ending
 
@@ -2355,10 +2374,10 @@ class WarmProcess:
             self.explain("dropped %d result line(s) the action wrote outside an activation"
                          % stale)
         self.pump.send(self.frame(message))
-        ending = self.pump.serve(deadline, lambda: self.results.lines)
+        ending = self.pump.until(deadline, lambda: self.results.lines)
         self.pump.drain()
         if ending == "finished":
-            return self.answer(self.results.lines.pop(0))
+            return self.answer_of(self.results.lines.pop(0))
         if ending == "deadline":
             self.stop()
             self.explain("the action was stopped at its deadline")
@@ -2370,7 +2389,7 @@ class WarmProcess:
         """The line that asks for one activation."""
         return request_line(message)
 
-    def answer(self, line):
+    def answer_of(self, line):
         """The Go proxy's answer: a result line that is no JSON object or array stays
         out of the logs."""
         return result_answer(line, self.logs, self.limit, echo=False)
@@ -2409,7 +2428,7 @@ class FunctionProcess(WarmProcess):
         self.token = os.urandom(8).hex().encode()
         return self.token + b" " + WarmProcess.frame(self, message)
 
-    def answer(self, line):
+    def answer_of(self, line):
         reply = self.reply_of(line)
         if reply is None:
             head = line.head if isinstance(line, Overlong) else line[:80]
@@ -2512,22 +2531,6 @@ class WarmPool:
 
 
 # -- The function worker -------------------------------------------------------
-
-def looks_like_python(code):
-    """Source that is not an executable (no ``#!``, not ELF) and is Python: it
-    parses, or a line starts as Python does (so a syntax error is reported as one
-    at init rather than as "Exec format error" at every run)."""
-    import ast
-    import re
-    if not code.strip() or code.startswith(("#!", "\x7fELF")):
-        return False
-    try:
-        ast.parse(code)
-        return True
-    except (SyntaxError, ValueError):
-        return re.search(r"^(async\s+def|def|class|import|from\s+\S+\s+import)\s", code,
-                         re.MULTILINE) is not None
-
 
 class WorkerChannel:
     """The function worker's two protocol descriptors, moved out of the action's way."""
@@ -2737,7 +2740,7 @@ class ActionRunner:
         self.staged = None  # the version an init is installing
         self.versions = None  # the folder of the versions compiled in folders of their own
         self.installs = 0
-        self.stopping = threading.Event()  # set at shutdown: an init stops where it is
+        self.cancel_installs = threading.Event()  # set at shutdown: an init stops where it is
         self.gate = Gate()  # between runs and inits of the action directory's versions
         self.lock = threading.Lock()
 
@@ -2867,7 +2870,7 @@ class ActionRunner:
             write_member(os.path.join(folder, self.settings.save_jar), io.BytesIO(data), 0o644)
         else:
             unpack(data, folder, self.settings.max_archive,
-                   os.path.relpath(self.binary, dest), self.stopping)
+                   os.path.relpath(self.binary, dest), self.cancel_installs)
 
     def install_compiled(self, message, code, data, dest, main):
         """With OW_COMPILER, as the Go proxy does: the code unpacked into a new
@@ -2907,7 +2910,7 @@ class ActionRunner:
         """``src`` compiled by the image's OW_COMPILER into ``bin``, whose ``name`` is the action."""
         os.mkdir(bin)
         compile_action(self.settings.compiler, main, src, bin, self.compiler_env(message),
-                       self.settings.compile_timeout, self.stopping)
+                       self.settings.compile_timeout, self.cancel_installs)
         if not os.path.isfile(os.path.join(bin, name)):
             raise InitError("cannot compile")
         os.chmod(os.path.join(bin, name), 0o755)
@@ -3068,7 +3071,7 @@ class ActionRunner:
 
     def stop_installing(self):
         """At shutdown: an init under way stops at once, its compile killed."""
-        self.stopping.set()
+        self.cancel_installs.set()
 
     # -- run -------------------------------------------------------------------
 
@@ -3898,8 +3901,8 @@ class HandlerThreads:
     for the next one (up to ``keep`` of them wait idle) instead of being started
     anew for each: handing a connection over costs a fraction of a thread start."""
 
-    def __init__(self, serve, keep):
-        self.serve, self.keep = serve, keep
+    def __init__(self, handle, keep):
+        self.handle, self.keep = handle, keep
         self.idle = []  # the (wake-up lock, job list) of each thread waiting
         self.lock = threading.Lock()
 
@@ -3916,7 +3919,7 @@ class HandlerThreads:
         wake, jobs = threading.Lock(), []
         wake.acquire()
         while True:
-            self.serve(*job)
+            self.handle(*job)
             with self.lock:
                 if len(self.idle) >= self.keep:
                     return
@@ -4490,7 +4493,7 @@ def parameters(args):
     return value
 
 
-def init_env(args):
+def init_env_of(args):
     """The init ``env``: ``--env-file`` lines (KEY=VALUE, # comments), then ``-e KEY VALUE``."""
     env = {}
     if args.env_file:
@@ -4513,7 +4516,7 @@ def init_env(args):
 def init_value(args, name):
     """The /init ``value`` for the action the command line names."""
     value = dict(action_init(args.action, args.main), name=name)
-    env = init_env(args)
+    env = init_env_of(args)
     if env:
         value["env"] = env
     return value
