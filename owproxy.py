@@ -814,6 +814,7 @@ FIELD_VALUE = re.compile(rb"[\t\x20-\x7e\x80-\xff]*\Z")
 HTTP_VERSION = re.compile(r"HTTP/([0-9])\.([0-9])\Z")
 CHUNK_SIZE = re.compile(rb"[0-9A-Fa-f]*\Z")
 PLAIN_CHUNK = re.compile(rb"([0-9A-Fa-f]{1,8})\r\n")  # a chunk's head without extension
+FIELDS_END = re.compile(rb"\r?\n|.*?\n\r?\n", re.DOTALL)  # header fields through their blank line
 REQUEST_LINE_GAP = re.compile(r"[ \t]+")
 CONTROL_CHARACTER = re.compile(r"[\x00-\x1f\x7f]")
 ABSOLUTE_FORM = re.compile(r"[A-Za-z][A-Za-z0-9+.\-]*://[^/?#]*")
@@ -825,7 +826,7 @@ CHUNKED = None  # a RequestHead's length when its body comes in chunks
 # as the body, as its text, as the parsed values and as the action's input; each
 # container or member (``,:[{``) is a Python object, and each control character
 # or backslash grows when it is encoded again.
-EXPANDING = [bytes([byte]) for byte in b",:[{\\" + bytes(range(32))]
+EXPANDING = b",:[{\\" + bytes(range(32))
 PARSE_COST_PER_TOKEN = 48
 PARSE_COST = {"init": 6, "run": 12}  # per body byte: an init decodes, a run re-encodes
 
@@ -2733,6 +2734,7 @@ class ActionRunner:
         self.logs = Logs()
         self.processes = Processes(self.logs)
         self.init_env = {}
+        self.base_env = {}  # the container's environment and the init env: each run's start
         self.failure = None  # why the last init failed
         self.kind = None  # of the action being installed, or else the current one
         self.function = None  # (file, function name) of a Python action
@@ -2751,6 +2753,7 @@ class ActionRunner:
         self.source = self.source or self.binary
         self.zipdest = self.zipdest or os.path.dirname(self.source)
         self.version = Version(self.binary)  # what the image holds
+        self.base_env = self.environment(self.init_env)
         try:  # as upstream: the hooks may use paths relative to the source
             os.chdir(os.path.dirname(self.source) or ".")
         except OSError as error:
@@ -2783,8 +2786,10 @@ class ActionRunner:
             return False
         finally:
             self.staged = None
+        base_env = self.environment(env)
         with self.lock:
-            replaced, self.version, self.init_env = self.version, version, env
+            replaced, self.version, self.init_env, self.base_env = (self.version, version,
+                                                                    env, base_env)
         replaced.replace()
         return True
 
@@ -3024,8 +3029,7 @@ class ActionRunner:
     def warm_pool(self, version, init_env):
         """The pool, empty, with the environment its processes start with; an
         ActionLoop executable learns that it must ack as openwhisk-runtime-go says."""
-        env = dict(os.environ)
-        env.update(init_env)
+        env = self.environment(init_env)
         if env.get("OW_WAIT_FOR_ACK"):
             env["__OW_WAIT_FOR_ACK"] = "1"
         return WarmPool(functools.partial(self.start_warm, version), env)
@@ -3075,6 +3079,14 @@ class ActionRunner:
 
     # -- run -------------------------------------------------------------------
 
+    def environment(self, init_env):
+        """The container's environment with the init ``env`` over it, where the
+        action's processes start.  An init takes it once for all its runs: os.environ
+        decodes each variable at every read, and no request changes it."""
+        env = dict(os.environ)
+        env.update(init_env)
+        return env
+
     def env(self, message):
         """The container's environment, the init ``env``, then this activation's
         fields as ``__OW_<KEY>``: a fresh dict, never the proxy's own."""
@@ -3082,8 +3094,7 @@ class ActionRunner:
             fields = activation_fields(message)
         except ValueError as error:
             raise HTTPError(400, "Activation field %s" % error)
-        env = ActivationEnv(os.environ, fields)
-        env.update(self.init_env)
+        env = ActivationEnv(self.base_env, fields)
         env.update(fields)
         return env
 
@@ -3600,6 +3611,14 @@ def keeps_alive(version, fields):
     return version == "HTTP/1.1" or version == "HTTP/1.0" and "keep-alive" in options
 
 
+def without_cr(line):
+    """A line, its LF taken, without the CR of its CRLF; any other CR is refused."""
+    line = line[:-1] if line.endswith(b"\r") else line
+    if b"\r" in line:
+        raise HTTPError(400, "A line of the request holds a bare CR.", True)
+    return line
+
+
 class RequestReader:
     """Reads the requests of one connection as RFC 9112 says, and as nginx, Go's
     net/http and h11 do: nothing but a whole head (ended by its blank line, within
@@ -3611,16 +3630,29 @@ class RequestReader:
     def __init__(self, rfile, sock, max_head, timeout):
         self.rfile, self.sock = rfile, sock
         self.max_head, self.timeout = max_head, timeout
-        self.deadline = None  # while a head is read: when it must be complete
+        self.deadline = None  # while a head or a body is read: when it must be complete
         self.room = 0  # bytes the head being read may still take
+        self.ahead = 0  # bytes the reader's buffer is known to hold: reads without a wait
+        self.timed = False  # the socket's timeout is the deadline's, not its own
+
+    @contextlib.contextmanager
+    def within(self, deadline):
+        """Reads within ``deadline``; the socket's own timeout is put back after."""
+        own = self.sock.gettimeout()
+        self.deadline, self.timed = deadline, False
+        try:
+            yield
+        finally:
+            self.deadline = None
+            if self.timed:
+                self.sock.settimeout(own)
 
     def head(self):
         """The next request's head, or None when the client sends no more (also a
         head cut short by end-of-file: that is no request).  The clock starts now:
         on a kept-alive connection, once the request's first byte came."""
-        self.deadline, self.room = time.monotonic() + self.timeout, self.max_head
-        idle = self.sock.gettimeout()
-        try:
+        self.room = self.max_head
+        with self.within(time.monotonic() + self.timeout):
             line = b""
             while not line:  # empty lines before a request line are allowed
                 line = self.line(HTTPError(414, "The request line is longer than the "
@@ -3632,9 +3664,6 @@ class RequestReader:
             # HTTP/0.9 has no header fields: waiting for them would answer it only
             # when the header timeout ends it.
             fields = [] if version == "HTTP/0.9" else self.fields()
-        finally:
-            self.deadline = None
-            self.sock.settimeout(idle)
         if fields is None:
             return None
         check_host(version, fields)
@@ -3648,16 +3677,26 @@ class RequestReader:
         """The header (or trailer) fields up to their blank line, as (name, value)
         pairs; None at end-of-file."""
         fields = []
-        too_large = HTTPError(431, "The request's header fields are larger than the limit "
-                                   "of %d bytes." % self.max_head, True)
-        while True:
-            line = self.line(too_large)
+        for line in self.field_lines():
             if not line:
                 return fields if line == b"" else None
             if len(fields) == MAX_HEADER_FIELDS:
                 raise HTTPError(431, "The request has more than %d header fields."
                                 % MAX_HEADER_FIELDS, True)
             fields.append(parse_field(line))
+
+    def field_lines(self):
+        """The lines of the fields through their blank line (None at end-of-file):
+        all at once when the reader's buffer holds them, as it does for a request
+        sent in one piece, else one by one as they come."""
+        whole = FIELDS_END.match(self.peek(), 0, self.room)
+        if whole:
+            self.room -= whole.end()
+            yield from map(without_cr, self.read(whole.end()).split(b"\n")[:-1])
+        too_large = HTTPError(431, "The request's header fields are larger than the limit "
+                                   "of %d bytes." % self.max_head, True)
+        while True:
+            yield self.line(too_large)
 
     def line(self, too_long):
         """The next line without its end (CRLF, or a bare LF as RFC 9112 allows);
@@ -3670,24 +3709,38 @@ class RequestReader:
             end = data.find(b"\n", 0, self.room)
             if end < 0 and len(data) >= self.room:
                 raise too_long
-            taken = self.rfile.read(len(data) if end < 0 else end + 1)
+            taken = self.read(len(data) if end < 0 else end + 1)
             self.room -= len(taken)
             parts.append(taken)
             if end >= 0:
-                line = b"".join(parts)[:-1]
-                line = line[:-1] if line.endswith(b"\r") else line
-                if b"\r" in line:
-                    raise HTTPError(400, "A line of the request holds a bare CR.", True)
-                return line
+                return without_cr(b"".join(parts)[:-1])
 
     def peek(self):
         """What has arrived, waiting for more only until the deadline, if any."""
+        if not self.ahead:
+            self.may_wait()
+        data = self.rfile.peek(1)
+        self.ahead = len(data)
+        return data
+
+    def read(self, size):
+        """``size`` bytes, waiting for what the buffer lacks only until the deadline."""
+        if size > self.ahead:
+            self.may_wait()
+        data = self.rfile.read(size)
+        self.ahead = max(0, self.ahead - len(data))
+        return data
+
+    def may_wait(self):
+        """Before a read that may wait for the client: the socket times out at the
+        deadline.  Only then, since each setting of it is a system call, which a
+        request whose bytes have all arrived does without."""
         if self.deadline is not None:
             left = self.deadline - time.monotonic()
             if left <= 0:
-                raise socket.timeout("the request head took too long")
+                raise socket.timeout("the request took too long")
             self.sock.settimeout(left)
-        return self.rfile.peek(1)
+            self.timed = True
 
     # -- bodies --------------------------------------------------------------------
 
@@ -3696,20 +3749,17 @@ class RequestReader:
         chunked body is checked as it comes), whole within ``timeout`` seconds (else
         408), in one buffer that grows, with its ``share`` of the body memory, as
         bytes arrive: whatever the chunk sizes, no object is kept per piece."""
-        share.deadline = self.deadline = time.monotonic() + timeout
-        idle = self.sock.gettimeout()
+        share.deadline = time.monotonic() + timeout
         buffer = bytearray()
         try:
-            if length is CHUNKED:
-                self.chunked(buffer, limit, share)
-            else:
-                self.take(buffer, length, share)
+            with self.within(share.deadline):
+                if length is CHUNKED:
+                    self.chunked(buffer, limit, share)
+                else:
+                    self.take(buffer, length, share)
         except socket.timeout:
             raise HTTPError(408, "The request body did not arrive within %g seconds."
                             % timeout, close=True)
-        finally:
-            self.deadline = None
-            self.sock.settimeout(idle)
         return buffer
 
     def take(self, buffer, size, share):
@@ -3720,7 +3770,7 @@ class RequestReader:
             if not arrived:
                 raise HTTPError(400, "The request body ended early.", close=True)
             share.arrived(arrived)  # before the bytes leave the socket's
-            buffer += self.rfile.read(arrived)
+            buffer += self.read(arrived)
             size -= arrived
 
     def chunked(self, buffer, limit, share):
@@ -3737,7 +3787,7 @@ class RequestReader:
                 if error.status != 400:
                     raise
                 raise HTTPError(400, "The chunked request body is malformed.", close=True)
-            if self.rfile.read(2) != b"\r\n":
+            if self.read(2) != b"\r\n":
                 raise HTTPError(400, "The chunked request body is malformed.", close=True)
         self.room = self.max_head  # trailers: as many bytes and fields as a head
         if self.fields() is None:
@@ -3762,7 +3812,7 @@ class RequestReader:
         body = b"".join(pieces)
         check_room(buffer, len(body), limit)
         share.arrived(len(body))  # before the bytes leave the reader's buffer
-        self.rfile.read(start)
+        self.read(start)
         buffer += body
         return True
 
@@ -3787,12 +3837,20 @@ class RequestReader:
             data = self.peek()
             zeros = len(data) - len(data.lstrip(b"0"))
             if zeros:
-                skipped += len(self.rfile.read(zeros))
+                skipped += len(self.read(zeros))
             if zeros < len(data) or not data:
                 return skipped
 
 
 # -- Body memory ---------------------------------------------------------------
+
+def expanding_bytes(body):
+    """How many of ``body``'s bytes are EXPANDING: one pass a read's worth at a
+    time (translate deletes them), not one per byte value, nor a copy of it all."""
+    return sum(len(piece) - len(piece.translate(None, EXPANDING))
+               for piece in (body[start:start + READ_SIZE]
+                             for start in range(0, len(body), READ_SIZE)))
+
 
 class BodyShare:
     """One body's part of the BodyBudget: each byte that arrives counts with what
@@ -3812,8 +3870,7 @@ class BodyShare:
 
     def parsing(self, body):
         """Reserves what the JSON tokens of the whole ``body`` take on top."""
-        self.budget.grow(self, PARSE_COST_PER_TOKEN * sum(body.count(byte)
-                                                          for byte in EXPANDING))
+        self.budget.grow(self, PARSE_COST_PER_TOKEN * expanding_bytes(body))
 
 
 class BodyBudget:
@@ -4004,7 +4061,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
         self.connection.settimeout(self.server.settings.idle_timeout)
         try:
             with self.server.resting(self.connection):
-                self.client_ended = not self.rfile.peek(1)
+                self.client_ended = not self.reader.peek()
                 return not self.client_ended
         except OSError:
             return False
