@@ -307,8 +307,8 @@ SHUTTING_DOWN = "The proxy is shutting down."
 INTERNAL_ERROR = "Internal error. {}"
 
 MIB = 1024 * 1024
-# Bytes read from a pipe or /proc at a time: what a pipe holds by default, and
-# small enough that the bytes object read is no mmap of its own.
+# Bytes read from a pipe, /proc or a socket at a time: what a pipe holds by
+# default, and small enough that the bytes object read is no mmap of its own.
 READ_SIZE = 65536
 DEFAULT_MAX_RESULT = 16 * MIB
 LINE_HEAD = 1024  # bytes of an overlong line that the logs show
@@ -1117,27 +1117,36 @@ class Processes:
         self.lock = threading.Lock()
         self.alive = set()
         self.spawned = 0
-        self.spawning = 0  # spawns under way, which run side by side
+        self.spawning = 0  # starts under way, which run side by side
         self.spawns_done = threading.Condition(self.lock)
         self.subreaper = None  # decided at the first spawn
         self.reaped_at = 0.0
 
     def spawn(self, argv, env, cwd, **options):
-        """Starts an ActionProcess with a marker of its own.  Concurrent activations
-        spawn side by side, not one after the other (a spawn waits for the exec)."""
+        """Starts an ActionProcess with a marker of its own."""
         with self.lock:
             if self.subreaper is None:
                 self.subreaper = become_subreaper(self.logs)
             self.spawned += 1
-            self.spawning += 1
             marker = "%d-%d" % (os.getpid(), self.spawned)
+        return self.start(lambda: ActionProcess(argv, marker, env, cwd=cwd, **options),
+                          action=True)
+
+    def start(self, popen, action=False):
+        """``popen()``, a new child of the proxy's, with no periodic reap meanwhile:
+        until the Popen has its child's pid, the child cannot be told from an
+        orphan, and one that exits at once would be reaped under it (its exit
+        status lost).  Starts run side by side, not one after the other (each
+        waits for its exec).  An ``action`` process is killed at shutdown."""
+        with self.lock:
+            self.spawning += 1
         process = None
         try:
-            process = ActionProcess(argv, marker, env, cwd=cwd, **options)
+            process = popen()
         finally:
             with self.lock:
                 self.spawning -= 1
-                if process is not None:
+                if action and process is not None:
                     self.alive.add(process)
                 self.spawns_done.notify_all()
         return process
@@ -2093,14 +2102,14 @@ def runnable(path):
 COMPILE_POLL = 0.05  # seconds between two looks, during a compile, for a shutdown
 
 
-def compile_action(compiler, main, src, bin, env, timeout, cancelled=None):
+def compile_action(compiler, main, src, bin, env, timeout, processes, cancelled=None):
     """Runs a runtime image's compile script as the Go proxy does, ``COMPILER MAIN SRC
     BIN``: whatever it prints, even with exit status 0, is why it failed.  It is
     killed, with its process group, at the timeout or once ``cancelled`` is set."""
     try:
-        process = subprocess.Popen([compiler, main, src, bin], env=env,
-                                   stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                   stderr=subprocess.STDOUT, start_new_session=True)
+        process = processes.start(lambda: subprocess.Popen(
+            [compiler, main, src, bin], env=env, stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True))
     except OSError as error:
         raise InitError("cannot run the compiler %s: %s" % (compiler, error.strerror))
     end = time.monotonic() + timeout
@@ -2915,7 +2924,7 @@ class ActionRunner:
         """``src`` compiled by the image's OW_COMPILER into ``bin``, whose ``name`` is the action."""
         os.mkdir(bin)
         compile_action(self.settings.compiler, main, src, bin, self.compiler_env(message),
-                       self.settings.compile_timeout, self.cancel_installs)
+                       self.settings.compile_timeout, self.processes, self.cancel_installs)
         if not os.path.isfile(os.path.join(bin, name)):
             raise InitError("cannot compile")
         os.chmod(os.path.join(bin, name), 0o755)
@@ -3947,7 +3956,7 @@ def linger(sock, seconds):
         sock.shutdown(socket.SHUT_WR)
         while time.monotonic() < end:
             sock.settimeout(max(end - time.monotonic(), 0.001))
-            if not sock.recv(65536):
+            if not sock.recv(READ_SIZE):
                 return
     except OSError:
         pass
@@ -4344,7 +4353,7 @@ class ProxyServer(ThreadingHTTPServer):
         try:
             sock.setblocking(False)
             with contextlib.suppress(BlockingIOError):
-                sock.recv(65536)
+                sock.recv(READ_SIZE)
             sock.send(error_bytes(503, message))
         except OSError:
             pass

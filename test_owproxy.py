@@ -1277,6 +1277,30 @@ def test_a_shutdown_kills_the_process_of_a_spawn_under_way(tmp_path):
     processes.discard(spawned[0])
 
 
+def test_a_compiler_that_exits_at_once_keeps_its_exit_status_while_orphans_are_reaped(
+        tmp_path, monkeypatch):
+    """A periodic reap in the instant between the compiler's fork and its Popen
+    having the pid must not take the compiler for an orphan (its status would
+    read 0, and a failed compile "cannot compile")."""
+    compiler = tmp_path / "compile"
+    compiler.write_text("#!/bin/sh\nexit 3\n")
+    compiler.chmod(0o755)
+    processes = owproxy.Processes(owproxy.Logs())
+    processes.subreaper, processes.reap_interval = True, 0  # the test's own children
+
+    class ReapedWhileForking(subprocess.Popen):
+        def _execute_child(self, *args):
+            super()._execute_child(*args)
+            pid, self.pid = self.pid, None  # as just after the fork
+            assert wait_for(lambda: owproxy.process_state(pid) == b"Z")
+            processes.reap_orphans()
+            self.pid = pid
+    monkeypatch.setattr(owproxy.subprocess, "Popen", ReapedWhileForking)
+    with pytest.raises(owproxy.InitError, match="^exit status 3$"):
+        owproxy.compile_action(str(compiler), "main", str(tmp_path), str(tmp_path),
+                               dict(os.environ), 30, processes)
+
+
 def test_the_proxy_reaps_the_orphans_it_inherits(proxy):
     assert proxy.init(bash("""
 (setsid sh -c 'exit 0' &)
