@@ -42,15 +42,16 @@ title a banner below and each ``--`` line a family under it:
     -- Versions                    an init's code, swapped atomically for runs
     -- Archives                    zip and tar.gz, kept inside the action directory
     -- Compile scripts             a runtime image's, as the Go proxy runs them
-    -- An init's code              staged or compiled, checked, and of which kind
+    -- An init's code              staged or compiled, checked, and of which
+                                   kind: the runner's Installer steps
  6. Runs
     -- The activation's environment   ``__OW_*``, as OpenWhisk exports them
     -- An executable run once      its input, logs and last line
  7. Warm processes
     -- Warm processes and their pool   ActionLoop executables, Python functions
     -- The function worker         a Python function's own process
- 8. The runner                     ActionRunner, the subclassable runner: what
-                                   an init decides, how a run goes
+ 8. The runner                     ActionRunner, the subclassable runner: an
+                                   init in order, how a run goes
  9. Platforms
     -- OpenWhisk                   POST /init once, POST /run per activation
     -- Knative                     dedicated inits, web requests and results
@@ -2150,6 +2151,175 @@ def looks_like_python(code):
                          re.MULTILINE) is not None
 
 
+class Installer:
+    """What an init decides, and does with its code: ActionRunner's steps of an
+    init that stage or compile the code, check it and tell its kind.  A part of
+    the runner (it uses the runner's settings, paths, lock and current version),
+    kept here with the rest of installation; subclasses of ActionRunner may
+    override any of its methods.
+    """
+
+    def install(self, message):
+        """Stages the code of the message and returns the Installation that moves it
+        into place; decides the kind of action on the way."""
+        code = message.get("code")
+        binary = message.get("binary", False)
+        if not isinstance(binary, bool) and binary is not None:
+            raise InitError("binary must be true or false, not %s" % json_type(binary))
+        main = message.get("main") or "main"
+        if not isinstance(main, str):
+            raise InitError("main must be a string, not %s" % json_type(main))
+        if code is None:
+            self.decide_kind(os.path.dirname(self.binary), main)
+            return contextlib.nullcontext(Version(self.binary))  # what the action directory holds
+        if not isinstance(code, str):
+            raise InitError("code must be a string, not %s" % json_type(code))
+        if not code and not is_executable(self.binary):  # the dockerskeleton without its stub
+            raise InitError("the code is empty and there is no executable %s to keep"
+                            % self.binary)
+        data = decode_base64(code) if binary else None
+        folder = self.zipdest if binary else os.path.dirname(self.source)
+        check_writable(folder)
+        if self.settings.compiler:
+            return self.install_compiled(message, code, data, folder, main)
+        stage = stage_dir(folder)
+        try:
+            self.unpack_code(code, data, stage, folder)
+            self.check_execution_env(stage, folder)
+            self.decide_kind(stage, main)
+            if binary:
+                self.prepare_archive(stage)
+        except BaseException:
+            remove_tree(stage)
+            raise
+        return Installation(stage, folder, self.displaced(stage, folder), self.binary)
+
+    def unpack_code(self, code, data, folder, dest):
+        """The code written into ``folder``: the archive (``data``) or the source; a
+        jar, with OW_SAVE_JAR, as the file it names (the Go proxy's UnzipOrSaveJar)."""
+        import io
+        if data is None:
+            self.write_source(folder, code)
+        elif self.settings.save_jar and is_jar(data):
+            write_member(os.path.join(folder, self.settings.save_jar), io.BytesIO(data), 0o644)
+        else:
+            unpack(data, folder, self.settings.max_archive,
+                   os.path.relpath(self.binary, dest), self.cancel_installs)
+
+    def install_compiled(self, message, code, data, dest, main):
+        """With OW_COMPILER, as the Go proxy does: the code unpacked into a new
+        version's ``src`` and compiled into its ``bin`` (or, when it runs as it is,
+        ``src`` becomes ``bin``), where both stay while the version is used."""
+        folder = self.version_folder()
+        src, bin = os.path.join(folder, "src"), os.path.join(folder, "bin")
+        name = os.path.relpath(self.binary, dest)
+        try:
+            os.mkdir(src)
+            self.unpack_code(code, data, src, dest)
+            if runnable(os.path.join(src, name)):
+                os.rename(src, bin)
+            else:
+                self.compile(message, src, bin, name, main)
+            self.check_execution_env(bin, dest)
+            self.decide_kind(bin, main)
+            if data is not None:
+                self.prepare_archive(bin)
+        except BaseException:
+            remove_tree(folder)
+            raise
+        return CompiledVersion(folder, bin, name)
+
+    def version_folder(self):
+        """A new version's folder, numbered, in a folder of the proxy's own beside the
+        action directory (or in TMPDIR): the action directory stays as the image made it."""
+        with self.lock:
+            if self.versions is None:
+                self.versions = scratch_dir(self.settings.action_dir)
+            self.installs += 1
+            folder = os.path.join(self.versions, str(self.installs))
+        os.mkdir(folder)
+        return folder
+
+    def compile(self, message, src, bin, name, main):
+        """``src`` compiled by the image's OW_COMPILER into ``bin``, whose ``name`` is the action."""
+        os.mkdir(bin)
+        compile_action(self.settings.compiler, main, src, bin, self.compiler_env(message),
+                       self.settings.compile_timeout, self.processes, self.cancel_installs)
+        if not os.path.isfile(os.path.join(bin, name)):
+            raise InitError("cannot compile")
+        os.chmod(os.path.join(bin, name), 0o755)
+
+    def compiler_env(self, message):
+        """The compiler's environment, as the Go proxy gives it: PATH, the container's
+        ``__OW_*`` variables, the execution environment and the init ``env``."""
+        env = {key: value for key, value in os.environ.items() if key.startswith("__OW_")}
+        env["PATH"] = os.environ.get("PATH", os.defpath)
+        env.update(self.init_environment(message))
+        return env
+
+    def check_execution_env(self, stage, folder):
+        """With OW_EXECUTION_ENV, the action's ``exec.env`` (its compile script wrote it)
+        must hold the same value: else it was built for another image."""
+        expected = self.settings.execution_env
+        if not expected:
+            return
+        try:
+            with open(os.path.join(stage, os.path.relpath(self.binary, folder)) + ".env",
+                      "rb") as file:
+                actual = file.read(MIB).decode("utf-8", "replace")
+        except OSError as error:
+            raise StartError("cannot read exec.env: %s" % error.strerror)
+        if actual.strip() != expected:
+            self.logs.out(("Expected exec.env should start with %s\nActual value: %s\n"
+                           % (expected, actual)).encode("utf-8"))
+            raise StartError(EXEC_ENV_MISMATCH)
+
+    def displaced(self, stage, folder):
+        """What the last init installed and the new code does not hold goes, and so
+        does the old executable when the new code does not replace it (a Python
+        function's source, an archive without one, a source to build), so that a
+        failed init puts it back, and a build that fails leaves no half-new one."""
+        gone = [name for name in self.version.names
+                if not os.path.lexists(os.path.join(stage, name))]
+        name = os.path.relpath(self.binary, folder)
+        if (name.startswith(os.pardir) or os.path.lexists(os.path.join(stage, name))
+                or name in gone):
+            return gone
+        return gone + [name]
+
+    def write_source(self, stage, code):
+        """The source as the source file, or as ``__main__.py`` if it is a Python function."""
+        python = (not self.settings.compiler and self.source == self.binary
+                  and looks_like_python(code))
+        path = os.path.join(stage, "__main__.py" if python else os.path.basename(self.source))
+        with open(path, "w", encoding="utf-8", errors="surrogateescape") as source:
+            source.write(code)
+        os.chmod(path, 0o644 if python else 0o755)
+
+    def decide_kind(self, folder, main="main"):
+        """An ``exec`` runs as a process ("exec", or "loop" with --loop); without
+        one, and without OW_COMPILER (the image decides then), a ``__main__.py``
+        is a Python function."""
+        self.kind, self.function = self.kind_of(folder, main)
+
+    def kind_of(self, folder, main="main"):
+        """The kind of the action ``folder`` holds, and its function if it has one."""
+        script = os.path.join(folder, "__main__.py")
+        binary = os.path.join(folder, os.path.basename(self.binary))
+        if not (self.settings.compiler or os.path.lexists(binary)) and os.path.isfile(script):
+            return "function", (os.path.join(os.path.dirname(self.binary), "__main__.py"), main)
+        return "loop" if self.settings.loop else "exec", None
+
+    def prepare_archive(self, stage):
+        """The archive's executable runs whatever its mode bits (one a build makes
+        later, or one outside the archive's directory, is the build's business)."""
+        name = os.path.relpath(self.binary, self.zipdest)
+        staged = os.path.join(stage, name)
+        if (self.kind != "function" and not name.startswith(os.pardir)
+                and os.path.isfile(staged) and not os.path.islink(staged)):
+            os.chmod(staged, 0o755)
+
+
 # ============================================================================
 # 6. Runs
 # ============================================================================
@@ -2715,7 +2885,7 @@ def function_worker(path, name, limit, notes):
 # 8. The runner
 # ============================================================================
 
-class ActionRunner:
+class ActionRunner(Installer):
     """Prepares and runs the action.  Subclass it to change one step, keeping the
     upstream dockerskeleton hook names:
 
@@ -2727,7 +2897,8 @@ class ActionRunner:
     - ``run(args, env)``     runs one activation, returns ``(status, result)``
 
     ``epilogue`` or ``build`` returning False, or raising, fails the init, and
-    the action directory is put back as it was.  Start the proxy with a runner
+    the action directory is put back as it was.  How ``init`` installs the code
+    is the Installer's (section 5), whose steps may be overridden too.  Start the proxy with a runner
     of your own with ``setRunner(MyRunner())`` then ``main()``.
 
     An action is one of three kinds: "exec" (a process per activation), "loop"
@@ -2838,166 +3009,6 @@ class ActionRunner:
         except ValueError as error:
             raise InitError("env: %s" % error)
         return entries
-
-    def install(self, message):
-        """Stages the code of the message and returns the Installation that moves it
-        into place; decides the kind of action on the way."""
-        code = message.get("code")
-        binary = message.get("binary", False)
-        if not isinstance(binary, bool) and binary is not None:
-            raise InitError("binary must be true or false, not %s" % json_type(binary))
-        main = message.get("main") or "main"
-        if not isinstance(main, str):
-            raise InitError("main must be a string, not %s" % json_type(main))
-        if code is None:
-            self.decide_kind(os.path.dirname(self.binary), main)
-            return contextlib.nullcontext(Version(self.binary))  # what the action directory holds
-        if not isinstance(code, str):
-            raise InitError("code must be a string, not %s" % json_type(code))
-        if not code and not is_executable(self.binary):  # the dockerskeleton without its stub
-            raise InitError("the code is empty and there is no executable %s to keep"
-                            % self.binary)
-        data = decode_base64(code) if binary else None
-        folder = self.zipdest if binary else os.path.dirname(self.source)
-        check_writable(folder)
-        if self.settings.compiler:
-            return self.install_compiled(message, code, data, folder, main)
-        stage = stage_dir(folder)
-        try:
-            self.unpack_code(code, data, stage, folder)
-            self.check_execution_env(stage, folder)
-            self.decide_kind(stage, main)
-            if binary:
-                self.prepare_archive(stage)
-        except BaseException:
-            remove_tree(stage)
-            raise
-        return Installation(stage, folder, self.displaced(stage, folder), self.binary)
-
-    def unpack_code(self, code, data, folder, dest):
-        """The code written into ``folder``: the archive (``data``) or the source; a
-        jar, with OW_SAVE_JAR, as the file it names (the Go proxy's UnzipOrSaveJar)."""
-        import io
-        if data is None:
-            self.write_source(folder, code)
-        elif self.settings.save_jar and is_jar(data):
-            write_member(os.path.join(folder, self.settings.save_jar), io.BytesIO(data), 0o644)
-        else:
-            unpack(data, folder, self.settings.max_archive,
-                   os.path.relpath(self.binary, dest), self.cancel_installs)
-
-    def install_compiled(self, message, code, data, dest, main):
-        """With OW_COMPILER, as the Go proxy does: the code unpacked into a new
-        version's ``src`` and compiled into its ``bin`` (or, when it runs as it is,
-        ``src`` becomes ``bin``), where both stay while the version is used."""
-        folder = self.version_folder()
-        src, bin = os.path.join(folder, "src"), os.path.join(folder, "bin")
-        name = os.path.relpath(self.binary, dest)
-        try:
-            os.mkdir(src)
-            self.unpack_code(code, data, src, dest)
-            if runnable(os.path.join(src, name)):
-                os.rename(src, bin)
-            else:
-                self.compile(message, src, bin, name, main)
-            self.check_execution_env(bin, dest)
-            self.decide_kind(bin, main)
-            if data is not None:
-                self.prepare_archive(bin)
-        except BaseException:
-            remove_tree(folder)
-            raise
-        return CompiledVersion(folder, bin, name)
-
-    def version_folder(self):
-        """A new version's folder, numbered, in a folder of the proxy's own beside the
-        action directory (or in TMPDIR): the action directory stays as the image made it."""
-        with self.lock:
-            if self.versions is None:
-                self.versions = scratch_dir(self.settings.action_dir)
-            self.installs += 1
-            folder = os.path.join(self.versions, str(self.installs))
-        os.mkdir(folder)
-        return folder
-
-    def compile(self, message, src, bin, name, main):
-        """``src`` compiled by the image's OW_COMPILER into ``bin``, whose ``name`` is the action."""
-        os.mkdir(bin)
-        compile_action(self.settings.compiler, main, src, bin, self.compiler_env(message),
-                       self.settings.compile_timeout, self.processes, self.cancel_installs)
-        if not os.path.isfile(os.path.join(bin, name)):
-            raise InitError("cannot compile")
-        os.chmod(os.path.join(bin, name), 0o755)
-
-    def compiler_env(self, message):
-        """The compiler's environment, as the Go proxy gives it: PATH, the container's
-        ``__OW_*`` variables, the execution environment and the init ``env``."""
-        env = {key: value for key, value in os.environ.items() if key.startswith("__OW_")}
-        env["PATH"] = os.environ.get("PATH", os.defpath)
-        env.update(self.init_environment(message))
-        return env
-
-    def check_execution_env(self, stage, folder):
-        """With OW_EXECUTION_ENV, the action's ``exec.env`` (its compile script wrote it)
-        must hold the same value: else it was built for another image."""
-        expected = self.settings.execution_env
-        if not expected:
-            return
-        try:
-            with open(os.path.join(stage, os.path.relpath(self.binary, folder)) + ".env",
-                      "rb") as file:
-                actual = file.read(MIB).decode("utf-8", "replace")
-        except OSError as error:
-            raise StartError("cannot read exec.env: %s" % error.strerror)
-        if actual.strip() != expected:
-            self.logs.out(("Expected exec.env should start with %s\nActual value: %s\n"
-                           % (expected, actual)).encode("utf-8"))
-            raise StartError(EXEC_ENV_MISMATCH)
-
-    def displaced(self, stage, folder):
-        """What the last init installed and the new code does not hold goes, and so
-        does the old executable when the new code does not replace it (a Python
-        function's source, an archive without one, a source to build), so that a
-        failed init puts it back, and a build that fails leaves no half-new one."""
-        gone = [name for name in self.version.names
-                if not os.path.lexists(os.path.join(stage, name))]
-        name = os.path.relpath(self.binary, folder)
-        if (name.startswith(os.pardir) or os.path.lexists(os.path.join(stage, name))
-                or name in gone):
-            return gone
-        return gone + [name]
-
-    def write_source(self, stage, code):
-        """The source as the source file, or as ``__main__.py`` if it is a Python function."""
-        python = (not self.settings.compiler and self.source == self.binary
-                  and looks_like_python(code))
-        path = os.path.join(stage, "__main__.py" if python else os.path.basename(self.source))
-        with open(path, "w", encoding="utf-8", errors="surrogateescape") as source:
-            source.write(code)
-        os.chmod(path, 0o644 if python else 0o755)
-
-    def decide_kind(self, folder, main="main"):
-        """An ``exec`` runs as a process ("exec", or "loop" with --loop); without
-        one, and without OW_COMPILER (the image decides then), a ``__main__.py``
-        is a Python function."""
-        self.kind, self.function = self.kind_of(folder, main)
-
-    def kind_of(self, folder, main="main"):
-        """The kind of the action ``folder`` holds, and its function if it has one."""
-        script = os.path.join(folder, "__main__.py")
-        binary = os.path.join(folder, os.path.basename(self.binary))
-        if not (self.settings.compiler or os.path.lexists(binary)) and os.path.isfile(script):
-            return "function", (os.path.join(os.path.dirname(self.binary), "__main__.py"), main)
-        return "loop" if self.settings.loop else "exec", None
-
-    def prepare_archive(self, stage):
-        """The archive's executable runs whatever its mode bits (one a build makes
-        later, or one outside the archive's directory, is the build's business)."""
-        name = os.path.relpath(self.binary, self.zipdest)
-        staged = os.path.join(stage, name)
-        if (self.kind != "function" and not name.startswith(os.pardir)
-                and os.path.isfile(staged) and not os.path.islink(staged)):
-            os.chmod(staged, 0o755)
 
     def unverified(self, message):
         """Why ``verify()`` failed, as the user should read it."""
