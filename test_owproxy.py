@@ -4620,6 +4620,55 @@ def test_a_body_in_1_byte_chunks_among_other_chunks_arrives_whole_or_413_past_th
     assert response.status == 413 and "limit of 1000 bytes" in response.json["error"], response
 
 
+def tiny_chunks(body):
+    return [b"1\r\n%c\r\n" % byte for byte in body] + [b"0\r\n\r\n"]
+
+
+def test_a_body_sent_a_byte_per_send_is_answered_whole(proxy):
+    assert proxy.init(ECHO_BASH).status == 200
+    body = json.dumps({"value": {"s": "trickled " * 30}}).encode()
+    client = RawClient(proxy)
+    try:
+        client.send(head("POST", "/run", "Transfer-Encoding: chunked"))
+        for chunk in tiny_chunks(body):
+            client.send(chunk)
+            time.sleep(0.0005)
+        response = client.response()
+        assert (response.status, response.json) == (200, json.loads(body)["value"])
+    finally:
+        client.close()
+
+
+def test_a_body_that_keeps_arriving_in_tiny_pieces_is_read_in_pauses():
+    """After TRICKLE_WAITS waits that each brought a few bytes, each wait pauses
+    first: a trickle costs a read per TRICKLE_PAUSE, not one per piece."""
+    ours, theirs = socket.socketpair()
+    budget = owproxy.BodyBudget(owproxy.MIB)
+    reader = owproxy.RequestReader(ours.makefile("rb"), ours, 1024, 30)
+    body = b"x" * 200
+
+    def trickle():
+        for chunk in tiny_chunks(body):
+            theirs.sendall(chunk)
+            time.sleep(0.0005)
+    sender = threading.Thread(target=trickle)
+    started = time.monotonic()
+    sender.start()
+    try:
+        with budget.share(0) as share:
+            assert reader.body(owproxy.CHUNKED, 1000, share, 30) == body
+        elapsed = time.monotonic() - started
+    finally:
+        sender.join(30)
+        ours.close()
+        theirs.close()
+    assert reader.waits <= owproxy.TRICKLE_WAITS + elapsed / owproxy.TRICKLE_PAUSE + 2, (
+        reader.waits, elapsed)
+    assert ("(%d waits that brought under %d\n  bytes each on average) is read in pauses of "
+            "%d ms" % (owproxy.TRICKLE_WAITS, owproxy.TRICKLE_PIECE, owproxy.TRICKLE_PAUSE * 1000)
+            in (HERE / "README.md").read_text())
+
+
 def test_expect_100_continue_within_the_limit_gets_continue_then_the_answer(proxies):
     proxy = proxies("--max-body", "1000")
     assert proxy.init(ECHO_RESULT).status == 200
