@@ -822,9 +822,10 @@ ABSOLUTE_FORM = re.compile(r"[A-Za-z][A-Za-z0-9+.\-]*://[^/?#]*")
 CHUNKED = None  # a RequestHead's length when its body comes in chunks
 # A request that keeps arriving in tiny pieces (a client sending a byte at a
 # time, as fast as it can) would cost a wake-up, a read and the GIL per piece,
-# taken from every other request: after TRICKLE_WAITS waits for its bytes that
-# brought under TRICKLE_PIECE bytes each on average, each next wait pauses
-# TRICKLE_PAUSE seconds first (within its deadline), so that its pieces gather.
+# taken from every other request: once TRICKLE_WAITS of a head's or body's waits
+# for bytes have each brought fewer than TRICKLE_PIECE, a wait after another such
+# one pauses TRICKLE_PAUSE seconds first, so that its pieces gather (never past
+# its deadline: with less time left, it does not pause).
 TRICKLE_WAITS = 16
 TRICKLE_PIECE = 512
 TRICKLE_PAUSE = 0.01
@@ -2162,9 +2163,11 @@ def looks_like_python(code):
 class Installer:
     """What an init decides, and does with its code: ActionRunner's steps of an
     init that stage or compile the code, check it and tell its kind.  A part of
-    the runner (it uses the runner's settings, paths, lock and current version),
-    kept here with the rest of installation; subclasses of ActionRunner may
-    override any of its methods.
+    the runner, kept here with the rest of installation: it uses what
+    ActionRunner sets up (settings, logs, processes, paths, lock, the current
+    version and kind, the versions folder, ``cancel_installs``,
+    ``init_environment``); subclasses of ActionRunner may override any of its
+    methods.
     """
 
     def install(self, message):
@@ -2906,8 +2909,9 @@ class ActionRunner(Installer):
 
     ``epilogue`` or ``build`` returning False, or raising, fails the init, and
     the action directory is put back as it was.  How ``init`` installs the code
-    is the Installer's (section 5), whose steps may be overridden too.  Start the proxy with a runner
-    of your own with ``setRunner(MyRunner())`` then ``main()``.
+    is the Installer's (section 5), whose steps may be overridden too.  Start
+    the proxy with a runner of your own with ``setRunner(MyRunner())`` then
+    ``main()``.
 
     An action is one of three kinds: "exec" (a process per activation), "loop"
     (an ActionLoop executable kept warm, with ``--loop``) or "function" (a
@@ -3662,14 +3666,15 @@ class RequestReader:
         self.room = 0  # bytes the head being read may still take
         self.ahead = 0  # bytes the reader's buffer is known to hold: reads without a wait
         self.timed = False  # the socket's timeout is the deadline's, not its own
-        self.waits = self.waited = 0  # this head's or body's waits, and the bytes they brought
+        self.small_waits = 0  # this head's or body's waits that brought under TRICKLE_PIECE
+        self.last_small = False  # and whether the last one did
 
     @contextlib.contextmanager
     def within(self, deadline):
         """Reads within ``deadline``; the socket's own timeout is put back after."""
         own = self.sock.gettimeout()
         self.deadline, self.timed = deadline, False
-        self.waits = self.waited = 0
+        self.small_waits, self.last_small = 0, False
         try:
             yield
         finally:
@@ -3752,8 +3757,8 @@ class RequestReader:
         self.may_wait()
         data = self.rfile.peek(1)
         self.ahead = len(data)
-        self.waits += 1
-        self.waited += len(data)
+        self.last_small = len(data) < TRICKLE_PIECE
+        self.small_waits += self.last_small
         return data
 
     def read(self, size):
@@ -3771,10 +3776,11 @@ class RequestReader:
         pauses first (see TRICKLE_WAITS)."""
         if self.deadline is not None:
             left = self.deadline - time.monotonic()
-            if left > 0 and self.waits >= TRICKLE_WAITS and self.waited < (
-                    self.waits * TRICKLE_PIECE):
-                time.sleep(min(TRICKLE_PAUSE, left))
-                left = self.deadline - time.monotonic()
+            if (left > TRICKLE_PAUSE and self.last_small
+                    and self.small_waits >= TRICKLE_WAITS):
+                time.sleep(TRICKLE_PAUSE)
+                # What came meanwhile is read, even if the pause overslept.
+                left = max(self.deadline - time.monotonic(), 0.001)
             if left <= 0:
                 raise socket.timeout("the request took too long")
             self.sock.settimeout(left)
