@@ -57,7 +57,8 @@ title a banner below and each ``--`` line a family under it:
     -- Knative                     dedicated inits, web requests and results
     -- Health                      /healthz and /readyz
 10. HTTP server
-    -- Reading requests strictly   RFC 9112's heads, bodies and chunks
+    -- Reading requests strictly   RFC 9112's heads, bodies and chunks; a
+                                   trickle read in pauses (TRICKLE_*)
     -- Body memory                 what bodies and their parse may take at once
     -- Connections and threads     their limits, and closes that lose nothing
     -- The server and its handler  where it listens; a thin handler
@@ -1127,8 +1128,8 @@ class Processes:
         self.lock = threading.Lock()
         self.alive = set()
         self.spawned = 0
-        self.spawning = 0  # starts under way, which run side by side
-        self.spawns_done = threading.Condition(self.lock)
+        self.starting = 0  # starts under way, which run side by side
+        self.starts_done = threading.Condition(self.lock)
         self.subreaper = None  # decided at the first spawn
         self.reaped_at = 0.0
 
@@ -1149,16 +1150,16 @@ class Processes:
         status lost).  Starts run side by side, not one after the other (each
         waits for its exec).  An ``action`` process is killed at shutdown."""
         with self.lock:
-            self.spawning += 1
+            self.starting += 1
         process = None
         try:
             process = popen()
         finally:
             with self.lock:
-                self.spawning -= 1
+                self.starting -= 1
                 if action and process is not None:
                     self.alive.add(process)
-                self.spawns_done.notify_all()
+                self.starts_done.notify_all()
         return process
 
     def end(self, process):
@@ -1186,7 +1187,7 @@ class Processes:
         """At shutdown: every action process, whatever its activation, those being
         spawned too."""
         with self.lock:
-            self.spawns_done.wait_for(lambda: not self.spawning)
+            self.starts_done.wait_for(lambda: not self.starting)
             for process in self.alive:
                 kill_group(process)
         self.kill_marked(None)
@@ -1247,8 +1248,8 @@ class Processes:
         if force:
             self.reap(orphans(), self.own_pids())
         elif time.monotonic() - self.reaped_at >= self.reap_interval:
-            with self.lock:  # and no spawn begins meanwhile
-                if self.spawning:
+            with self.lock:  # and no start begins meanwhile
+                if self.starting:
                     return  # its child may have no Popen pid yet: the next look reaps
                 self.reaped_at = time.monotonic()
                 self.reap(children_of(os.getpid()), {process.pid for process in self.alive})

@@ -1235,7 +1235,7 @@ def held_spawn(processes, argv, cwd):
         argv, dict(os.environ), cwd, preexec_fn=child)))
     thread.start()
     # Forked, so that no later spawn's pipes leak into this child until its exec.
-    assert os.read(forked, 1) == b"x" and processes.spawning == 1
+    assert os.read(forked, 1) == b"x" and processes.starting == 1
 
     def done():
         os.write(release, b"x")
